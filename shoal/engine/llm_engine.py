@@ -1,0 +1,214 @@
+"""The engine: add requests, abort them, step. One step = schedule -> one forward pass -> sample -> report."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from dataclasses import dataclass, replace
+
+import torch
+
+from shoal.config import EngineConfig
+from shoal.core.block_manager import BlockManager
+from shoal.core.scheduler import Scheduler
+from shoal.core.sequence import Sequence
+from shoal.engine.request import OutputKind, Request
+from shoal.errors import InvalidRequestError
+from shoal.models.loaded import LoadedModel
+from shoal.outputs import RequestOutput
+from shoal.runner.model_runner import ModelRunner
+from shoal.runner.sampler import sample, sample_row
+from shoal.sampling_params import SamplingParams
+
+logger = logging.getLogger("shoal")
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+    num_requests_finished_total: int
+
+
+class LLMEngine:
+    def __init__(self, model: LoadedModel, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self.tokenizer = model.tokenizer
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        self.runner = ModelRunner(model.module, config.block_size, config.kv_cache_memory, model.device, model.dtype)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.requests: dict[str, Request] = {}
+        self._seq_owner: dict[Sequence, tuple[Request, int]] = {}
+        self._finished_outputs: list[RequestOutput] = []
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.requests_finished_total = 0
+        logger.info(
+            "KV cache: %.2f GiB, %d blocks of %d tokens (%d tokens) on %s",
+            self.runner.kv_cache_bytes / 2**30, self.runner.num_blocks, config.block_size,
+            self.runner.num_blocks * config.block_size, model.device,
+        )
+
+    # -- admission ----------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
+            raise InvalidRequestError("a prompt must be a string or a list of token ids (integers)")
+        return None, list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        output_kind: OutputKind = OutputKind.FINAL,
+    ) -> str:
+        """Validate and queue a request. Raises InvalidRequestError (nothing queued) if it can never be served."""
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        params = self._validate(ids, params)
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(1 << 63)
+        req = Request(request_id, text, ids, params, priority, output_kind, self.tokenizer,
+                      set() if params.ignore_eos else self.model.eos_token_ids, seed)
+        seq = Sequence(f"{request_id}#0", list(ids), len(ids), params, priority)
+        req.new_sample(0, seq)
+        self.requests[request_id] = req
+        self._seq_owner[seq] = (req, 0)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the context (max_model_len) is {limit}: shorten the "
+                f"prompt to at most {limit - 1} tokens, or raise max_model_len if the model allows it"
+            )
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=limit - len(ids))
+        if len(ids) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}, {len(ids) + params.max_tokens} "
+                f"in all, over the context (max_model_len) of {limit}: lower max_tokens to at most {limit - len(ids)}"
+            )
+        needed = self.block_manager.blocks_needed(len(ids) + params.max_tokens)
+        if needed > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                f"this request needs {needed} KV blocks ({len(ids)} prompt + {params.max_tokens} max_tokens) but the "
+                f"whole KV pool has {self.block_manager.num_blocks}: raise kv_cache_memory or lower max_tokens"
+            )
+        return params
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for s in req.samples:
+            if not s.seq.is_finished:
+                s.seq.finish_reason = s.seq.finish_reason or "abort"
+                self.scheduler.remove(s.seq)
+            self._seq_owner.pop(s.seq, None)
+        while len(req.samples) < req.params.n:  # samples never forked still report as aborted
+            ghost = Sequence(f"{request_id}#{len(req.samples)}", list(req.prompt_token_ids), len(req.prompt_token_ids), req.params)
+            ghost.finish_reason = "abort"
+            self.scheduler.remove(ghost)
+            req.new_sample(len(req.samples), ghost)
+        out = req.make_output()
+        if out is not None:
+            self._finished_outputs.append(out)
+
+    # -- stepping -----------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._finished_outputs)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        logits, owners = self.runner.run(plan.scheduled, plan.copies)
+        for seq, n in plan.scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+            if seq.num_output_tokens == 0 and seq.num_computed_tokens <= seq.num_prompt_tokens:
+                self.prompt_tokens_total += n
+        touched: dict[str, Request] = {}
+        seqs = [plan.scheduled[i][0] for i in owners]
+        targets = [self._seq_owner[s] for s in seqs]
+        results = sample(logits, [req.sample_request(req.samples[i]) for req, i in targets])
+        for row, ((req, i), result) in enumerate(zip(targets, results, strict=True)):
+            if i == 0 and len(req.samples) < req.params.n:
+                self._fork_samples(req, logits[row])
+            self._record(req, i, result)
+            touched[req.request_id] = req
+        for req in touched.values():
+            out = req.make_output()
+            if out is not None:
+                outputs.append(out)
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+                self.requests_finished_total += 1
+                for s in req.samples:
+                    self._seq_owner.pop(s.seq, None)
+        return outputs
+
+    def _record(self, req: Request, index: int, result) -> None:
+        sample_ = req.samples[index]
+        req.record(sample_, result)
+        self.generation_tokens_total += 1
+        seq = sample_.seq
+        if seq.finish_reason is None and seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.remove(seq)
+
+    def _fork_samples(self, req: Request, logits_row: torch.Tensor) -> None:
+        """Samples 1..n-1 share the prompt's blocks with sample 0 and draw their first token from the same logits."""
+        parent = req.samples[0].seq
+        for index in range(1, req.params.n):
+            child = Sequence(f"{req.request_id}#{index}", list(parent.token_ids), parent.num_prompt_tokens,
+                             req.params, req.priority, arrival=parent.arrival)
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+            req.new_sample(index, child)
+            self._seq_owner[child] = (req, index)
+            self._record(req, index, sample_row(logits_row.clone(), req.sample_request(req.samples[index])))
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            num_requests_finished_total=self.requests_finished_total,
+        )
+
+

@@ -1,0 +1,146 @@
+"""A user's request: its prompt, parameters and n sample sequences, plus what has been reported of it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from shoal.core.sequence import Sequence
+from shoal.engine.detokenizer import IncrementalDetokenizer
+from shoal.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from shoal.runner.sampler import SampleRequest, SampleResult
+from shoal.sampling_params import SamplingParams
+
+
+class OutputKind(Enum):
+    FINAL = "final"  # one output when the request finishes (offline generate)
+    CUMULATIVE = "cumulative"  # everything so far, every step
+    DELTA = "delta"  # only what is new since the last output (streaming)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample 0 uses the request's seed itself, so n=1 and the first of n agree."""
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+@dataclass
+class Sample:
+    """One of the request's n samples: its sequence and what it has produced."""
+
+    index: int
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    logprobs: list[TokenLogprobs] | None
+    cumulative_logprob: float | None
+    sent_tokens: int = 0
+    sent_chars: int = 0
+    reported_finish: bool = False
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    output_kind: OutputKind
+    tokenizer: Any
+    eos_token_ids: set[int]
+    seed: int
+    samples: list[Sample] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    def new_sample(self, index: int, seq: Sequence) -> Sample:
+        p = self.params
+        generator = None
+        if not p.greedy:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, index))
+        detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, list(p.stop), p.include_stop_str_in_output)
+        sample = Sample(index, seq, detok, generator, [] if p.logprobs is not None else None,
+                        0.0 if p.logprobs is not None else None)
+        self.samples.append(sample)
+        return sample
+
+    @property
+    def finished(self) -> bool:
+        return len(self.samples) == self.params.n and all(s.seq.is_finished for s in self.samples)
+
+    def sample_request(self, sample: Sample) -> SampleRequest:
+        seq = sample.seq
+        blocked: list[int] = []
+        if seq.num_output_tokens < self.params.min_tokens:
+            blocked = sorted(self.params.stop_token_ids + ([] if self.params.ignore_eos else list(self.eos_token_ids)))
+        return SampleRequest(self.params, sample.generator, self.prompt_token_ids, seq.output_token_ids, blocked)
+
+    def record(self, sample: Sample, result: SampleResult) -> None:
+        """Append a sampled token and its logprobs; decide whether the sample is done."""
+        seq = sample.seq
+        seq.token_ids.append(result.token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        if sample.logprobs is not None:
+            sample.logprobs.append(self._logprob_entry(result))
+            sample.cumulative_logprob += result.logprob
+        needs_text = self.output_kind != OutputKind.FINAL or self.params.stop
+        stop_str = sample.detok.add(seq.output_token_ids) if needs_text else None
+        p, token = self.params, result.token_id
+        if stop_str is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop_str
+        elif not p.ignore_eos and token in self.eos_token_ids and seq.num_output_tokens > p.min_tokens - 1:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids and seq.num_output_tokens > p.min_tokens - 1:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.num_output_tokens >= p.max_tokens:
+            seq.finish_reason = "length"
+
+    def _logprob_entry(self, result: SampleResult) -> TokenLogprobs:
+        decode = self.tokenizer.decode
+        entry = {tid: Logprob(lp, rank + 1, decode([tid])) for rank, (tid, lp) in enumerate(result.top_logprobs)}
+        if result.token_id not in entry:
+            entry[result.token_id] = Logprob(result.logprob, result.rank, decode([result.token_id]))
+        return entry
+
+    def make_output(self) -> RequestOutput | None:
+        """What to report now under this request's output kind (None: nothing to report)."""
+        finished = self.finished
+        if self.output_kind == OutputKind.FINAL and not finished:
+            return None
+        outputs = [c for c in (self._completion(s) for s in self.samples) if c is not None]
+        if not outputs and not finished:
+            return None
+        first = self.samples[0].seq if self.samples else None
+        metrics = {"arrival_time": self.arrival_time}
+        if self.first_token_time is not None:
+            metrics["first_token_time"] = self.first_token_time
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, finished,
+                             first.num_cached_tokens if first else 0, metrics)
+
+    def _completion(self, s: Sample) -> CompletionOutput | None:
+        seq = s.seq
+        done = seq.finish_reason is not None
+        if done:
+            if self.output_kind == OutputKind.FINAL and not self.params.stop:
+                s.detok.text = s.detok.tokenizer.decode(seq.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
+                s.detok.read_offset = seq.num_output_tokens
+            else:
+                s.detok.flush(seq.output_token_ids) if seq.stop_reason is None or isinstance(seq.stop_reason, int) else None
+        text = s.detok.stable_text(done)
+        ids = seq.output_token_ids
+        if self.output_kind != OutputKind.DELTA:
+            return CompletionOutput(s.index, text, list(ids), s.cumulative_logprob,
+                                    list(s.logprobs) if s.logprobs is not None else None,
+                                    seq.finish_reason, seq.stop_reason)
+        if s.reported_finish or (len(ids) == s.sent_tokens and len(text) == s.sent_chars and not done):
+            return None
+        out = CompletionOutput(s.index, text[s.sent_chars :], list(ids[s.sent_tokens :]), s.cumulative_logprob,
+                               s.logprobs[s.sent_tokens :] if s.logprobs is not None else None,
+                               seq.finish_reason, seq.stop_reason)
+        s.sent_tokens, s.sent_chars, s.reported_finish = len(ids), len(text), done
+        return out

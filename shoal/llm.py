@@ -1,0 +1,107 @@
+"""The offline front end, shaped like vLLM's: LLM(model).generate(prompts, sampling_params)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from shoal.config import EngineConfig
+from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.request import OutputKind
+from shoal.models.loaded import LoadedModel, load_model
+from shoal.outputs import RequestOutput
+from shoal.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+def build_engine(model: str | LoadedModel | None, options: dict[str, Any]) -> LLMEngine:
+    """An engine over a loaded model (loading it first when given a path or None)."""
+    config = EngineConfig.from_options(options)
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, device=config.device, dtype=config.dtype)
+    return LLMEngine(model, config)
+
+
+class LLM:
+    """LLM(model=None, **engine options). model: HF directory, .gguf file, hub id, a LoadedModel, or None
+    for the default SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | LoadedModel | None = None, **engine_options: Any):
+        self.engine = build_engine(model, engine_options)
+        self.model = self.engine.model
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Results come back in input order. All prompts are validated before any is queued."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        for p, sp in zip(prompts, params, strict=True):
+            self.engine._validate(self.engine.tokenize(p)[1], sp)
+        ids = [self.engine.add_request(p, sp, None, prio, OutputKind.FINAL)
+               for p, sp, prio in zip(prompts, params, priorities, strict=True)]
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or a list of them, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.model.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start, generated = time.perf_counter(), 0
+        try:
+            while len(done) < len(request_ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort_request(rid)
+            self.engine.step()
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; give one, or one per prompt")
+    return params

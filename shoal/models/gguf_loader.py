@@ -1,0 +1,168 @@
+"""Reading a llama.cpp GGUF file as a Hugging Face-style config, float32 weights under HF names, and a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from shoal.errors import ModelLoadError
+
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# convert_hf_to_gguf permutes q/k rows for these, to suit llama.cpp's interleaved rotary pairs.
+PERMUTED_ARCHITECTURES = ("llama",)
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or corrupt, "
+            "download it again"
+        ) from e
+
+
+def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    return default if f is None else f.contents()
+
+
+def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    """The metadata, in the keys a Hugging Face config.json would use."""
+    arch = field(reader, "general.architecture")
+    if arch not in HF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path} holds a {arch!r} model; shoal reads GGUF architectures {', '.join(HF_ARCHITECTURES)} "
+            "(Llama, Mistral, Qwen2, Qwen3)"
+        )
+
+    def required(name: str) -> Any:
+        value = field(reader, f"{arch}.{name}")
+        if value is None:
+            raise ModelLoadError(f"{path} lacks GGUF metadata key {arch}.{name}; re-convert it with llama.cpp")
+        return value
+
+    heads, hidden = required("attention.head_count"), required("embedding_length")
+    tokens = field(reader, "tokenizer.ggml.tokens") or []
+    eos_ids = [field(reader, "tokenizer.ggml.eos_token_id"), field(reader, "tokenizer.ggml.eot_token_id")]
+    return {
+        "architectures": [HF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": len(tokens) or field(reader, f"{arch}.vocab_size"),
+        "hidden_size": hidden,
+        "intermediate_size": required("feed_forward_length"),
+        "num_hidden_layers": required("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": field(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": field(reader, f"{arch}.attention.key_length", hidden // heads),
+        "rms_norm_eps": required("attention.layer_norm_rms_epsilon"),
+        "rope_theta": field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "rope_scaling": _rope_scaling(reader, arch),
+        "max_position_embeddings": field(reader, f"{arch}.context_length", 2048),
+        "tie_word_embeddings": all(t.name != "output.weight" for t in reader.tensors),
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": [i for i in dict.fromkeys(eos_ids) if i is not None],
+        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+
+
+def _rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
+    kind = field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = field(reader, f"{arch}.rope.scaling.factor")
+    if kind == "none" or factor is None:
+        return None
+    scaling = {"rope_type": kind, "factor": factor}
+    if (original := field(reader, f"{arch}.rope.scaling.original_context_length")) is not None:
+        scaling["original_max_position_embeddings"] = original
+    return scaling
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LAYER_NAMES:
+        return None
+    return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+
+
+def dequantize_tensor(tensor: ReaderTensor) -> np.ndarray:
+    """float32 values in the HF shape (GGUF lists dimensions innermost first)."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+
+
+def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverts convert_hf_to_gguf's permute: adjacent rotary pairs back to rotate_half's (i, i + d/2)."""
+    return (
+        weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
+    arch = field(reader, "general.architecture")
+    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None]
+    if unknown:
+        hint = " (Llama 3.1-style rope scaling)" if "rope_freqs.weight" in unknown else ""
+        raise ModelLoadError(
+            f"{path} has tensors shoal does not know: {', '.join(unknown[:5])}{hint}; "
+            "load the model's original safetensors checkpoint instead"
+        )
+    weights = {}
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        try:
+            values = dequantize_tensor(tensor)
+        except Exception as e:
+            raise ModelLoadError(
+                f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}) from {path}: {e}; "
+                "the file may be corrupt, or use a quantization gguf cannot dequantize"
+            ) from e
+        if arch in PERMUTED_ARCHITECTURES and ".self_attn.q_proj." in name:
+            values = unpermute_qk(values, num_heads)
+        elif arch in PERMUTED_ARCHITECTURES and ".self_attn.k_proj." in name:
+            values = unpermute_qk(values, num_kv_heads)
+        weights[name] = torch.from_numpy(np.array(values, dtype=np.float32, order="C"))
+    return weights
+
+
+def gguf_tokenizer(reader: GGUFReader, path: Path):
+    """transformers' tokenizer for the file (same ids as `AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    # AutoTokenizer would also rebuild the model config from the file, which takes seconds; this class does not.
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelLoadError(f"cannot build a tokenizer from {path}: {type(e).__name__}: {e}") from e
+    template = field(reader, "tokenizer.chat_template")
+    if template and not tokenizer.chat_template:
+        tokenizer.chat_template = template
+    return tokenizer

@@ -1,0 +1,146 @@
+"""One decoder for the Llama family: Llama (SmolLM2), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+
+Tokens of all sequences arrive flattened: [T] ids and positions, no padding between sequences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.errors import ModelLoadError
+from shoal.models.config import ModelConfig
+from shoal.runner.attention import AttentionMetadata, paged_attention
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        middle = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        is_middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(is_middle, middle, scaled).float()
+    raise ModelLoadError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos, sin: [T, 1, D]. Hugging Face's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.post_attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        if cfg.qk_norm:
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
+        self.split = (q_size, kv_size, kv_size)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
+        q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
+        q = q.view(t, cfg.num_heads, cfg.head_dim)
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        x = x + self.o_proj(attn.reshape(t, -1))
+        h = rms_norm(x, self.post_attention_norm, cfg.rms_norm_eps)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache). Returns final hidden [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        freqs = positions[:, None].to(self.inv_freq.dtype) * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Takes Hugging Face parameter names; fuses q/k/v and gate/up."""
+        missing = []
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                missing.append(name)
+                return torch.zeros(0)
+            return weights[name]
+
+        def copy(dst: torch.Tensor, *names: str) -> None:
+            parts = [take(n) for n in names]
+            if not missing:
+                dst.copy_(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0])
+
+        copy(self.embed_tokens.weight, "model.embed_tokens.weight")
+        copy(self.norm, "model.norm.weight")
+        if self.lm_head is not None:
+            copy(self.lm_head.weight, "lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
+            copy(layer.qkv_proj.weight, *(a + ".weight" for a in attn))
+            if self.cfg.attention_bias:
+                copy(layer.qkv_proj.bias, *(a + ".bias" for a in attn))
+            copy(layer.o_proj.weight, p + "self_attn.o_proj.weight")
+            copy(layer.gate_up_proj.weight, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            copy(layer.down_proj.weight, p + "mlp.down_proj.weight")
+            copy(layer.input_norm, p + "input_layernorm.weight")
+            copy(layer.post_attention_norm, p + "post_attention_layernorm.weight")
+            if self.cfg.qk_norm:
+                copy(layer.q_norm, p + "self_attn.q_norm.weight")
+                copy(layer.k_norm, p + "self_attn.k_norm.weight")
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; is the file complete?")

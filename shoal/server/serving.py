@@ -1,0 +1,448 @@
+"""The one way to turn an OpenAI request body into engine work, and engine output back into OpenAI objects.
+
+Used by the HTTP routes, the Batch API worker and the offline `shoal batch` runner alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from shoal.errors import InvalidRequestError, ShoalError
+from shoal.outputs import RequestOutput, TokenLogprobs
+from shoal.sampling_params import SamplingParams
+from shoal.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    random_id,
+)
+
+GenerationRequest = CompletionRequest | ChatCompletionRequest
+REQUEST_TYPES: dict[str, type[GenerationRequest]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+_SHAPE_HINTS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "messages": "a list of {role, content} messages, or a list of such lists (one per conversation)",
+    "stop": "a string or a list of strings",
+}
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model this server does not serve."""
+
+
+class OutputObserver(Protocol):
+    def on_output(self, prompt_index: int, out: RequestOutput) -> None: ...
+
+
+@dataclass
+class Prepared:
+    """A validated request: the engine prompts (one per prompt or conversation) and their sampling params."""
+
+    request: GenerationRequest
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    echo: list[str] | None = None  # completions echo: text to put before each prompt's choices
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.request, ChatCompletionRequest)
+
+    def choice_index(self, prompt_index: int, sample_index: int) -> int:
+        return prompt_index * self.params.n + sample_index
+
+
+def validation_message(error: ValidationError) -> str:
+    """A short, human message for a pydantic error: which field, what was wrong, what is expected."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    for err in error.errors():
+        name = str(err["loc"][0]) if err["loc"] else "body"
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in _SHAPE_HINTS and len(err["loc"]) > 1:
+            parts.append(f"'{name}' must be {_SHAPE_HINTS[name]}")
+        elif err["type"] == "missing":
+            parts.append(f"'{name}' is required")
+        else:
+            where = ".".join(str(p) for p in err["loc"])
+            parts.append(f"'{where}': {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})")
+    return "invalid request: " + "; ".join(parts)
+
+
+def parse_request(url: str, body: Any) -> GenerationRequest:
+    """Validate a JSON body for `url` (a generation route) into its request model."""
+    if url not in REQUEST_TYPES:
+        raise InvalidRequestError(f"url must be one of {list(REQUEST_TYPES)}, got {url!r}")
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return REQUEST_TYPES[url].model_validate(body)
+    except ValidationError as e:
+        raise InvalidRequestError(validation_message(e)) from e
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorInfo(message=message, type=kind, code=code)).model_dump()
+
+
+def _drop_none(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _unsupported(condition: Any, message: str) -> None:
+    if condition:
+        raise InvalidRequestError(message)
+
+
+@dataclass
+class OpenAIServing:
+    """Runs OpenAI-shaped requests on an AsyncLLM."""
+
+    engine: Any
+    model_names: Sequence[str] = ()
+    max_n: int = 16
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    # ------------------------------------------------------------ request -> engine work
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        names = {self.model_name, *self.model_names}
+        if request.model is not None and request.model not in names:
+            raise ModelNotFoundError(f"model {request.model!r} does not exist; this server serves {sorted(names)}")
+        if not 1 <= request.n <= self.max_n:
+            raise InvalidRequestError(f"n must be between 1 and {self.max_n}, got {request.n}")
+        _unsupported(request.logit_bias, "logit_bias is not supported; remove it")
+        if isinstance(request, ChatCompletionRequest):
+            return self._prepare_chat(request)
+        return self._prepare_completion(request)
+
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            n=request.n,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            stop=request.stop,
+            stop_token_ids=request.stop_token_ids or [],
+            seed=request.seed,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            skip_special_tokens=request.skip_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            **_drop_none(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                min_p=request.min_p,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                repetition_penalty=request.repetition_penalty,
+            ),
+        )
+
+    def _prepare_completion(self, request: CompletionRequest) -> Prepared:
+        _unsupported(request.suffix, "suffix is not supported; remove it")
+        _unsupported(request.best_of not in (None, request.n), "best_of is not supported; use n")
+        _unsupported(
+            request.echo and request.logprobs is not None,
+            "echo with logprobs is not supported (prompt logprobs are not computed); drop one of them",
+        )
+        prompt = request.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts: list[str | list[int]] = [prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise InvalidRequestError("prompt must not be empty")
+        params = self._sampling_params(request, request.max_tokens, request.logprobs)
+        echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts] if request.echo else None
+        return Prepared(request, prompts, params, echo)
+
+    def _prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        _unsupported(request.tools, "tools are not supported; remove them")
+        fmt = (request.response_format or {}).get("type", "text")
+        _unsupported(fmt != "text", f"response_format {fmt!r} is not supported; only 'text'")
+        _unsupported(request.top_logprobs is not None and not request.logprobs, "top_logprobs needs logprobs: true")
+        messages = request.messages
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if not conversations or any(not conv for conv in conversations):
+            raise InvalidRequestError("messages must not be empty")
+        prompts: list[str | list[int]] = [self._render_chat(conv, request.add_generation_prompt) for conv in conversations]  # type: ignore[arg-type]
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        return Prepared(request, prompts, self._sampling_params(request, max_tokens, logprobs))
+
+    def _render_chat(self, conversation: list, add_generation_prompt: bool) -> str:
+        messages = []
+        for m in conversation:
+            message = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                kinds = {part.get("type") for part in m.content}
+                _unsupported(kinds - {"text"}, f"only text content parts are supported, got {sorted(map(str, kinds))}")
+                message["content"] = "".join(part.get("text", "") for part in m.content)
+            messages.append(message)
+        try:
+            return self.engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except ShoalError:
+            raise
+        except Exception as e:  # a template's raise_exception() or a malformed message
+            raise InvalidRequestError(f"the chat template rejected these messages: {e}") from e
+
+    # ------------------------------------------------------------ engine output -> OpenAI objects
+
+    async def outputs(
+        self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Delta outputs of every prompt of the request, as (prompt index, output), merged as they come."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, prompt: str | list[int]) -> None:
+            try:
+                stream = self.engine.generate(prompt, prepared.params, request_id=f"{request_id}-{i}", priority=priority)
+                async with aclosing(stream) as outs:
+                    async for out in outs:
+                        queue.put_nowait((i, out))
+                queue.put_nowait((i, None))
+            except Exception as e:
+                queue.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prepared.prompts)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    if observer is not None:
+                        observer.on_output(i, item)
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def complete(
+        self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
+    ) -> CompletionResponse | ChatCompletionResponse:
+        """Run a request to the end and answer with the whole response object."""
+        acc = _Accumulator(prepared)
+        async with aclosing(self.outputs(prepared, request_id, priority, observer)) as events:
+            async for i, out in events:
+                acc.add(i, out)
+        return acc.response(request_id, self.model_name)
+
+    async def stream(
+        self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
+    ) -> AsyncIterator[str]:
+        """Server-sent events for a streaming request, ending with `data: [DONE]`.
+
+        An error before the first event is raised; after it, it is sent as an error event.
+        """
+        chunks = _Chunker(prepared, request_id, self.model_name)
+        sent = False
+        try:
+            async with aclosing(self.outputs(prepared, request_id, priority, observer)) as events:
+                async for i, out in events:
+                    chunk = chunks.chunk(i, out)
+                    if chunk is not None:
+                        sent = True
+                        yield f"data: {chunk}\n\n"
+        except ShoalError as e:
+            if not sent:
+                raise
+            yield f"data: {json.dumps(error_body(str(e)))}\n\n"
+        else:
+            usage = prepared.request.stream_options and prepared.request.stream_options.include_usage
+            if usage:
+                yield f"data: {chunks.usage_chunk()}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+@dataclass
+class _ChoiceState:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False
+    text_offset: int = 0
+
+
+class _Usage:
+    def __init__(self) -> None:
+        self.prompt_tokens: dict[int, int] = {}
+        self.completion_tokens = 0
+
+    def add(self, prompt_index: int, out: RequestOutput) -> None:
+        self.prompt_tokens[prompt_index] = len(out.prompt_token_ids)
+        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt_tokens.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens, total_tokens=prompt + self.completion_tokens)
+
+
+class _Accumulator:
+    """Collects delta outputs into the final response."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        n = len(prepared.prompts) * prepared.params.n
+        self.choices = [_ChoiceState() for _ in range(n)]
+        self.usage = _Usage()
+
+    def add(self, i: int, out: RequestOutput) -> None:
+        self.usage.add(i, out)
+        for c in out.outputs:
+            state = self.choices[self.prepared.choice_index(i, c.index)]
+            state.text.append(c.text)
+            state.token_ids.extend(c.token_ids)
+            state.logprobs.extend(c.logprobs or [])
+            state.finish_reason = c.finish_reason or state.finish_reason
+
+    def response(self, request_id: str, model: str) -> CompletionResponse | ChatCompletionResponse:
+        p = self.prepared
+        if p.is_chat:
+            chat_choices = [
+                ChatChoice(
+                    index=k,
+                    message=ChatResponseMessage(content="".join(s.text)),
+                    logprobs=_chat_logprobs(s.token_ids, s.logprobs, p.params.logprobs),
+                    finish_reason=s.finish_reason,
+                )
+                for k, s in enumerate(self.choices)
+            ]
+            return ChatCompletionResponse(id=request_id, model=model, choices=chat_choices, usage=self.usage.usage())
+        choices = []
+        for k, s in enumerate(self.choices):
+            prefix = p.echo[k // p.params.n] if p.echo else ""
+            logprobs = _completion_logprobs(s.token_ids, s.logprobs, p.params.logprobs, 0)
+            choices.append(CompletionChoice(index=k, text=prefix + "".join(s.text), logprobs=logprobs, finish_reason=s.finish_reason))
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage.usage())
+
+
+class _Chunker:
+    """Turns delta outputs into streaming chunk JSON."""
+
+    def __init__(self, prepared: Prepared, request_id: str, model: str) -> None:
+        self.prepared = prepared
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.choices = [_ChoiceState() for _ in range(len(prepared.prompts) * prepared.params.n)]
+        self.usage = _Usage()
+
+    def chunk(self, i: int, out: RequestOutput) -> str | None:
+        self.usage.add(i, out)
+        if self.prepared.is_chat:
+            choices = [c for c in (self._chat_choice(i, o) for o in out.outputs) if c is not None]
+            if not choices:
+                return None
+            return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices).model_dump_json()
+        choices = [c for c in (self._completion_choice(i, o) for o in out.outputs) if c is not None]
+        if not choices:
+            return None
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices).model_dump_json()
+
+    def _state(self, i: int, sample: int, has_news: bool) -> tuple[int, _ChoiceState] | None:
+        k = self.prepared.choice_index(i, sample)
+        state = self.choices[k]
+        if state.started and not has_news:
+            return None
+        return k, state
+
+    def _completion_choice(self, i: int, o: Any) -> CompletionChoice | None:
+        found = self._state(i, o.index, bool(o.text or o.token_ids or o.finish_reason))
+        if found is None:
+            return None
+        k, state = found
+        text = o.text
+        if not state.started and self.prepared.echo:
+            text = self.prepared.echo[i] + text
+        state.started = True
+        logprobs = _completion_logprobs(o.token_ids, o.logprobs or [], self.prepared.params.logprobs, state.text_offset)
+        state.text_offset += len(text)
+        return CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
+
+    def _chat_choice(self, i: int, o: Any) -> ChatChunkChoice | None:
+        found = self._state(i, o.index, bool(o.text or o.token_ids or o.finish_reason))
+        if found is None:
+            return None
+        k, state = found
+        delta = ChatDelta(role=None if state.started else "assistant", content=o.text)
+        state.started = True
+        logprobs = _chat_logprobs(o.token_ids, o.logprobs or [], self.prepared.params.logprobs)
+        return ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=o.finish_reason)
+
+    def usage_chunk(self) -> str:
+        cls = ChatCompletionChunk if self.prepared.is_chat else CompletionResponse
+        return cls(id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage.usage()).model_dump_json()
+
+
+def _ranked(entry: TokenLogprobs, k: int) -> list[tuple[int, Any]]:
+    return sorted(((tid, lp) for tid, lp in entry.items() if lp.rank <= k), key=lambda x: x[1].rank)[:k]
+
+
+def _completion_logprobs(
+    token_ids: list[int], logprobs: list[TokenLogprobs], k: int | None, offset: int
+) -> CompletionLogprobs | None:
+    if k is None:
+        return None
+    result = CompletionLogprobs()
+    for tid, entry in zip(token_ids, logprobs, strict=False):
+        chosen = entry.get(tid)
+        token = chosen.decoded_token if chosen else ""
+        result.tokens.append(token)
+        result.token_logprobs.append(chosen.logprob if chosen else None)
+        result.top_logprobs.append({lp.decoded_token: lp.logprob for _, lp in _ranked(entry, k)} if k else None)
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+def _chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], k: int | None) -> ChatLogprobs | None:
+    if k is None:
+        return None
+    content = []
+    for tid, entry in zip(token_ids, logprobs, strict=False):
+        chosen = entry.get(tid)
+        token = chosen.decoded_token if chosen else ""
+        top = [TopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=list(lp.decoded_token.encode())) for _, lp in _ranked(entry, k)]
+        logprob = chosen.logprob if chosen else float("-inf")
+        content.append(TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def new_request_id(prepared: Prepared) -> str:
+    return random_id("chatcmpl-" if prepared.is_chat else "cmpl-")

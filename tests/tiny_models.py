@@ -1,0 +1,243 @@
+"""Tiny random checkpoints of each supported architecture, as Hugging Face directories and as GGUF files.
+
+Helpers for tests, not tests. Everything is built in-process (no network, no downloaded weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "Numbers like 12345 and 3.14 appear in text, as do dates: 2024-01-31.",
+    "Café, naïve, résumé — 日本語のテキスト, emoji 🎉 and symbols ©.",
+    "def main():\n    print('hello')\n    return 0\n",
+    "Once upon a time, there was a small model that loved to talk about the weather.",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n",
+]
+
+_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+# Per architecture: what makes it differ from plain Llama, so each loader path gets exercised.
+_VARIANTS: dict[str, dict] = {
+    "llama": {"tie_word_embeddings": True},
+    "mistral": {"tie_word_embeddings": False, "sliding_window": None},
+    "qwen2": {"tie_word_embeddings": False, "use_sliding_window": False},
+    "qwen3": {"tie_word_embeddings": True, "head_dim": 32, "use_sliding_window": False},  # head_dim != 64 / 4
+}
+
+
+def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 pre-tokenization) trained on a few sentences, with ChatML special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAINING_TEXT, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    wrapped.chat_template = CHATML_TEMPLATE
+    return wrapped
+
+
+def make_tiny_hf_model(arch: str, path: str | Path, seed: int = 0, max_shard_size: str | None = None) -> str:
+    """Saves a tiny random `arch` model (safetensors) with its tokenizer and chat template into `path`."""
+    tokenizer = make_tiny_tokenizer()
+    config = _CONFIGS[arch](
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **_VARIANTS[arch],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize_vectors(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _randomize_vectors(model: torch.nn.Module) -> None:
+    """Norm weights start at 1 and biases at 0; make them random so a swapped tensor shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                base = 1.0 if name.endswith("norm.weight") else 0.0
+                param.copy_(base + 0.2 * torch.randn_like(param))
+
+
+def hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
+    """What transformers holds for the model in `hf_dir`, without the tied copy of the embeddings."""
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    weights = {name: t.detach() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        weights.pop("lm_head.weight")
+    return weights
+
+
+# ---- GGUF, written the way llama.cpp's convert_hf_to_gguf.py writes it ----
+
+_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    if hf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute: rotate_half pairs (i, i + d/2) become adjacent pairs."""
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
+    """Writes the model in `hf_dir` as a GGUF; matrices in `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1), vectors F32."""
+    import gguf
+
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    arch = _GGUF_ARCH[hf["model_type"]]
+    writer = gguf.GGUFWriter(str(out_path), arch)
+    _write_model_metadata(writer, arch, hf)
+    _write_tokenizer_metadata(writer, PreTrainedTokenizerFast.from_pretrained(hf_dir))
+    target = gguf.GGMLQuantizationType[qtype]
+    for name, tensor in hf_state_dict(hf_dir).items():
+        data = tensor.numpy()
+        if arch == "llama" and ".self_attn.q_proj." in name:
+            data = llama_cpp_permute(data, hf["num_attention_heads"])
+        elif arch == "llama" and ".self_attn.k_proj." in name:
+            data = llama_cpp_permute(data, hf["num_key_value_heads"])
+        qt = target if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(data, qt), raw_dtype=qt)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(out_path)
+
+
+def _write_model_metadata(writer, arch: str, hf: dict) -> None:
+    writer.add_name(f"tiny {hf['model_type']}")
+    writer.add_context_length(hf["max_position_embeddings"])
+    writer.add_embedding_length(hf["hidden_size"])
+    writer.add_block_count(hf["num_hidden_layers"])
+    writer.add_feed_forward_length(hf["intermediate_size"])
+    writer.add_head_count(hf["num_attention_heads"])
+    writer.add_head_count_kv(hf["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    rope = hf.get("rope_parameters") or {}
+    writer.add_rope_freq_base(hf.get("rope_theta") or rope["rope_theta"])
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    if arch == "llama":
+        writer.add_vocab_size(hf["vocab_size"])
+        writer.add_rope_dimension_count(head_dim)
+
+
+def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast) -> None:
+    import gguf
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    special = {t["content"] for t in state["added_tokens"] if t["special"]}
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    )
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+
+
+def transformers_gguf_state_dict(gguf_path: str, hf_config: dict) -> dict[str, torch.Tensor]:
+    """The weights transformers reads out of a GGUF, as a reference.
+
+    `from_pretrained(dir, gguf_file=...)` insists on `accelerate`, which shoal does not need, so this calls the
+    function it uses for llama/qwen2/qwen3 files directly. `hf_config` only names the parameters; the
+    file's own metadata drives dequantization and the Q/K un-permutation.
+    """
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.for_model(**hf_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parsed = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model)
+    return {name: t.float() for name, t in parsed["tensors"].items()}
