@@ -41,4 +41,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    error: str | None = None  # set when this request failed inside the engine; other requests go on
     metrics: dict[str, float] = field(default_factory=dict)

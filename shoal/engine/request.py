@@ -120,7 +120,7 @@ class Request:
         if self.first_token_time is not None:
             metrics["first_token_time"] = self.first_token_time
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, finished,
-                             first.num_cached_tokens if first else 0, metrics)
+                             num_cached_tokens=first.num_cached_tokens if first else 0, metrics=metrics)
 
     def _completion(self, s: Sample) -> CompletionOutput | None:
         seq = s.seq

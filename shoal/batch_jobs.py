@@ -1,0 +1,273 @@
+"""Resumable batch runs over JSONL in OpenAI's Batch API line format.
+
+Input lines are `{"custom_id", "method": "POST", "url", "body"}`; each finished line becomes one output line
+`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`. Output is append-only and
+written one whole line at a time, so a run killed at any point can be re-run: lines already answered (by
+custom_id, or by line number for lines that could not be read) are skipped. Used by `shoal batch` and by the
+server's Batch API worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from shoal.errors import EngineDeadError, InvalidRequestError
+from shoal.server.protocol import random_id
+from shoal.server.serving import REQUEST_TYPES, OpenAIServing, error_body, new_request_id, parse_request
+
+
+@dataclass
+class Progress:
+    total: int = 0  # lines in the input
+    completed: int = 0  # lines answered 200, by this run or an earlier one
+    failed: int = 0  # lines answered with an error, by this run or an earlier one
+    skipped: int = 0  # lines an earlier run had answered
+    prompt_tokens: int = 0  # this run
+    completion_tokens: int = 0  # this run
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class DoneSet:
+    """What earlier runs already answered."""
+
+    custom_ids: set[str] = field(default_factory=set)
+    lines: set[int] = field(default_factory=set)
+    completed: int = 0
+    failed: int = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        error = record.get("error") or {}
+        if error.get("line") is not None:
+            self.lines.add(error["line"])
+        else:
+            self.custom_ids.add(record["custom_id"])
+        if is_success(record):
+            self.completed += 1
+        else:
+            self.failed += 1
+
+
+def is_success(record: dict[str, Any]) -> bool:
+    response = record.get("response") or {}
+    return record.get("error") is None and response.get("status_code") == 200
+
+
+def count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a crash left half-written, so appends start on a fresh line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                if pos - step + nl + 1 != end:
+                    f.truncate(pos - step + nl + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def scan_done(paths: list[Path]) -> DoneSet:
+    done = DoneSet()
+    for path in dict.fromkeys(paths):
+        drop_torn_tail(path)
+        for record in read_records(path):
+            done.add(record)
+    return done
+
+
+class JsonlWriter:
+    """Append-only JSONL: every record is one whole line, flushed at once; sync() makes it durable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(path)
+        self.file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.sync()
+            self.file.close()
+
+
+def line_error(line_no: int, custom_id: Any, code: str, message: str) -> dict[str, Any]:
+    cid = custom_id if isinstance(custom_id, str) else None
+    error = {"code": code, "message": message, "line": line_no}
+    return {"id": random_id("batch_req_"), "custom_id": cid, "response": None, "error": error}
+
+
+def response_record(custom_id: str, status: int, request_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = {"status_code": status, "request_id": request_id, "body": body}
+    return {"id": random_id("batch_req_"), "custom_id": custom_id, "response": response, "error": None}
+
+
+def check_line(line_no: int, text: str, endpoint: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(parsed line, None) for a well-formed line, (whatever parsed, error record) otherwise."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, line_error(line_no, None, "invalid_json", f"line {line_no} is not valid JSON: {e}")
+    if not isinstance(obj, dict):
+        return None, line_error(line_no, None, "invalid_request", f"line {line_no} must be a JSON object")
+    cid = obj.get("custom_id")
+    urls = [endpoint] if endpoint else list(REQUEST_TYPES)
+    problems = [
+        (not isinstance(cid, str) or not cid, "missing_custom_id", "custom_id must be a non-empty string"),
+        (obj.get("method", "POST") != "POST", "invalid_method", "method must be POST"),
+        (obj.get("url") not in urls, "invalid_url", f"url must be {' or '.join(urls)}, got {obj.get('url')!r}"),
+        (not isinstance(obj.get("body"), dict), "invalid_body", "body must be a JSON object"),
+    ]
+    for bad, code, message in problems:
+        if bad:
+            return obj, line_error(line_no, cid, code, f"line {line_no}: {message}")
+    return obj, None
+
+
+@dataclass
+class BatchRun:
+    """Runs every not-yet-answered line of `input_path` through the engine, `concurrency` lines at a time.
+
+    Cancel the task running run() to stop: lines in flight are aborted and left for the next run.
+    """
+
+    serving: OpenAIServing
+    input_path: Path
+    output: JsonlWriter
+    errors: JsonlWriter  # may be the same writer as output
+    endpoint: str | None = None  # when set, every line's url must be this
+    priority: int = 0  # added to each line's own priority
+    concurrency: int = 64
+    checkpoint_s: float = 1.0
+    on_progress: Callable[[Progress], None] | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    async def run(self) -> Progress:
+        done = scan_done([self.output.path, self.errors.path])
+        self.progress.completed, self.progress.failed = done.completed, done.failed
+        self.progress.skipped = done.completed + done.failed
+        self._last_sync = time.monotonic()
+        tasks: set[asyncio.Task] = set()
+        try:
+            for line_no, obj, error in self._pending_lines(done):
+                if error is not None:
+                    self._finish(error)
+                    continue
+                while len(tasks) >= self.concurrency:
+                    finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    _reraise(finished)
+                tasks.add(asyncio.create_task(self._generate(line_no, obj)))
+            while tasks:
+                finished, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                _reraise(finished)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._checkpoint()
+        return self.progress
+
+    def _pending_lines(self, done: DoneSet) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None]]:
+        seen: set[str] = set()
+        with open(self.input_path, encoding="utf-8", errors="replace") as f:
+            for line_no, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                obj, error = check_line(line_no, text, self.endpoint)
+                if error is None and obj["custom_id"] in seen:
+                    error = line_error(line_no, obj["custom_id"], "duplicate_custom_id", f"line {line_no}: custom_id {obj['custom_id']!r} was already used")
+                if error is None:
+                    seen.add(obj["custom_id"])
+                    if obj["custom_id"] not in done.custom_ids:
+                        yield line_no, obj, None
+                elif line_no not in done.lines:
+                    yield line_no, obj or {}, error
+
+    async def _generate(self, line_no: int, obj: dict[str, Any]) -> None:
+        cid = obj["custom_id"]
+        request_id = random_id("batch-req-")
+        try:
+            request = parse_request(obj["url"], obj["body"])
+            if request.stream:
+                raise InvalidRequestError("stream is not supported in batch lines; remove it")
+            prepared = self.serving.prepare(request)
+            request_id = new_request_id(prepared)
+            response = await self.serving.complete(prepared, request_id, self.priority + request.priority)
+        except EngineDeadError:
+            raise
+        except InvalidRequestError as e:
+            self._finish(response_record(cid, 400, request_id, error_body(str(e))))
+            return
+        except Exception as e:  # one line's failure must not stop the batch
+            self._finish(response_record(cid, 500, request_id, error_body(f"internal error: {e!r}", "server_error")))
+            return
+        usage = response.usage
+        self.progress.prompt_tokens += usage.prompt_tokens if usage else 0
+        self.progress.completion_tokens += usage.completion_tokens if usage else 0
+        self._finish(response_record(cid, 200, request_id, response.model_dump()))
+
+    def _finish(self, record: dict[str, Any]) -> None:
+        ok = is_success(record)
+        (self.output if ok else self.errors).write(record)
+        if ok:
+            self.progress.completed += 1
+        else:
+            self.progress.failed += 1
+        if time.monotonic() - self._last_sync >= self.checkpoint_s:
+            self._checkpoint()
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    def _checkpoint(self) -> None:
+        self.output.sync()
+        self.errors.sync()
+        self._last_sync = time.monotonic()
+
+
+def _reraise(finished: set[asyncio.Task]) -> None:
+    for task in finished:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]

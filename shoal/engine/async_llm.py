@@ -1,0 +1,149 @@
+"""AsyncLLM: the engine loop on a background thread; many coroutines stream from one shared batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.engine.llm_engine import EngineStats, LLMEngine
+from shoal.engine.request import OutputKind
+from shoal.errors import EngineDeadError, InvalidRequestError, ShoalError
+from shoal.llm import build_engine
+from shoal.models.loaded import LoadedModel
+from shoal.outputs import RequestOutput
+from shoal.sampling_params import SamplingParams
+
+logger = logging.getLogger("shoal")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncLLM:
+    """AsyncLLM(model=None, **engine options). `async for out in engine.generate(...)` yields deltas.
+
+    Cancelling the consumer (or abort(request_id)) removes the request before the next step and frees its
+    KV blocks; the other requests go on untouched.
+    """
+
+    def __init__(self, model: str | LoadedModel | None = None, *, engine: LLMEngine | None = None, **engine_options: Any):
+        self.engine = engine or build_engine(model, engine_options)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model.name
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._stats = self.engine.stats()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        return self.engine.model.apply_chat_template(messages, add_generation_prompt)
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a request without queueing it; raises InvalidRequestError."""
+        _, ids = self.engine.tokenize(prompt)
+        self.engine._validate(ids, params)
+        return ids
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields RequestOutput deltas: each completion holds only new text, token ids and logprobs."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop stopped: {self._dead}")
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt, params, priority))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.error is not None:
+                    raise ShoalError(item.error)
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def shutdown(self) -> None:
+        self._commands.put(("stop",))
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    # -- engine thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._drain(block=idle):
+                    return
+                for out in self.engine.step():
+                    stream = self._streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put(out)
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # the engine is unusable: every waiting stream learns why
+            logger.exception("engine loop failed")
+            self._dead = exc
+            for stream in list(self._streams.values()):
+                stream.put(EngineDeadError(f"the engine loop stopped: {exc!r}"))
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued adds and aborts. Returns False on stop."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command[0] == "stop":
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort_request(command[1])
+            return
+        _, request_id, prompt, params, priority = command
+        if request_id not in self._streams:  # cancelled before it was queued
+            return
+        try:
+            self.engine.add_request(prompt, params, request_id, priority, OutputKind.DELTA)
+        except Exception as exc:
+            self._streams[request_id].put(exc)

