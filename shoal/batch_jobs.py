@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from shoal.errors import EngineDeadError, InvalidRequestError
 from shoal.server.protocol import random_id
 from shoal.server.serving import REQUEST_TYPES, OpenAIServing, error_body, new_request_id, parse_request
@@ -145,7 +147,9 @@ def response_record(custom_id: str, status: int, request_id: str, body: dict[str
     return {"id": random_id("batch_req_"), "custom_id": custom_id, "response": response, "error": None}
 
 
-def check_line(line_no: int, text: str, endpoint: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def check_line(
+    line_no: int, text: str, endpoint: str | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(parsed line, None) for a well-formed line, (whatever parsed, error record) otherwise."""
     try:
         obj = json.loads(text)
@@ -158,7 +162,11 @@ def check_line(line_no: int, text: str, endpoint: str | None) -> tuple[dict[str,
     problems = [
         (not isinstance(cid, str) or not cid, "missing_custom_id", "custom_id must be a non-empty string"),
         (obj.get("method", "POST") != "POST", "invalid_method", "method must be POST"),
-        (obj.get("url") not in urls, "invalid_url", f"url must be {' or '.join(urls)}, got {obj.get('url')!r}"),
+        (
+            obj.get("url") not in urls,
+            "invalid_url",
+            f"url must be {' or '.join(urls)}, got {obj.get('url')!r}",
+        ),
         (not isinstance(obj.get("body"), dict), "invalid_body", "body must be a JSON object"),
     ]
     for bad, code, message in problems:
@@ -185,8 +193,8 @@ class BatchRun:
     on_progress: Callable[[Progress], None] | None = None
     progress: Progress = field(default_factory=Progress)
 
-    async def run(self) -> Progress:
-        done = scan_done([self.output.path, self.errors.path])
+    async def run(self, done: DoneSet) -> Progress:
+        """`done`: what earlier runs answered, from scan_done() over this run's output files."""
         self.progress.completed, self.progress.failed = done.completed, done.failed
         self.progress.skipped = done.completed + done.failed
         self._last_sync = time.monotonic()
@@ -218,7 +226,12 @@ class BatchRun:
                     continue
                 obj, error = check_line(line_no, text, self.endpoint)
                 if error is None and obj["custom_id"] in seen:
-                    error = line_error(line_no, obj["custom_id"], "duplicate_custom_id", f"line {line_no}: custom_id {obj['custom_id']!r} was already used")
+                    error = line_error(
+                        line_no,
+                        obj["custom_id"],
+                        "duplicate_custom_id",
+                        f"line {line_no}: custom_id {obj['custom_id']!r} was already used",
+                    )
                 if error is None:
                     seen.add(obj["custom_id"])
                     if obj["custom_id"] not in done.custom_ids:
@@ -242,7 +255,9 @@ class BatchRun:
             self._finish(response_record(cid, 400, request_id, error_body(str(e))))
             return
         except Exception as e:  # one line's failure must not stop the batch
-            self._finish(response_record(cid, 500, request_id, error_body(f"internal error: {e!r}", "server_error")))
+            self._finish(
+                response_record(cid, 500, request_id, error_body(f"internal error: {e!r}", "server_error"))
+            )
             return
         usage = response.usage
         self.progress.prompt_tokens += usage.prompt_tokens if usage else 0
@@ -271,3 +286,51 @@ def _reraise(finished: set[asyncio.Task]) -> None:
     for task in finished:
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+
+async def run_file(
+    serving: OpenAIServing,
+    input_path: Path,
+    output_path: Path,
+    error_path: Path | None = None,
+    concurrency: int = 64,
+    show_progress: bool = True,
+) -> Progress:
+    """`shoal batch`: answer every line of input_path into output_path (errors too, unless error_path is given)."""
+    output = JsonlWriter(output_path)
+    errors = JsonlWriter(error_path) if error_path else output
+    done = scan_done([output.path, errors.path])
+    total = count_lines(input_path)
+    bar = tqdm(
+        total=total,
+        initial=done.completed + done.failed,
+        unit="line",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+
+    def update(progress: Progress) -> None:
+        bar.set_postfix_str(f"{progress.tokens_per_s:.1f} tok/s, {progress.failed} failed", refresh=False)
+        bar.update(progress.done - bar.n)
+
+    run = BatchRun(serving, input_path, output, errors, concurrency=concurrency, on_progress=update)
+    run.progress.total = total
+    try:
+        return await run.run(done)
+    finally:
+        bar.close()
+        output.close()
+        errors.close()
+
+
+def summary(progress: Progress, output_path: Path, error_path: Path | None) -> str:
+    elapsed = time.monotonic() - progress.started
+    new = progress.done - progress.skipped
+    lines = [
+        f"{progress.done}/{progress.total} lines answered: {progress.completed} ok, {progress.failed} failed"
+        + (f" ({progress.skipped} by an earlier run)" if progress.skipped else ""),
+        f"this run: {new} lines in {elapsed:.1f}s, {progress.prompt_tokens} prompt tokens, "
+        f"{progress.completion_tokens} generated tokens ({progress.tokens_per_s:.1f} tok/s)",
+        f"output: {output_path}" + (f", errors: {error_path}" if error_path else ""),
+    ]
+    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ def open_gguf(path: Path) -> GGUFReader:
 
 def field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    value = f.contents()
+    # GGUF floats are float32: 1e-5 reads back as 9.99999974e-06; take the shortest decimal that round-trips.
+    return float(str(np.float32(value))) if isinstance(value, float) else value
 
 
 def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
@@ -158,8 +163,11 @@ def gguf_tokenizer(reader: GGUFReader, path: Path):
     from transformers import PreTrainedTokenizerFast
 
     # AutoTokenizer would also rebuild the model config from the file, which takes seconds; this class does not.
+    # The file is linked into an empty folder: tokenizer files lying next to it would get mixed in.
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / path.name).symlink_to(path.resolve())
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=path.name)
     except Exception as e:
         raise ModelLoadError(f"cannot build a tokenizer from {path}: {type(e).__name__}: {e}") from e
     template = field(reader, "tokenizer.chat_template")

@@ -65,5 +65,6 @@ def load_model(path: str | None = None, device: str | None = None, dtype: str = 
     module.inv_freq = rope_inv_freq(ckpt.config)
     module.load_weights(ckpt.weights)
     module = module.to(device=torch_device, dtype=DTYPES[dtype]).eval()
+    module.prepare()
     name = os.path.basename(os.path.normpath(ckpt.path))
     return LoadedModel(module, ckpt.tokenizer, ckpt.config, name, torch_device, DTYPES[dtype])

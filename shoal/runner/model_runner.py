@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from shoal.core.sequence import Sequence
-from shoal.models.llama import CausalLM
-from shoal.runner.attention import MIN_GEMM_ROWS, AttentionMetadata
+from shoal.models.llama import CausalLM, padded_rows
+from shoal.runner.attention import AttentionMetadata
 
 DEFAULT_CPU_KV_SHARE = 0.25
 DEFAULT_CPU_KV_CAP = 4 << 30
@@ -97,7 +97,7 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 logit_rows.append(row + n - 1)
         num_rows = len(ids)
-        pad = max(0, MIN_GEMM_ROWS - num_rows)
+        pad = padded_rows(num_rows) - num_rows
         ids += [0] * pad
         positions += [0] * pad
         slots += [self.scratch_block * bs] * pad
@@ -125,7 +125,7 @@ class ModelRunner:
         batch = self.build(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         rows = hidden[batch.logit_rows]
-        pad = MIN_GEMM_ROWS - rows.shape[0]
+        pad = padded_rows(rows.shape[0]) - rows.shape[0]
         if pad > 0:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
         logits = self.model.compute_logits(rows)[: len(batch.logit_rows)]

@@ -49,14 +49,27 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
         r = self.registry
-        self.ttft = Histogram("shoal_time_to_first_token_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("shoal_inter_token_latency_seconds", "Time between tokens", buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("shoal_request_latency_seconds", "Request latency, end to end", buckets=_E2E_BUCKETS, registry=r)
-        self.requests = Counter("shoal_requests", "Requests answered, by route and status code", ["route", "status"], registry=r)
-        self.rejected = Counter("shoal_requests_rejected", "Requests refused with 503 (queue full or draining)", registry=r)
-        self.aborted = Counter("shoal_requests_aborted", "Requests aborted because the client went away", registry=r)
-        self.waiting = Gauge("shoal_server_waiting_sequences", "Interactive sequences admitted, no token yet", registry=r)
-        self.batch_lines = Counter("shoal_batch_lines", "Batch API lines finished, by outcome", ["outcome"], registry=r)
+        self.ttft = Histogram(
+            "shoal_time_to_first_token_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "shoal_inter_token_latency_seconds", "Time between tokens", buckets=_ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "shoal_request_latency_seconds", "Request latency, end to end", buckets=_E2E_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "shoal_requests", "Requests answered, by route and status code", ["route", "status"], registry=r
+        )
+        self.rejected = Counter(
+            "shoal_requests_rejected", "Requests refused with 503 (queue full or draining)", registry=r
+        )
+        self.aborted = Counter(
+            "shoal_requests_aborted", "Requests aborted because the client went away", registry=r
+        )
+        self.waiting = Gauge(
+            "shoal_server_waiting_sequences", "Interactive sequences admitted, no token yet", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -137,7 +137,9 @@ class OpenAIServing:
     def prepare(self, request: GenerationRequest) -> Prepared:
         names = {self.model_name, *self.model_names}
         if request.model is not None and request.model not in names:
-            raise ModelNotFoundError(f"model {request.model!r} does not exist; this server serves {sorted(names)}")
+            raise ModelNotFoundError(
+                f"model {request.model!r} does not exist; this server serves {sorted(names)}"
+            )
         if not 1 <= request.n <= self.max_n:
             raise InvalidRequestError(f"n must be between 1 and {self.max_n}, got {request.n}")
         _unsupported(request.logit_bias, "logit_bias is not supported; remove it")
@@ -145,7 +147,9 @@ class OpenAIServing:
             return self._prepare_chat(request)
         return self._prepare_completion(request)
 
-    def _sampling_params(self, request: GenerationRequest, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self, request: GenerationRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
         return SamplingParams(
             n=request.n,
             max_tokens=max_tokens,
@@ -183,19 +187,27 @@ class OpenAIServing:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequestError("prompt must not be empty")
         params = self._sampling_params(request, request.max_tokens, request.logprobs)
-        echo = [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts] if request.echo else None
+        echo = (
+            [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]
+            if request.echo
+            else None
+        )
         return Prepared(request, prompts, params, echo)
 
     def _prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         _unsupported(request.tools, "tools are not supported; remove them")
         fmt = (request.response_format or {}).get("type", "text")
         _unsupported(fmt != "text", f"response_format {fmt!r} is not supported; only 'text'")
-        _unsupported(request.top_logprobs is not None and not request.logprobs, "top_logprobs needs logprobs: true")
+        _unsupported(
+            request.top_logprobs is not None and not request.logprobs, "top_logprobs needs logprobs: true"
+        )
         messages = request.messages
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         if not conversations or any(not conv for conv in conversations):
             raise InvalidRequestError("messages must not be empty")
-        prompts: list[str | list[int]] = [self._render_chat(conv, request.add_generation_prompt) for conv in conversations]  # type: ignore[arg-type]
+        prompts: list[str | list[int]] = [
+            self._render_chat(conv, request.add_generation_prompt) for conv in conversations
+        ]  # type: ignore[arg-type]
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
         return Prepared(request, prompts, self._sampling_params(request, max_tokens, logprobs))
@@ -206,7 +218,9 @@ class OpenAIServing:
             message = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 kinds = {part.get("type") for part in m.content}
-                _unsupported(kinds - {"text"}, f"only text content parts are supported, got {sorted(map(str, kinds))}")
+                _unsupported(
+                    kinds - {"text"}, f"only text content parts are supported, got {sorted(map(str, kinds))}"
+                )
                 message["content"] = "".join(part.get("text", "") for part in m.content)
             messages.append(message)
         try:
@@ -226,7 +240,9 @@ class OpenAIServing:
 
         async def pump(i: int, prompt: str | list[int]) -> None:
             try:
-                stream = self.engine.generate(prompt, prepared.params, request_id=f"{request_id}-{i}", priority=priority)
+                stream = self.engine.generate(
+                    prompt, prepared.params, request_id=f"{request_id}-{i}", priority=priority
+                )
                 async with aclosing(stream) as outs:
                     async for out in outs:
                         queue.put_nowait((i, out))
@@ -310,7 +326,11 @@ class _Usage:
 
     def usage(self) -> Usage:
         prompt = sum(self.prompt_tokens.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=self.completion_tokens, total_tokens=prompt + self.completion_tokens)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=self.completion_tokens,
+            total_tokens=prompt + self.completion_tokens,
+        )
 
 
 class _Accumulator:
@@ -343,12 +363,18 @@ class _Accumulator:
                 )
                 for k, s in enumerate(self.choices)
             ]
-            return ChatCompletionResponse(id=request_id, model=model, choices=chat_choices, usage=self.usage.usage())
+            return ChatCompletionResponse(
+                id=request_id, model=model, choices=chat_choices, usage=self.usage.usage()
+            )
         choices = []
         for k, s in enumerate(self.choices):
             prefix = p.echo[k // p.params.n] if p.echo else ""
             logprobs = _completion_logprobs(s.token_ids, s.logprobs, p.params.logprobs, 0)
-            choices.append(CompletionChoice(index=k, text=prefix + "".join(s.text), logprobs=logprobs, finish_reason=s.finish_reason))
+            choices.append(
+                CompletionChoice(
+                    index=k, text=prefix + "".join(s.text), logprobs=logprobs, finish_reason=s.finish_reason
+                )
+            )
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage.usage())
 
 
@@ -369,11 +395,15 @@ class _Chunker:
             choices = [c for c in (self._chat_choice(i, o) for o in out.outputs) if c is not None]
             if not choices:
                 return None
-            return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices).model_dump_json()
+            return ChatCompletionChunk(
+                id=self.request_id, created=self.created, model=self.model, choices=choices
+            ).model_dump_json()
         choices = [c for c in (self._completion_choice(i, o) for o in out.outputs) if c is not None]
         if not choices:
             return None
-        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices).model_dump_json()
+        return CompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices
+        ).model_dump_json()
 
     def _state(self, i: int, sample: int, has_news: bool) -> tuple[int, _ChoiceState] | None:
         k = self.prepared.choice_index(i, sample)
@@ -391,7 +421,9 @@ class _Chunker:
         if not state.started and self.prepared.echo:
             text = self.prepared.echo[i] + text
         state.started = True
-        logprobs = _completion_logprobs(o.token_ids, o.logprobs or [], self.prepared.params.logprobs, state.text_offset)
+        logprobs = _completion_logprobs(
+            o.token_ids, o.logprobs or [], self.prepared.params.logprobs, state.text_offset
+        )
         state.text_offset += len(text)
         return CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
 
@@ -407,7 +439,9 @@ class _Chunker:
 
     def usage_chunk(self) -> str:
         cls = ChatCompletionChunk if self.prepared.is_chat else CompletionResponse
-        return cls(id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage.usage()).model_dump_json()
+        return cls(
+            id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage.usage()
+        ).model_dump_json()
 
 
 def _ranked(entry: TokenLogprobs, k: int) -> list[tuple[int, Any]]:
@@ -425,7 +459,9 @@ def _completion_logprobs(
         token = chosen.decoded_token if chosen else ""
         result.tokens.append(token)
         result.token_logprobs.append(chosen.logprob if chosen else None)
-        result.top_logprobs.append({lp.decoded_token: lp.logprob for _, lp in _ranked(entry, k)} if k else None)
+        result.top_logprobs.append(
+            {lp.decoded_token: lp.logprob for _, lp in _ranked(entry, k)} if k else None
+        )
         result.text_offset.append(offset)
         offset += len(token)
     return result
@@ -438,9 +474,14 @@ def _chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], k: int |
     for tid, entry in zip(token_ids, logprobs, strict=False):
         chosen = entry.get(tid)
         token = chosen.decoded_token if chosen else ""
-        top = [TopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=list(lp.decoded_token.encode())) for _, lp in _ranked(entry, k)]
+        top = [
+            TopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=list(lp.decoded_token.encode()))
+            for _, lp in _ranked(entry, k)
+        ]
         logprob = chosen.logprob if chosen else float("-inf")
-        content.append(TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top))
+        content.append(
+            TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=top)
+        )
     return ChatLogprobs(content=content)
 
 

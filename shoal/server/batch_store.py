@@ -1,0 +1,98 @@
+"""Batch API state: file and batch objects in SQLite (WAL), file contents on disk under the data dir."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from shoal.server.protocol import FINAL_STATUSES, Batch, FileObject
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, path TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, status TEXT NOT NULL, data TEXT NOT NULL);
+"""
+
+
+class BatchStore:
+    """Every object is one JSON row; writes are single autocommitted statements."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.data_dir / "shoal.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    def batch_dir(self, batch_id: str) -> Path:
+        return self.data_dir / "batches" / batch_id
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ files
+
+    def put_file(self, file: FileObject, path: Path) -> FileObject:
+        self.db.execute(
+            "INSERT INTO files (id, path, data) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET path = excluded.path, data = excluded.data",
+            (file.id, str(path), file.model_dump_json()),
+        )
+        return file
+
+    def get_file(self, file_id: str) -> tuple[FileObject, Path] | None:
+        row = self.db.execute("SELECT data, path FROM files WHERE id = ?", (file_id,)).fetchone()
+        return (FileObject.model_validate_json(row[0]), Path(row[1])) if row else None
+
+    def list_files(self, purpose: str | None = None, limit: int = 10_000) -> list[FileObject]:
+        rows = self.db.execute("SELECT data FROM files ORDER BY seq DESC").fetchall()
+        files = [FileObject.model_validate_json(r[0]) for r in rows]
+        return [f for f in files if purpose is None or f.purpose == purpose][:limit]
+
+    def delete_file(self, file_id: str) -> bool:
+        found = self.get_file(file_id)
+        if found is None:
+            return False
+        self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        found[1].unlink(missing_ok=True)
+        return True
+
+    # ------------------------------------------------------------ batches
+
+    def put_batch(self, batch: Batch) -> Batch:
+        self.db.execute(
+            "INSERT INTO batches (id, status, data) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
+            (batch.id, batch.status, batch.model_dump_json()),
+        )
+        return batch
+
+    def get_batch(self, batch_id: str) -> Batch | None:
+        row = self.db.execute("SELECT data FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return Batch.model_validate_json(row[0]) if row else None
+
+    def list_batches(self, limit: int = 20, after: str | None = None) -> tuple[list[Batch], bool]:
+        """Newest first; `after` is the id of the last batch of the previous page."""
+        start = (
+            self.db.execute("SELECT seq FROM batches WHERE id = ?", (after,)).fetchone() if after else None
+        )
+        bound = start[0] if start else 1 << 62
+        rows = self.db.execute(
+            "SELECT data FROM batches WHERE seq < ? ORDER BY seq DESC LIMIT ?", (bound, limit + 1)
+        ).fetchall()
+        batches = [Batch.model_validate_json(r[0]) for r in rows]
+        return batches[:limit], len(batches) > limit
+
+    def unfinished_batches(self) -> list[Batch]:
+        """Batches still to work on, oldest first."""
+        marks = ",".join("?" * len(FINAL_STATUSES))
+        rows = self.db.execute(
+            f"SELECT data FROM batches WHERE status NOT IN ({marks}) ORDER BY seq", FINAL_STATUSES
+        ).fetchall()
+        return [Batch.model_validate_json(r[0]) for r in rows]
