@@ -58,7 +58,9 @@ def _parse_lines(lines: Iterable[str]) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ShoalError(f"line {number}: not valid JSON ({e}); use one prompt per line or JSONL") from e
+                raise ShoalError(
+                    f"line {number}: not valid JSON ({e}); use one prompt per line or JSONL"
+                ) from e
             if "prompt" not in record:
                 raise ShoalError(f'line {number}: a JSONL line needs a "prompt" field')
             prompts.append(record["prompt"])
@@ -71,8 +73,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from shoal.llm import LLM
 
     prompts = read_prompts(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+    )
     llm = LLM(args.model, **engine_options_from_args(args))
     start = time.perf_counter()
     if args.chat:
@@ -83,11 +92,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     for prompt, out in zip(prompts, outputs, strict=True):
         if args.jsonl:
-            print(json.dumps({"prompt": prompt, "text": out.outputs[0].text, "finish_reason": out.outputs[0].finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": out.outputs[0].text,
+                        "finish_reason": out.outputs[0].finish_reason,
+                    }
+                )
+            )
         else:
             print(f"### {prompt}\n{out.outputs[0].text.strip()}\n")
-    print(f"{len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s",
-          file=sys.stderr)
+    print(
+        f"{len(prompts)} prompts, {generated} tokens in {elapsed:.2f} s: {generated / elapsed:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -98,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate for prompts from arguments, a file or stdin")
     gen.add_argument("prompts", nargs="*", help="prompts (default: read --file, stdin, or built-in examples)")
     gen.add_argument("--file", "-f", help="one prompt per line, or JSONL with a prompt field")
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                     help="wrap each prompt in the model's chat template (default on; --no-chat for raw completion)")
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wrap each prompt in the model's chat template (default on; --no-chat for raw completion)",
+    )
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     add_engine_arguments(gen)
     add_sampling_arguments(gen)

@@ -31,7 +31,12 @@ def parse_bytes(text: str) -> int:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default=None, help="HF directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="HF directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)",
+    )
     group = parser.add_argument_group("engine options")
     for f in fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -44,4 +49,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options the user set on the command line (unset ones keep EngineConfig's defaults)."""
-    return {f.name: getattr(args, f.name) for f in fields(EngineConfig) if getattr(args, f.name, None) is not None}
+    return {
+        f.name: getattr(args, f.name) for f in fields(EngineConfig) if getattr(args, f.name, None) is not None
+    }

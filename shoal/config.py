@@ -39,10 +39,19 @@ class EngineConfig:
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be at least 1"),
-            (self.block_size >= 1 and self.block_size % 4 == 0, "block_size must be a positive multiple of 4"),
-            (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be positive bytes"),
+            (
+                self.block_size >= 1 and self.block_size % 4 == 0,
+                "block_size must be a positive multiple of 4",
+            ),
+            (
+                self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                "kv_cache_memory must be positive bytes",
+            ),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
-            (self.device in (None, "cpu", "cuda") or str(self.device).startswith("cuda:"), "device must be cpu or cuda"),
+            (
+                self.device in (None, "cpu", "cuda") or str(self.device).startswith("cuda:"),
+                "device must be cpu or cuda",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -49,8 +49,10 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         for p, sp in zip(prompts, params, strict=True):
             self.engine._validate(self.engine.tokenize(p)[1], sp)
-        ids = [self.engine.add_request(p, sp, None, prio, OutputKind.FINAL)
-               for p, sp, prio in zip(prompts, params, priorities, strict=True)]
+        ids = [
+            self.engine.add_request(p, sp, None, prio, OutputKind.FINAL)
+            for p, sp, prio in zip(prompts, params, priorities, strict=True)
+        ]
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -67,7 +69,9 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True
+        )
         start, generated = time.perf_counter(), 0
         try:
             while len(done) < len(request_ids):
@@ -96,7 +100,9 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return prompts
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams()] * count
     if isinstance(params, SamplingParams):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -20,6 +20,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -46,14 +47,26 @@ _VARIANTS: dict[str, dict] = {
     "llama": {"tie_word_embeddings": True},
     "mistral": {"tie_word_embeddings": False, "sliding_window": None},
     "qwen2": {"tie_word_embeddings": False, "use_sliding_window": False},
-    "qwen3": {"tie_word_embeddings": True, "head_dim": 32, "use_sliding_window": False},  # head_dim != 64 / 4
+    # head_dim 128 != 64 / 4 heads, as in real Qwen3 (and the one transformers assumes for a Qwen3 GGUF)
+    "qwen3": {"tie_word_embeddings": True, "head_dim": 128, "use_sliding_window": False},
 }
 
 
-def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2 pre-tokenization) trained on a few sentences, with ChatML special tokens."""
+def make_tiny_tokenizer(qwen: bool = False, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences, with ChatML special tokens.
+
+    GPT-2 pre-tokenization, or Qwen2's (digits split one by one) for `qwen`: transformers' AutoTokenizer
+    imposes Qwen2's on any qwen2/qwen3 model directory, whatever its tokenizer.json says.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -75,7 +88,7 @@ def make_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 
 def make_tiny_hf_model(arch: str, path: str | Path, seed: int = 0, max_shard_size: str | None = None) -> str:
     """Saves a tiny random `arch` model (safetensors) with its tokenizer and chat template into `path`."""
-    tokenizer = make_tiny_tokenizer()
+    tokenizer = make_tiny_tokenizer(qwen=arch.startswith("qwen"))
     config = _CONFIGS[arch](
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -169,7 +182,7 @@ def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
     arch = _GGUF_ARCH[hf["model_type"]]
     writer = gguf.GGUFWriter(str(out_path), arch)
     _write_model_metadata(writer, arch, hf)
-    _write_tokenizer_metadata(writer, PreTrainedTokenizerFast.from_pretrained(hf_dir))
+    _write_tokenizer_metadata(writer, PreTrainedTokenizerFast.from_pretrained(hf_dir), arch)
     target = gguf.GGMLQuantizationType[qtype]
     for name, tensor in hf_state_dict(hf_dir).items():
         data = tensor.numpy()
@@ -205,7 +218,7 @@ def _write_model_metadata(writer, arch: str, hf: dict) -> None:
         writer.add_rope_dimension_count(head_dim)
 
 
-def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast) -> None:
+def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast, arch: str) -> None:
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -213,7 +226,7 @@ def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast) -> Non
     special = {t["content"] for t in state["added_tokens"] if t["special"]}
     tokens = sorted(vocab, key=vocab.get)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(
         [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
@@ -232,7 +245,8 @@ def transformers_gguf_state_dict(gguf_path: str, hf_config: dict) -> dict[str, t
 
     `from_pretrained(dir, gguf_file=...)` insists on `accelerate`, which shoal does not need, so this calls the
     function it uses for llama/qwen2/qwen3 files directly. `hf_config` only names the parameters; the
-    file's own metadata drives dequantization and the Q/K un-permutation.
+    file's own metadata drives dequantization and the Q/K un-permutation. Holds only the file's tensors:
+    no lm_head.weight when the embeddings are tied.
     """
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

@@ -38,7 +38,13 @@ class AsyncLLM:
     KV blocks; the other requests go on untouched.
     """
 
-    def __init__(self, model: str | LoadedModel | None = None, *, engine: LLMEngine | None = None, **engine_options: Any):
+    def __init__(
+        self,
+        model: str | LoadedModel | None = None,
+        *,
+        engine: LLMEngine | None = None,
+        **engine_options: Any,
+    ):
         self.engine = engine or build_engine(model, engine_options)
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model.name

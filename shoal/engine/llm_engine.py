@@ -46,9 +46,15 @@ class LLMEngine:
         self.tokenizer = model.tokenizer
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-        self.runner = ModelRunner(model.module, config.block_size, config.kv_cache_memory, model.device, model.dtype)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.max_model_len = config.max_model_len or min(
+            model.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
+        )
+        self.runner = ModelRunner(
+            model.module, config.block_size, config.kv_cache_memory, model.device, model.dtype
+        )
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self._seq_owner: dict[Sequence, tuple[Request, int]] = {}
@@ -58,8 +64,11 @@ class LLMEngine:
         self.requests_finished_total = 0
         logger.info(
             "KV cache: %.2f GiB, %d blocks of %d tokens (%d tokens) on %s",
-            self.runner.kv_cache_bytes / 2**30, self.runner.num_blocks, config.block_size,
-            self.runner.num_blocks * config.block_size, model.device,
+            self.runner.kv_cache_bytes / 2**30,
+            self.runner.num_blocks,
+            config.block_size,
+            self.runner.num_blocks * config.block_size,
+            model.device,
         )
 
     # -- admission ----------------------------------------------------------------------------------
@@ -86,8 +95,17 @@ class LLMEngine:
         text, ids = self.tokenize(prompt)
         params = self._validate(ids, params)
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(1 << 63)
-        req = Request(request_id, text, ids, params, priority, output_kind, self.tokenizer,
-                      set() if params.ignore_eos else self.model.eos_token_ids, seed)
+        req = Request(
+            request_id,
+            text,
+            ids,
+            params,
+            priority,
+            output_kind,
+            self.tokenizer,
+            set() if params.ignore_eos else self.model.eos_token_ids,
+            seed,
+        )
         seq = Sequence(f"{request_id}#0", list(ids), len(ids), params, priority)
         req.new_sample(0, seq)
         self.requests[request_id] = req
@@ -132,7 +150,12 @@ class LLMEngine:
                 self.scheduler.remove(s.seq)
             self._seq_owner.pop(s.seq, None)
         while len(req.samples) < req.params.n:  # samples never forked still report as aborted
-            ghost = Sequence(f"{request_id}#{len(req.samples)}", list(req.prompt_token_ids), len(req.prompt_token_ids), req.params)
+            ghost = Sequence(
+                f"{request_id}#{len(req.samples)}",
+                list(req.prompt_token_ids),
+                len(req.prompt_token_ids),
+                req.params,
+            )
             ghost.finish_reason = "abort"
             self.scheduler.remove(ghost)
             req.new_sample(len(req.samples), ghost)
@@ -189,8 +212,14 @@ class LLMEngine:
         """Samples 1..n-1 share the prompt's blocks with sample 0 and draw their first token from the same logits."""
         parent = req.samples[0].seq
         for index in range(1, req.params.n):
-            child = Sequence(f"{req.request_id}#{index}", list(parent.token_ids), parent.num_prompt_tokens,
-                             req.params, req.priority, arrival=parent.arrival)
+            child = Sequence(
+                f"{req.request_id}#{index}",
+                list(parent.token_ids),
+                parent.num_prompt_tokens,
+                req.params,
+                req.priority,
+                arrival=parent.arrival,
+            )
             self.block_manager.fork(parent, child)
             self.scheduler.add_running(child)
             req.new_sample(index, child)
@@ -210,5 +239,3 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions,
             num_requests_finished_total=self.requests_finished_total,
         )
-
-

@@ -62,9 +62,17 @@ class Request:
         generator = None
         if not p.greedy:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, index))
-        detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, list(p.stop), p.include_stop_str_in_output)
-        sample = Sample(index, seq, detok, generator, [] if p.logprobs is not None else None,
-                        0.0 if p.logprobs is not None else None)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, p.skip_special_tokens, list(p.stop), p.include_stop_str_in_output
+        )
+        sample = Sample(
+            index,
+            seq,
+            detok,
+            generator,
+            [] if p.logprobs is not None else None,
+            0.0 if p.logprobs is not None else None,
+        )
         self.samples.append(sample)
         return sample
 
@@ -76,8 +84,12 @@ class Request:
         seq = sample.seq
         blocked: list[int] = []
         if seq.num_output_tokens < self.params.min_tokens:
-            blocked = sorted(self.params.stop_token_ids + ([] if self.params.ignore_eos else list(self.eos_token_ids)))
-        return SampleRequest(self.params, sample.generator, self.prompt_token_ids, seq.output_token_ids, blocked)
+            blocked = sorted(
+                self.params.stop_token_ids + ([] if self.params.ignore_eos else list(self.eos_token_ids))
+            )
+        return SampleRequest(
+            self.params, sample.generator, self.prompt_token_ids, seq.output_token_ids, blocked
+        )
 
     def record(self, sample: Sample, result: SampleResult) -> None:
         """Append a sampled token and its logprobs; decide whether the sample is done."""
@@ -102,7 +114,9 @@ class Request:
 
     def _logprob_entry(self, result: SampleResult) -> TokenLogprobs:
         decode = self.tokenizer.decode
-        entry = {tid: Logprob(lp, rank + 1, decode([tid])) for rank, (tid, lp) in enumerate(result.top_logprobs)}
+        entry = {
+            tid: Logprob(lp, rank + 1, decode([tid])) for rank, (tid, lp) in enumerate(result.top_logprobs)
+        }
         if result.token_id not in entry:
             entry[result.token_id] = Logprob(result.logprob, result.rank, decode([result.token_id]))
         return entry
@@ -119,28 +133,51 @@ class Request:
         metrics = {"arrival_time": self.arrival_time}
         if self.first_token_time is not None:
             metrics["first_token_time"] = self.first_token_time
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=first.num_cached_tokens if first else 0, metrics=metrics)
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outputs,
+            finished,
+            num_cached_tokens=first.num_cached_tokens if first else 0,
+            metrics=metrics,
+        )
 
     def _completion(self, s: Sample) -> CompletionOutput | None:
         seq = s.seq
         done = seq.finish_reason is not None
         if done:
             if self.output_kind == OutputKind.FINAL and not self.params.stop:
-                s.detok.text = s.detok.tokenizer.decode(seq.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
+                s.detok.text = s.detok.tokenizer.decode(
+                    seq.output_token_ids, skip_special_tokens=self.params.skip_special_tokens
+                )
                 s.detok.read_offset = seq.num_output_tokens
             else:
-                s.detok.flush(seq.output_token_ids) if seq.stop_reason is None or isinstance(seq.stop_reason, int) else None
+                s.detok.flush(seq.output_token_ids) if seq.stop_reason is None or isinstance(
+                    seq.stop_reason, int
+                ) else None
         text = s.detok.stable_text(done)
         ids = seq.output_token_ids
         if self.output_kind != OutputKind.DELTA:
-            return CompletionOutput(s.index, text, list(ids), s.cumulative_logprob,
-                                    list(s.logprobs) if s.logprobs is not None else None,
-                                    seq.finish_reason, seq.stop_reason)
+            return CompletionOutput(
+                s.index,
+                text,
+                list(ids),
+                s.cumulative_logprob,
+                list(s.logprobs) if s.logprobs is not None else None,
+                seq.finish_reason,
+                seq.stop_reason,
+            )
         if s.reported_finish or (len(ids) == s.sent_tokens and len(text) == s.sent_chars and not done):
             return None
-        out = CompletionOutput(s.index, text[s.sent_chars :], list(ids[s.sent_tokens :]), s.cumulative_logprob,
-                               s.logprobs[s.sent_tokens :] if s.logprobs is not None else None,
-                               seq.finish_reason, seq.stop_reason)
+        out = CompletionOutput(
+            s.index,
+            text[s.sent_chars :],
+            list(ids[s.sent_tokens :]),
+            s.cumulative_logprob,
+            s.logprobs[s.sent_tokens :] if s.logprobs is not None else None,
+            seq.finish_reason,
+            seq.stop_reason,
+        )
         s.sent_tokens, s.sent_chars, s.reported_finish = len(ids), len(text), done
         return out

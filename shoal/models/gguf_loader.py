@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from shoal.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # convert_hf_to_gguf permutes q/k rows for these, to suit llama.cpp's interleaved rotary pairs.
@@ -68,7 +71,9 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
     def required(name: str) -> Any:
         value = field(reader, f"{arch}.{name}")
         if value is None:
-            raise ModelLoadError(f"{path} lacks GGUF metadata key {arch}.{name}; re-convert it with llama.cpp")
+            raise ModelLoadError(
+                f"{path} lacks GGUF metadata key {arch}.{name}; re-convert it with llama.cpp"
+            )
         return value
 
     heads, hidden = required("attention.head_count"), required("embedding_length")
@@ -131,7 +136,9 @@ def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
+def gguf_weights(
+    reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int
+) -> dict[str, torch.Tensor]:
     arch = field(reader, "general.architecture")
     unknown = [t.name for t in reader.tensors if hf_name(t.name) is None]
     if unknown:
@@ -158,7 +165,7 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
     return weights
 
 
-def gguf_tokenizer(reader: GGUFReader, path: Path):
+def gguf_tokenizer(reader: GGUFReader, path: Path) -> PreTrainedTokenizerBase:
     """transformers' tokenizer for the file (same ids as `AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
     from transformers import PreTrainedTokenizerFast
 

@@ -15,7 +15,6 @@ from shoal.errors import ModelLoadError
 from shoal.models.config import ModelConfig
 from shoal.runner.attention import AttentionMetadata, paged_attention
 
-
 # MKL's packed sgemm gives a row the same bits for 4, 8 and any M >= 12 rows (measured); see padded_rows.
 PACK_BATCH_HINT = 64
 
@@ -49,7 +48,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    )
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -178,4 +179,6 @@ class CausalLM(nn.Module):
                 copy(layer.q_norm, p + "self_attn.q_norm.weight")
                 copy(layer.k_norm, p + "self_attn.k_norm.weight")
         if missing:
-            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; is the file complete?")
+            raise ModelLoadError(
+                f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; is the file complete?"
+            )

@@ -42,8 +42,12 @@ class LoadedModel:
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Renders with the model's template; transformers renders it in a sandboxed Jinja environment."""
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelLoadError(f"model {self.name!r} has no chat template; use generate() with plain prompts")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            raise ModelLoadError(
+                f"model {self.name!r} has no chat template; use generate() with plain prompts"
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def create_context(self, **options: Any):
         from shoal.sessions import Context

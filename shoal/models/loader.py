@@ -59,7 +59,9 @@ def load_checkpoint(path: str | None = None) -> Checkpoint:
     source = resolve_path(path)
     if source.is_file():
         if source.suffix != ".gguf":
-            raise ModelLoadError(f"{source} is not a .gguf file; pass a .gguf file or a Hugging Face model directory")
+            raise ModelLoadError(
+                f"{source} is not a .gguf file; pass a .gguf file or a Hugging Face model directory"
+            )
         return load_gguf(source)
     if (source / "config.json").is_file() and any(source.glob("*.safetensors")):
         return load_hf_dir(source)
@@ -154,7 +156,9 @@ def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise ModelLoadError(f"{path} is listed in the checkpoint's index but missing; download the model again")
+        raise ModelLoadError(
+            f"{path} is listed in the checkpoint's index but missing; download the model again"
+        )
     try:
         return load_file(path)
     except Exception as e:
@@ -211,7 +215,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "post_attention_layernorm.weight": (h,),
     }
     if config.attention_bias:
-        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+        layer |= {
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+        }
     if config.attention_bias and config.architecture == "LlamaForCausalLM":
         layer["self_attn.o_proj.bias"] = (h,)  # Llama's attention_bias covers o_proj too; Qwen2's does not
     if config.qk_norm:
@@ -221,7 +229,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checked_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+def checked_weights(
+    config: ModelConfig, weights: dict[str, torch.Tensor], source: Path
+) -> dict[str, torch.Tensor]:
     """The model's parameters, float32 and contiguous; raises if any is missing or misshapen."""
     shapes = expected_shapes(config)
     missing = [name for name in shapes if name not in weights]
@@ -230,7 +240,11 @@ def checked_weights(config: ModelConfig, weights: dict[str, torch.Tensor], sourc
             f"{source} lacks {len(missing)} tensors its config calls for (e.g. {', '.join(missing[:3])}); "
             "the checkpoint is incomplete or does not match its config"
         )
-    wrong = [f"{n} {tuple(weights[n].shape)} != {s}" for n, s in shapes.items() if tuple(weights[n].shape) != s]
+    wrong = [
+        f"{n} {tuple(weights[n].shape)} != {s}" for n, s in shapes.items() if tuple(weights[n].shape) != s
+    ]
     if wrong:
-        raise ModelLoadError(f"{source} has tensors of the wrong shape for its config: {'; '.join(wrong[:3])}")
+        raise ModelLoadError(
+            f"{source} has tensors of the wrong shape for its config: {'; '.join(wrong[:3])}"
+        )
     return {name: weights[name].to(torch.float32).contiguous() for name in shapes}

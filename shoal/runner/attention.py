@@ -34,7 +34,9 @@ class AttentionMetadata:
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
     """k_cache, v_cache: [num_blocks, Hkv, B, D]; k, v: [T, Hkv, D]."""
     block_size = k_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size

@@ -42,7 +42,14 @@ class StepBatch:
 class ModelRunner:
     """Owns the KV pool: per layer (k, v) of [num_blocks + 1, Hkv, B, D]; the last block is scratch for padding."""
 
-    def __init__(self, model: CausalLM, block_size: int, kv_cache_memory: int | None, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: CausalLM,
+        block_size: int,
+        kv_cache_memory: int | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
@@ -118,7 +125,9 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
+    def run(
+        self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, list[int]]:
         """One forward pass. Returns logits [R, vocab] (float32, CPU) for the rows in logit_rows order,
         and the indexes into `scheduled` that those rows belong to."""
         self.copy_blocks(copies)

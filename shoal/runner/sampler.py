@@ -29,7 +29,9 @@ class SampleResult:
 def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     p = req.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), dtype=torch.long, device=logits.device)
+        seen = torch.tensor(
+            sorted(set(req.prompt_ids) | set(req.output_ids)), dtype=torch.long, device=logits.device
+        )
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and req.output_ids:
@@ -76,14 +78,23 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> SampleResult:
 
 def _needs_penalties(req: SampleRequest) -> bool:
     p = req.params
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty) or bool(req.block_eos)
+    return (
+        p.repetition_penalty != 1.0
+        or bool(p.presence_penalty)
+        or bool(p.frequency_penalty)
+        or bool(req.block_eos)
+    )
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[SampleResult]:
     """logits: [R, vocab]; one request per row. Greedy rows without extras take a batched argmax."""
     logits = logits.float()
     results: list[SampleResult | None] = [None] * len(requests)
-    plain = [i for i, r in enumerate(requests) if r.params.greedy and not _needs_penalties(r) and r.params.logprobs is None]
+    plain = [
+        i
+        for i, r in enumerate(requests)
+        if r.params.greedy and not _needs_penalties(r) and r.params.logprobs is None
+    ]
     if plain:
         tokens = torch.argmax(logits[plain], dim=-1).tolist()
         for i, t in zip(plain, tokens, strict=True):

@@ -41,16 +41,28 @@ def register(subparsers: Any) -> None:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="(default 8000)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("SHOAL_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1",
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $SHOAL_API_KEY)",
     )
-    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 503")
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests waiting for a first token before answering 503 (default 256)",
+    )
     parser.add_argument("--max-n", type=int, default=16, help="largest n (samples per prompt) accepted")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="Batch API files and state")
-    parser.add_argument("--batch-concurrency", type=int, default=32, help="batch lines in flight")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"Batch API files and state (default {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--batch-concurrency", type=int, default=32, help="Batch API lines in flight (default 32)"
+    )
     parser.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
     )

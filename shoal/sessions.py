@@ -1,0 +1,282 @@
+"""Contexts, their sequences, and chat sessions on them (as node-llama-cpp users know them).
+
+A Context owns one AsyncLLM (its own KV pool) over a shared LoadedModel and hands out N sequences.
+A ContextSequence keeps the exact token ids of its conversation; each new turn sends the history plus
+the new tokens, and the engine's prefix cache finds the history's full KV blocks, so only the new tokens
+(plus the history's last partial block) are computed. Sessions prompted together share engine steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from shoal.engine.async_llm import AsyncLLM
+from shoal.errors import InvalidRequestError, ShoalError
+from shoal.executor import DisposedError
+from shoal.models.loaded import LoadedModel
+from shoal.sampling_params import SamplingParams
+
+T = TypeVar("T")
+TokenCallback = Callable[[str], Awaitable[None] | None]
+CLOSE_TIMEOUT_S = 10.0
+
+
+class NoSequenceAvailableError(ShoalError):
+    """Every sequence of a context is taken."""
+
+
+class _LoopThread:
+    """A private event loop on a daemon thread, for the synchronous API."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="shoal-sync-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: the coroutine is cancelled, its request aborted
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@dataclass
+class Turn:
+    """What one evaluation produced, and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int  # history + new tokens sent
+    num_cached_tokens: int  # of those, found in the KV cache (not recomputed)
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        return self.num_prompt_tokens - self.num_cached_tokens
+
+
+class Context:
+    """Context(model, sequences=1, batch_size=512, **engine options such as kv_cache_memory).
+
+    model: a LoadedModel (contexts of one LoadedModel share its weights, each has its own KV pool), a path,
+    or None for the default model. `sequences` is how many sequences may generate at once (max_num_seqs);
+    batch_size is the most tokens per forward pass (max_num_batched_tokens).
+    """
+
+    def __init__(
+        self, model: LoadedModel | str | None = None, sequences: int = 1, batch_size: int = 512, **engine_options: Any
+    ):
+        if sequences < 1:
+            raise InvalidRequestError(f"a context needs at least 1 sequence, got {sequences}")
+        self.engine = AsyncLLM(model, max_num_seqs=sequences, max_num_batched_tokens=batch_size, **engine_options)
+        self.model: LoadedModel = self.engine.engine.model
+        self.tokenizer = self.model.tokenizer
+        self.num_sequences = sequences
+        self.block_size = self.engine.engine.config.block_size
+        self._free = list(range(sequences))
+        self._active: set[str] = set()  # request ids being generated
+        self._sync: _LoopThread | None = None
+        self._sync_lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def sequences_left(self) -> int:
+        return len(self._free)
+
+    def get_sequence(self) -> ContextSequence:
+        """One of the context's sequences; give it back with seq.dispose()."""
+        self._check_open()
+        if not self._free:
+            raise NoSequenceAvailableError(
+                f"all {self.num_sequences} sequences of this context are in use: dispose one "
+                f"(seq.dispose()) or create the context with more (create_context(sequences=...))"
+            )
+        return ContextSequence(self, self._free.pop(0))
+
+    def _give_back(self, index: int) -> None:
+        self._free.append(index)
+        self._free.sort()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise DisposedError("this context was closed")
+
+    def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the context's private event loop thread and wait for it (the sync API)."""
+        with self._sync_lock:
+            if self._sync is None:
+                self._sync = _LoopThread()
+        return self._sync.run(coro)
+
+    async def aclose(self) -> None:
+        """Abort what is still generating, then stop the engine loop."""
+        if self.closed:
+            return
+        self.closed = True
+        for request_id in list(self._active):
+            await self.engine.abort(request_id)
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await self.engine.shutdown()
+
+    def close(self) -> None:
+        """The synchronous aclose(); also stops the private loop thread of the sync API."""
+        if not self.closed:
+            self.run_sync(self.aclose())
+        with self._sync_lock:
+            if self._sync is not None:
+                self._sync.stop()
+                self._sync = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Context:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+_request_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class ContextSequence:
+    """One conversation slot of a context. token_ids is the conversation so far, whose KV the engine keeps."""
+
+    context: Context
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    disposed: bool = False
+    busy: bool = False
+
+    def _check(self) -> None:
+        if self.disposed:
+            raise DisposedError(f"sequence {self.index} was disposed; get another with context.get_sequence()")
+        self.context._check_open()
+
+    def clear_history(self) -> None:
+        self._check()
+        self.token_ids = []
+
+    async def evaluate(
+        self, tokens: list[int], params: SamplingParams, on_token: TokenCallback | None = None
+    ) -> Turn:
+        """Append `tokens` to the conversation, generate a reply, and keep it in the history.
+
+        on_token receives each text delta as it is made (a function or a coroutine function). If the call
+        is cancelled or fails, the history stays as it was.
+        """
+        self._check()
+        if self.busy:
+            raise ShoalError(f"sequence {self.index} is already generating; await that first or use another sequence")
+        self.busy = True
+        prompt = self.token_ids + list(tokens)
+        request_id = f"seq{self.index}-{next(_request_ids)}-{uuid.uuid4().hex[:8]}"
+        self.context._active.add(request_id)
+        parts: list[str] = []
+        output_ids: list[int] = []
+        finish, cached = None, 0
+        try:
+            async for out in self.context.engine.generate(prompt, params, request_id):
+                completion = out.outputs[0]
+                cached, finish = out.num_cached_tokens, completion.finish_reason
+                output_ids += completion.token_ids
+                if completion.text:
+                    parts.append(completion.text)
+                    if on_token is not None and inspect.isawaitable(result := on_token(completion.text)):
+                        await result
+        finally:
+            self.busy = False
+            self.context._active.discard(request_id)
+        if finish == "abort":
+            raise ShoalError(f"generation on sequence {self.index} was aborted")
+        self.token_ids = prompt + output_ids
+        return Turn("".join(parts), output_ids, finish, len(prompt), cached)
+
+    def dispose(self) -> None:
+        """Give the sequence back to its context. Idempotent."""
+        if self.disposed:
+            return
+        if self.busy:
+            raise ShoalError(f"sequence {self.index} is generating; cancel or await it before disposing")
+        self.disposed = True
+        self.token_ids = []
+        self.context._give_back(self.index)
+
+
+class ChatSession:
+    """A chat on one context sequence: keeps the messages, applies the model's chat template, and sends
+    only the new turn's tokens after the kept history (so the history's KV is reused)."""
+
+    def __init__(self, sequence: ContextSequence, system_prompt: str | None = None):
+        sequence._check()
+        self.sequence = sequence
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        self.last_turn: Turn | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.sequence.context.model
+
+    async def prompt(
+        self,
+        text: str,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        on_token: TokenCallback | None = None,
+        **sampling: Any,
+    ) -> str:
+        """Ask `text` as the user; returns the answer. Greedy by default; max_tokens None runs to the end of
+        the turn (or the context); other SamplingParams fields (top_p, top_k, seed, stop, ...) as keywords."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
+        messages = [*self.messages, {"role": "user", "content": text}]
+        tokens = self._new_tokens(messages)
+        turn = await self.sequence.evaluate(tokens, params, on_token)
+        self.messages = [*messages, {"role": "assistant", "content": turn.text}]
+        self.last_turn = turn
+        return turn.text
+
+    def prompt_sync(self, text: str, **options: Any) -> str:
+        """prompt() for scripts without asyncio (runs on the context's private loop thread)."""
+        return self.sequence.context.run_sync(self.prompt(text, **options))
+
+    def _new_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Tokens of the rendered conversation after the kept history; the whole of it if the history
+        does not render the same (then the sequence's history starts over)."""
+        tokenizer = self.model.tokenizer
+        rendered = self.model.apply_chat_template(messages, add_generation_prompt=True)
+        kept = self.sequence.token_ids
+        if kept:
+            history = tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if rendered.startswith(history):
+                return tokenizer.encode(rendered[len(history) :], add_special_tokens=False)
+            self.sequence.clear_history()
+        bos = tokenizer.bos_token
+        return tokenizer.encode(rendered, add_special_tokens=not (bos and rendered.startswith(bos)))
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.sequence.clear_history()
+        self.last_turn = None

