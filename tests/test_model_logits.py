@@ -16,9 +16,13 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 TOL = 1e-4  # fp32: observed differences are ~1e-5 on logits of magnitude ~5
 
 
-def shoal_logits(model: shoal.LoadedModel, ids: list[int], chunks: list[int]) -> torch.Tensor:
+def shoal_logits(
+    model: shoal.LoadedModel, ids: list[int], chunks: list[int], c_kernel: bool = True
+) -> torch.Tensor:
     """Logits of every position, computed in the given chunks (the rest one token at a time, as decode)."""
     runner = ModelRunner(model.module, 16, 8 << 20, model.device, model.dtype)
+    if not c_kernel:
+        runner.kernel = None  # the torch attention, as on CUDA or without a C compiler
     bm = BlockManager(runner.num_blocks, 16)
     seq = Sequence("s", ids, len(ids), shoal.SamplingParams())
     sizes = chunks + [1] * (len(ids) - sum(chunks))
@@ -43,12 +47,13 @@ def prompt_ids(model: shoal.LoadedModel) -> list[int]:
     return (ids * 3)[:40]
 
 
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_safetensors_logits_match_transformers_prefill_and_paged_decode(tiny_dirs, arch):
+def test_safetensors_logits_match_transformers_prefill_and_paged_decode(tiny_dirs, arch, c_kernel):
     model = shoal.load_model(tiny_dirs[arch])
     ids = prompt_ids(model)
     ref = reference_logits(AutoModelForCausalLM.from_pretrained(tiny_dirs[arch]).eval(), ids)
-    ours = shoal_logits(model, ids, chunks=[17, 9])  # two prefill chunks, then 14 decode steps
+    ours = shoal_logits(model, ids, chunks=[17, 9], c_kernel=c_kernel)  # two prefill chunks, then 14 decodes
     assert ref.abs().max() > 1.0  # a model with real signal, not all-zero logits
     assert (ours - ref).abs().max().item() < TOL
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
@@ -66,3 +71,12 @@ def test_gguf_logits_match_transformers_reading_the_same_gguf(tiny_dirs, tmp_pat
     # and the GGUF holds the same model as the safetensors directory (Q/K permutation undone)
     from_st = shoal_logits(shoal.load_model(tiny_dirs[arch]), ids, chunks=[40 - 8])
     assert (ours - from_st).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
+def test_a_row_is_bit_identical_however_the_prompt_is_chunked(tiny_dirs, c_kernel):
+    model = shoal.load_model(tiny_dirs["qwen2"])
+    ids = prompt_ids(model)
+    whole = shoal_logits(model, ids, chunks=[40], c_kernel=c_kernel)
+    for chunks in ([1, 39], [16, 16, 8], [5], [33, 7]):
+        assert torch.equal(shoal_logits(model, ids, chunks=chunks, c_kernel=c_kernel), whole), chunks

@@ -10,9 +10,12 @@ recompute after preemption and prefix-cache hits all give bit-identical rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from shoal.runner.cpu_kernels import paged_attention_c
 
 MIN_GEMM_ROWS = 4
 
@@ -22,16 +25,22 @@ class AttentionMetadata:
     """Where each scheduled token's K/V goes, and which keys each query row sees.
 
     slot_mapping: [T] flat slot (block * block_size + offset) per token row; padding rows use the scratch block.
+    With the C kernel (CPU, float32), row_table_offset / tables / row_positions describe every row instead.
     decode_rows: [R] rows that are a sequence's only new token; decode_tables [R, nb] their block tables
         (padded with the scratch block) and decode_positions [R].
     prefills: per sequence with several new tokens: (first row, row count, block table [nb], positions [n]).
     """
 
     slot_mapping: torch.Tensor
-    decode_rows: torch.Tensor | None
-    decode_tables: torch.Tensor | None
-    decode_positions: torch.Tensor | None
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    decode_rows: torch.Tensor | None = None
+    decode_tables: torch.Tensor | None = None
+    decode_positions: torch.Tensor | None = None
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # The C kernel's form (CPU, float32): per row, where its block table starts in `tables`, and its position.
+    kernel: Any = None
+    row_table_offset: torch.Tensor | None = None
+    tables: torch.Tensor | None = None
+    row_positions: torch.Tensor | None = None
 
 
 def write_kv(
@@ -95,6 +104,17 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]. Writes k, v into the cache, returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    if meta.kernel is not None:
+        return paged_attention_c(
+            meta.kernel,
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            meta.row_table_offset,
+            meta.tables,
+            meta.row_positions,
+            scale,
+        )
     t, h, d = q.shape
     hkv = k.shape[1]
     q = q.view(t, hkv, h // hkv, d)

@@ -9,6 +9,7 @@ import torch
 from shoal.core.sequence import Sequence
 from shoal.models.llama import CausalLM, padded_rows
 from shoal.runner.attention import AttentionMetadata
+from shoal.runner.cpu_kernels import load_kernel
 
 DEFAULT_CPU_KV_SHARE = 0.25
 DEFAULT_CPU_KV_CAP = 4 << 30
@@ -63,6 +64,7 @@ class ModelRunner:
                 f"{per_block} bytes); raise kv_cache_memory"
             )
         self.kv_cache_bytes = self.num_blocks * per_block
+        self.kernel = load_kernel() if device.type == "cpu" and dtype == torch.float32 else None
         self.scratch_block = self.num_blocks
         shape = (self.num_blocks + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.kv_caches = [
@@ -84,38 +86,62 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_rows, decode_tables, decode_positions = [], [], []
-        prefills = []
         logit_rows = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            row = len(ids)
             span = range(start, start + n)
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
-            table = seq.block_table[: (start + n - 1) // bs + 1]
+            if start + n == seq.num_tokens:
+                logit_rows.append(len(ids) - 1)
+        num_rows = len(ids)
+        pad = padded_rows(num_rows) - num_rows
+        meta_builder = self._kernel_meta if self.kernel is not None else self._torch_meta
+        meta = meta_builder(scheduled, num_rows + pad)
+        meta.slot_mapping = self._tensor(slots + [self.scratch_block * bs] * pad)
+        ids += [0] * pad
+        positions += [0] * pad
+        return StepBatch(self._tensor(ids), self._tensor(positions), meta, logit_rows, num_rows)
+
+    def _kernel_meta(self, scheduled: list[tuple[Sequence, int]], total_rows: int) -> AttentionMetadata:
+        tables: list[int] = []
+        offsets: list[int] = []
+        positions: list[int] = []
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            offsets.extend([len(tables)] * n)
+            positions.extend(range(start, start + n))
+            tables.extend(seq.block_table[: (start + n - 1) // self.block_size + 1])
+        pad = total_rows - len(positions)
+        return AttentionMetadata(
+            slot_mapping=None,
+            kernel=self.kernel,
+            row_table_offset=self._tensor(offsets + [0] * pad),
+            tables=self._tensor(tables or [self.scratch_block]),
+            row_positions=self._tensor(positions + [-1] * pad),
+        )
+
+    def _torch_meta(self, scheduled: list[tuple[Sequence, int]], total_rows: int) -> AttentionMetadata:
+        decode_rows, decode_tables, decode_positions, prefills = [], [], [], []
+        row = 0
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            table = seq.block_table[: (start + n - 1) // self.block_size + 1]
             if n == 1:
                 decode_rows.append(row)
                 decode_tables.append(table)
                 decode_positions.append(start)
             else:
-                prefills.append((row, n, self._tensor(table), self._tensor(list(span))))
-            if start + n == seq.num_tokens:
-                logit_rows.append(row + n - 1)
-        num_rows = len(ids)
-        pad = padded_rows(num_rows) - num_rows
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [self.scratch_block * bs] * pad
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
+                prefills.append((row, n, self._tensor(table), self._tensor(list(range(start, start + n)))))
+            row += n
+        return AttentionMetadata(
+            slot_mapping=None,
             decode_rows=self._tensor(decode_rows) if decode_rows else None,
             decode_tables=self._pad_tables(decode_tables) if decode_rows else None,
             decode_positions=self._tensor(decode_positions) if decode_rows else None,
             prefills=prefills,
         )
-        return StepBatch(self._tensor(ids), self._tensor(positions), meta, logit_rows, num_rows)
 
     def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
         width = max(len(t) for t in tables)
