@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from shoal.cli_args import add_engine_arguments, engine_options_from_args
 from shoal.errors import ShoalError
 from shoal.sampling_params import SamplingParams
+from shoal.server.cli import register as register_server_commands
 
 EXAMPLE_PROMPTS = [
     "What is the capital of France?",
@@ -127,12 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(gen)
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
-    try:
-        from shoal.server.cli import register
-    except ImportError:
-        register = None
-    if register is not None:
-        register(sub)
+    register_server_commands(sub)
     return parser
 
 

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 import shoal
 from shoal.core.block_manager import BlockManager
 from shoal.core.sequence import Sequence
-from shoal.models.llama import padded_rows
 from shoal.runner.model_runner import ModelRunner
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -34,7 +33,9 @@ def shoal_logits(
             batch = runner.build([(seq, n)])
             hidden = model.module(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
             real = hidden[: batch.num_rows]
-            padded = torch.cat([real, real.new_zeros(padded_rows(len(real)) - len(real), real.shape[1])])
+            padded = torch.cat(
+                [real, real.new_zeros(model.module.rows_for(len(real)) - len(real), real.shape[1])]
+            )
             rows.append(model.module.compute_logits(padded)[: batch.num_rows])  # padded as the runner does
             seq.num_computed_tokens += n
     return torch.cat(rows).float()

@@ -14,32 +14,37 @@ from torch import nn
 from shoal.errors import ModelLoadError
 from shoal.models.config import ModelConfig
 from shoal.runner.attention import AttentionMetadata, paged_attention
+from shoal.runner.cpu_kernels import gemm, load_kernel, pack_weight
 
-# MKL's packed sgemm gives a row the same bits for 4, 8 and any M >= 12 rows (measured); see padded_rows.
-PACK_BATCH_HINT = 64
+MKL_PACK_HINT = 64
 
 
-def padded_rows(n: int) -> int:
-    """Rows to run a GEMM with so each row's result does not depend on how many rows there are."""
+def mkl_rows(n: int) -> int:
+    """Rows to run MKL's packed sgemm with so a row's bits do not depend on the row count (4, 8 or >= 12, measured)."""
     return n if n >= 12 else -(-n // 4) * 4
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, on CPU with MKL, runs on a prepacked weight: 3-10x faster than F.linear for small M."""
+    """nn.Linear with CPU fast paths on prepacked weights, chosen once by CausalLM.prepare():
+    shoal's C GEMM (batch-invariant for any row count), else MKL's packed sgemm (invariant for padded row
+    counts, see mkl_rows), else F.linear (CUDA)."""
 
     packed: torch.Tensor | None = None
+    kernel = None
 
-    def pack(self) -> None:
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_BATCH_HINT)
+    def pack(self, kernel) -> None:
+        weight = self.weight.detach()
+        if kernel is not None:
+            self.kernel, self.packed = kernel, pack_weight(kernel, weight)
+        else:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACK_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, PACK_BATCH_HINT)
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+        if self.kernel is not None:
+            return gemm(self.kernel, x, self.packed, self.out_features, self.bias)
+        if self.packed is not None:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, MKL_PACK_HINT)
+        return F.linear(x, self.weight, self.bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,10 +144,20 @@ class CausalLM(nn.Module):
         """After the weights are on their device: prepack CPU GEMM weights."""
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if all(can_pack(m.weight) for m in linears):
-            for m in linears:
-                m.pack()
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return
+        kernel = load_kernel()
+        if kernel is None and not torch.backends.mkl.is_available():
+            return
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack(kernel)
+
+    def rows_for(self, n: int) -> int:
+        """Rows to run n token rows with: padding only where the GEMM needs it for batch invariance."""
+        uses_mkl = self.lm_head.kernel is None and self.lm_head.packed is not None
+        return mkl_rows(n) if uses_mkl else max(n, 1)
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:

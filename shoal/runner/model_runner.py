@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from shoal.core.sequence import Sequence
-from shoal.models.llama import CausalLM, padded_rows
+from shoal.models.llama import CausalLM
 from shoal.runner.attention import AttentionMetadata
 from shoal.runner.cpu_kernels import load_kernel
 
@@ -96,7 +96,7 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 logit_rows.append(len(ids) - 1)
         num_rows = len(ids)
-        pad = padded_rows(num_rows) - num_rows
+        pad = self.model.rows_for(num_rows) - num_rows
         meta_builder = self._kernel_meta if self.kernel is not None else self._torch_meta
         meta = meta_builder(scheduled, num_rows + pad)
         meta.slot_mapping = self._tensor(slots + [self.scratch_block * bs] * pad)
@@ -160,7 +160,7 @@ class ModelRunner:
         batch = self.build(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         rows = hidden[batch.logit_rows]
-        pad = padded_rows(rows.shape[0]) - rows.shape[0]
+        pad = self.model.rows_for(rows.shape[0]) - rows.shape[0]
         if pad > 0:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
         logits = self.model.compute_logits(rows)[: len(batch.logit_rows)]
