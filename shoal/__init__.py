@@ -1,14 +1,27 @@
 """shoal: a batched LLM inference engine."""
 
+from shoal.batch_generation import BatchedGeneration, generate_batch
 from shoal.config import EngineConfig
 from shoal.engine.async_llm import AsyncLLM
 from shoal.errors import InvalidRequestError, ModelLoadError, ShoalError
+from shoal.executor import BatchedExecutor, Conversation, DecodeResult, DisposedError
 from shoal.llm import LLM
 from shoal.models.loaded import LoadedModel, load_model
 from shoal.outputs import CompletionOutput, Logprob, RequestOutput
 from shoal.sampling_params import SamplingParams
+from shoal.sessions import ChatSession, Context, ContextSequence, NoSequenceAvailableError
 
 __all__ = [
+    "BatchedExecutor",
+    "BatchedGeneration",
+    "ChatSession",
+    "Context",
+    "ContextSequence",
+    "Conversation",
+    "DecodeResult",
+    "DisposedError",
+    "NoSequenceAvailableError",
+    "generate_batch",
     "LLM",
     "AsyncLLM",
     "CompletionOutput",

@@ -70,7 +70,9 @@ class BatchedGeneration:
         engine_options: dict[str, Any] | None = None,
         **sampling: Any,
     ):
-        self.engine: LLMEngine = llm.engine if isinstance(llm, LLM) else build_engine(llm, engine_options or {})
+        self.engine: LLMEngine = (
+            llm.engine if isinstance(llm, LLM) else build_engine(llm, engine_options or {})
+        )
         self.tokenizer = self.engine.tokenizer
         count = len(prompts)
         params = batch_params(count, max_tokens, temperature, top_p, seed, **sampling)
@@ -96,7 +98,9 @@ class BatchedGeneration:
         """One token per active sequence (None for inactive ones). Runs engine steps until each active
         sequence has its next token: one step, or a few while long prompts are prefilled in chunks."""
         self._abort_cleared()
-        while any(self._waiting(i) for i in range(len(self.active))) and self.engine.has_unfinished_requests():
+        while (
+            any(self._waiting(i) for i in range(len(self.active))) and self.engine.has_unfinished_requests()
+        ):
             for out in self.engine.step():
                 self._collect(out)
         results: list[StepToken | None] = []

@@ -115,14 +115,12 @@ class Conversation:
         """
         self._check()
         if self.logits is None:
-            raise ShoalError(
-                f"conversation {self.seq.seq_id} has no logits to sample: "
-                + (
-                    "call executor.infer() first"
-                    if self.requires_inference
-                    else "prompt it, then call executor.infer()"
-                )
+            hint = (
+                "call executor.infer() first"
+                if self.requires_inference
+                else "prompt it, then call executor.infer()"
             )
+            raise ShoalError(f"conversation {self.seq.seq_id} has no logits to sample: {hint}")
         if self.token_count >= self.executor.max_model_len:
             raise InvalidRequestError(
                 f"the conversation is at max_model_len ({self.executor.max_model_len}) tokens"

@@ -69,6 +69,7 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
+        mine = set(request_ids)
         bar = tqdm(
             total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True
         )
@@ -76,7 +77,7 @@ class LLM:
         try:
             while len(done) < len(request_ids):
                 for out in self.engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in mine:
                         done[out.request_id] = out
                         generated += sum(len(c.token_ids) for c in out.outputs)
                         bar.update(1)

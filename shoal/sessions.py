@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import threading
 import time
 import uuid
@@ -79,11 +78,17 @@ class Context:
     """
 
     def __init__(
-        self, model: LoadedModel | str | None = None, sequences: int = 1, batch_size: int = 512, **engine_options: Any
+        self,
+        model: LoadedModel | str | None = None,
+        sequences: int = 1,
+        batch_size: int = 512,
+        **engine_options: Any,
     ):
         if sequences < 1:
             raise InvalidRequestError(f"a context needs at least 1 sequence, got {sequences}")
-        self.engine = AsyncLLM(model, max_num_seqs=sequences, max_num_batched_tokens=batch_size, **engine_options)
+        self.engine = AsyncLLM(
+            model, max_num_seqs=sequences, max_num_batched_tokens=batch_size, **engine_options
+        )
         self.model: LoadedModel = self.engine.engine.model
         self.tokenizer = self.model.tokenizer
         self.num_sequences = sequences
@@ -157,9 +162,6 @@ class Context:
         await self.aclose()
 
 
-_request_ids = itertools.count()
-
-
 @dataclass(eq=False)
 class ContextSequence:
     """One conversation slot of a context. token_ids is the conversation so far, whose KV the engine keeps."""
@@ -172,7 +174,9 @@ class ContextSequence:
 
     def _check(self) -> None:
         if self.disposed:
-            raise DisposedError(f"sequence {self.index} was disposed; get another with context.get_sequence()")
+            raise DisposedError(
+                f"sequence {self.index} was disposed; get another with context.get_sequence()"
+            )
         self.context._check_open()
 
     def clear_history(self) -> None:
@@ -189,10 +193,12 @@ class ContextSequence:
         """
         self._check()
         if self.busy:
-            raise ShoalError(f"sequence {self.index} is already generating; await that first or use another sequence")
+            raise ShoalError(
+                f"sequence {self.index} is already generating; await that first or use another sequence"
+            )
         self.busy = True
         prompt = self.token_ids + list(tokens)
-        request_id = f"seq{self.index}-{next(_request_ids)}-{uuid.uuid4().hex[:8]}"
+        request_id = f"seq{self.index}-{uuid.uuid4().hex}"
         self.context._active.add(request_id)
         parts: list[str] = []
         output_ids: list[int] = []
@@ -232,7 +238,9 @@ class ChatSession:
     def __init__(self, sequence: ContextSequence, system_prompt: str | None = None):
         sequence._check()
         self.sequence = sequence
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        self.messages: list[dict[str, str]] = (
+            [{"role": "system", "content": system_prompt}] if system_prompt else []
+        )
         self.last_turn: Turn | None = None
 
     @property

@@ -39,7 +39,9 @@ def tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 400) for _ in range(n)]
 
 
-async def collect(engine: shoal.AsyncLLM, prompt, params, request_id=None, on_output=None) -> list[shoal.RequestOutput]:
+async def collect(
+    engine: shoal.AsyncLLM, prompt, params, request_id=None, on_output=None
+) -> list[shoal.RequestOutput]:
     outs = []
     async for out in engine.generate(prompt, params, request_id):
         outs.append(out)
@@ -68,7 +70,9 @@ def test_deltas_join_to_the_final_text(model, llm):
     async def main():
         engine = shoal.AsyncLLM(model, **OPTIONS)
         try:
-            return await asyncio.gather(*(collect(engine, p, sp) for p, sp in zip(prompts, params, strict=True)))
+            return await asyncio.gather(
+                *(collect(engine, p, sp) for p, sp in zip(prompts, params, strict=True))
+            )
         finally:
             await engine.shutdown()
 
@@ -103,7 +107,10 @@ def test_cancelling_one_of_eight_frees_its_blocks_at_once(model, llm):
 
             return on_output
 
-        tasks = [asyncio.create_task(collect(engine, p, sp, on_output=count(i))) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        tasks = [
+            asyncio.create_task(collect(engine, p, sp, on_output=count(i)))
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
         await started.wait()
         before = engine.stats()
         tasks[victim].cancel()
@@ -133,7 +140,9 @@ def test_abort_by_request_id(model, llm):
     async def main():
         engine = shoal.AsyncLLM(model, **OPTIONS)
         first = asyncio.Event()
-        task = asyncio.create_task(collect(engine, prompts[0], params, "victim", on_output=lambda _: first.set()))
+        task = asyncio.create_task(
+            collect(engine, prompts[0], params, "victim", on_output=lambda _: first.set())
+        )
         other = asyncio.create_task(collect(engine, prompts[1], params, "other"))
         await first.wait()
         await engine.abort("victim")
@@ -181,4 +190,25 @@ def test_clean_shutdown(model):
     engine, outs = asyncio.run(main())
     assert outs[-1].finished
     assert not engine._thread.is_alive()
-    assert engine.stats().num_running == 0 and engine.stats().num_free_blocks == engine.stats().num_total_blocks
+    assert (
+        engine.stats().num_running == 0 and engine.stats().num_free_blocks == engine.stats().num_total_blocks
+    )
+
+
+def test_shutdown_ends_waiting_streams_and_later_calls_fail_clearly(model):
+    from shoal.errors import EngineDeadError
+
+    async def main():
+        engine = shoal.AsyncLLM(model, kv_cache_memory=16 << 20)
+        params = shoal.SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        stream = engine.generate(tokens(8, 1), params)
+        await stream.__anext__()  # the request is running
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError, match="not running"):
+            async for _ in engine.generate(tokens(8, 2), params):
+                pass
+
+    asyncio.run(asyncio.wait_for(main(), timeout=60))

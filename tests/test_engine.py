@@ -136,18 +136,10 @@ def test_logprobs_hold_the_sampled_token_and_the_top_n(llm):
 
 def test_seed_makes_sampling_reproducible_and_different_seeds_differ(llm):
     prompt = mixed_prompts(1, seed=11)[0]
-    run = lambda seed: tokens(
-        llm.generate(
-            [prompt],
-            SamplingParams(
-                temperature=1.0,
-                seed=seed,
-                max_tokens=16,  # noqa: E731
-                ignore_eos=True,
-            ),
-            use_tqdm=False,
-        )
-    )[0]
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=16, ignore_eos=True)
+        return tokens(llm.generate([prompt], params, use_tqdm=False))[0]
+
     assert run(1) == run(1)
     assert run(1) != run(2)
 
@@ -200,3 +192,18 @@ def test_chat_applies_the_template_to_one_or_many_conversations(llm):
     assert len(one) == 1 and len(many) == 2
     assert one[0].outputs[0].token_ids == many[0].outputs[0].token_ids
     assert one[0].prompt.startswith("<|im_start|>user\nHello there")
+
+
+def test_an_error_inside_one_request_reaches_that_request_only(llm):
+    engine = llm.engine
+    engine.add_request([5, 6, 7], SamplingParams(temperature=0.5, max_tokens=6, ignore_eos=True), "bad")
+    engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), "good")
+    engine.requests["bad"].params.temperature = float("nan")  # NaN probabilities: sampling raises
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["bad"].error and finished["bad"].outputs[0].finish_reason == "abort"
+    assert finished["good"].error is None and len(finished["good"].outputs[0].token_ids) == 6
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

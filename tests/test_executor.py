@@ -73,7 +73,9 @@ def test_prompt_infer_sample_matches_llm(model, executor):
     assert executor.batched_token_count == 0 and conv.requires_sampling
     got = run(executor, conv, 8)
     llm = shoal.LLM(model, kv_cache_memory=KV_MEMORY, block_size=BLOCK)
-    want = llm.generate([prompt], shoal.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    want = llm.generate(
+        [prompt], shoal.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     assert got == want[0].outputs[0].token_ids
 
 

@@ -84,7 +84,7 @@ def test_openai_client_sees_bad_request(server):
         client.completions.create(model="tiny-llama", prompt="hi", max_tokens=0)
 
 
-def test_api_key(model, monkeypatch):
+def test_api_key(model):
     with ServerThread(model, ServerConfig(api_key="s3cret")) as s:
         assert httpx.get(s.url + "/v1/models").status_code == 401
         bad = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"})
@@ -111,7 +111,8 @@ def test_full_queue_answers_503_with_retry_after(model):
                     waiting = asyncio.create_task(
                         http.post("/v1/completions", json={"prompt": "b", "max_tokens": 2})
                     )
-                    await asyncio.sleep(0.05)
+                    while s.app.state.shoal.admission.waiting < 1:  # until the second one is queued
+                        await asyncio.sleep(0.01)
                     refused = await http.post("/v1/completions", json={"prompt": "c", "max_tokens": 2})
                     assert refused.headers["retry-after"] == "1"
                     assert error_of(refused)["code"] == "overloaded"

@@ -18,7 +18,11 @@ BLOCK = 16
 OPTIONS = {"kv_cache_memory": 16 << 20, "block_size": BLOCK}
 # A random model may emit any token; keeping special tokens out of its answers keeps them plain text.
 TURN = {"max_tokens": 8, "min_tokens": 8, "stop_token_ids": [0, 1]}
-QUESTIONS = [["Hi there, how are you?", "And today?"], ["How much is 6+6?", "Why?"], ["Hello, world!", "Once more"]]
+QUESTIONS = [
+    ["Hi there, how are you?", "And today?"],
+    ["How much is 6+6?", "Why?"],
+    ["Hello, world!", "Once more"],
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,12 +64,17 @@ async def chat(model, schedule: str, running: list[int] | None = None) -> list[l
     """Every session's answers, asking turn by turn all together ('gather') or one session at a time.
     `running` collects how many sequences the engine was decoding whenever a token arrived."""
     async with Context(model, sequences=len(QUESTIONS), **OPTIONS) as ctx:
-        sessions = [ChatSession(ctx.get_sequence(), system_prompt=f"Agent {i}.") for i in range(len(QUESTIONS))]
+        sessions = [
+            ChatSession(ctx.get_sequence(), system_prompt=f"Agent {i}.") for i in range(len(QUESTIONS))
+        ]
         if schedule == "gather":
             seen = (lambda _: running.append(ctx.engine.stats().num_running)) if running is not None else None
             for turn in range(2):
                 await asyncio.gather(
-                    *(s.prompt(q[turn], on_token=seen, **TURN) for s, q in zip(sessions, QUESTIONS, strict=True))
+                    *(
+                        s.prompt(q[turn], on_token=seen, **TURN)
+                        for s, q in zip(sessions, QUESTIONS, strict=True)
+                    )
                 )
         else:
             for s, q in zip(sessions, QUESTIONS, strict=True):
@@ -95,7 +104,9 @@ def test_second_turn_computes_only_the_new_tokens(model):
             again = list(seq.token_ids)
         async with Context(model, **OPTIONS) as fresh:  # the same tokens computed from scratch
             prompt = again[: second.num_prompt_tokens]
-            recomputed = await fresh.get_sequence().evaluate(prompt, shoal.SamplingParams(temperature=0, **TURN))
+            recomputed = await fresh.get_sequence().evaluate(
+                prompt, shoal.SamplingParams(temperature=0, **TURN)
+            )
         return first, second, again, recomputed
 
     first, second, again, recomputed = asyncio.run(main())
@@ -134,7 +145,9 @@ def test_sync_sessions(model):
         sessions = [ChatSession(ctx.get_sequence(), system_prompt=f"Agent {i}.") for i in range(2)]
         answers: dict[int, str] = {}
         threads = [
-            threading.Thread(target=lambda i=i: answers.__setitem__(i, sessions[i].prompt_sync(QUESTIONS[i][0], **TURN)))
+            threading.Thread(
+                target=lambda i=i: answers.__setitem__(i, sessions[i].prompt_sync(QUESTIONS[i][0], **TURN))
+            )
             for i in range(2)
         ]
         for t in threads:
@@ -142,8 +155,8 @@ def test_sync_sessions(model):
         for t in threads:
             t.join()
         second = sessions[0].prompt_sync(QUESTIONS[0][1], **TURN)
-    assert ctx.closed and [answers[0], second] == asyncio.run(chat(model, "sequential"))[0]
-    assert answers[1] == asyncio.run(chat(model, "sequential"))[1][0]
+    want = asyncio.run(chat(model, "sequential"))
+    assert ctx.closed and [answers[0], second] == want[0] and answers[1] == want[1][0]
 
 
 def test_cancel_keeps_history_and_close_aborts(model):

@@ -52,7 +52,7 @@ class AsyncLLM:
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._stats = self.engine.stats()
-        self._dead: BaseException | None = None
+        self._dead: str | None = None
         self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
         self._thread.start()
 
@@ -75,7 +75,7 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutput deltas: each completion holds only new text, token ids and logprobs."""
         if self._dead is not None:
-            raise EngineDeadError(f"the engine loop stopped: {self._dead}")
+            raise EngineDeadError(f"the engine is not running ({self._dead}); create a new AsyncLLM")
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
@@ -106,6 +106,7 @@ class AsyncLLM:
         return self._stats
 
     async def shutdown(self) -> None:
+        """Stop the loop; requests still streaming get EngineDeadError."""
         self._commands.put(("stop",))
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
@@ -115,6 +116,7 @@ class AsyncLLM:
             while True:
                 idle = not self.engine.has_unfinished_requests()
                 if not self._drain(block=idle):
+                    self._fail_all("shut down")
                     return
                 for out in self.engine.step():
                     stream = self._streams.get(out.request_id)
@@ -123,9 +125,14 @@ class AsyncLLM:
                 self._stats = self.engine.stats()
         except BaseException as exc:  # the engine is unusable: every waiting stream learns why
             logger.exception("engine loop failed")
-            self._dead = exc
-            for stream in list(self._streams.values()):
-                stream.put(EngineDeadError(f"the engine loop stopped: {exc!r}"))
+            self._fail_all(f"the engine loop failed: {exc!r}")
+
+    def _fail_all(self, reason: str) -> None:
+        self._dead = reason
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError(f"the engine is not running ({reason})"))
 
     def _drain(self, block: bool) -> bool:
         """Apply queued adds and aborts. Returns False on stop."""
@@ -133,14 +140,16 @@ class AsyncLLM:
             command = self._commands.get(block=block)
         except queue.Empty:
             return True
+        stop = False
         while True:
             if command[0] == "stop":
-                return False
-            self._apply(command)
+                stop = True  # still apply aborts queued with it
+            else:
+                self._apply(command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return True
+                return not stop
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":

@@ -179,14 +179,21 @@ class LLMEngine:
             if seq.num_output_tokens == 0 and seq.num_computed_tokens <= seq.num_prompt_tokens:
                 self.prompt_tokens_total += n
         touched: dict[str, Request] = {}
-        seqs = [plan.scheduled[i][0] for i in owners]
-        targets = [self._seq_owner[s] for s in seqs]
-        results = sample(logits, [req.sample_request(req.samples[i]) for req, i in targets])
+        targets = [self._seq_owner[plan.scheduled[i][0]] for i in owners]
+        results = self._sample(logits, targets)
         for row, ((req, i), result) in enumerate(zip(targets, results, strict=True)):
-            if i == 0 and len(req.samples) < req.params.n:
-                self._fork_samples(req, logits[row])
-            self._record(req, i, result)
-            touched[req.request_id] = req
+            if req.request_id not in self.requests:
+                continue  # failed earlier in this step
+            try:
+                if result is None:
+                    raise RuntimeError("sampling failed")
+                if i == 0 and len(req.samples) < req.params.n:
+                    self._fork_samples(req, logits[row])
+                self._record(req, i, result)
+                touched[req.request_id] = req
+            except Exception as exc:
+                touched.pop(req.request_id, None)
+                outputs.append(self._fail(req, exc))
         for req in touched.values():
             out = req.make_output()
             if out is not None:
@@ -197,6 +204,29 @@ class LLMEngine:
                 for s in req.samples:
                     self._seq_owner.pop(s.seq, None)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> list:
+        """Sample every row; if that fails, row by row so one bad request cannot sink the others."""
+        requests = [req.sample_request(req.samples[i]) for req, i in targets]
+        try:
+            return sample(logits, requests)
+        except Exception:
+            results = []
+            for row, request in enumerate(requests):
+                try:
+                    results.append(sample_row(logits[row].float(), request))
+                except Exception:
+                    logger.exception("sampling failed for one request")
+                    results.append(None)
+            return results
+
+    def _fail(self, req: Request, exc: Exception) -> RequestOutput:
+        """End one request with an error; the rest of the batch goes on."""
+        logger.exception("request %s failed", req.request_id, exc_info=exc)
+        self.abort_request(req.request_id)
+        out = self._finished_outputs.pop() if self._finished_outputs else req.make_output()
+        out.error = f"{type(exc).__name__}: {exc}"
+        return out
 
     def _record(self, req: Request, index: int, result) -> None:
         sample_ = req.samples[index]

@@ -225,6 +225,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def engine_dead(request: Request, e: EngineDeadError) -> JSONResponse:
         return _error(500, f"the engine stopped: {e}", "server_error", "engine_dead")
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return _error(500, f"internal error: {e}", "server_error")
+
 
 def _fastapi_message(e: RequestValidationError) -> str:
     parts = [f"'{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in e.errors()]

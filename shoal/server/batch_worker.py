@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.batch_jobs import BatchRun, DoneSet, JsonlWriter, Progress, count_lines, scan_done
+from shoal.errors import EngineDeadError
 from shoal.server.batch_store import BatchStore
 from shoal.server.protocol import Batch, BatchError, BatchErrors, FileObject, now
 from shoal.server.serving import OpenAIServing
@@ -57,11 +58,12 @@ class BatchWorker:
             for batch in self.store.unfinished_batches():
                 try:
                     await self._process(batch.id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("batch %s stopped on an error; it resumes on the next start", batch.id)
+                except EngineDeadError:
+                    log.exception("the engine stopped; batch %s resumes on the next start", batch.id)
                     return
+                except Exception as e:
+                    log.exception("batch %s failed", batch.id)
+                    self._fail(batch, "internal_error", f"the batch stopped on an internal error: {e!r}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=60)
 
@@ -74,7 +76,7 @@ class BatchWorker:
         if batch.status == "in_progress":
             batch = await self._run(batch)
         if batch.status in ("finalizing", "cancelling", "expired"):
-            self._finalize(batch)
+            await self._finalize(batch)
 
     async def _validate(self, batch: Batch) -> Batch:
         found = self.store.get_file(batch.input_file_id)
@@ -86,22 +88,29 @@ class BatchWorker:
         return self._update(batch.id, status="in_progress", in_progress_at=now(), total=total)
 
     async def _run(self, batch: Batch) -> Batch:
+        found = self.store.get_file(batch.input_file_id)
+        if found is None or not found[1].exists():
+            return self._fail(batch, "missing_file", f"input file {batch.input_file_id} is gone")
         folder = self.store.batch_dir(batch.id)
         output, errors = JsonlWriter(folder / "output.jsonl"), JsonlWriter(folder / "errors.jsonl")
-        found = self.store.get_file(batch.input_file_id)
-        input_path = found[1] if found else Path("/nonexistent")
-        run = BatchRun(
-            self.serving,
-            input_path,
-            output,
-            errors,
-            endpoint=batch.endpoint,
-            priority=self.priority,
-            concurrency=self.concurrency,
-            checkpoint_s=self.checkpoint_s,
-            on_progress=lambda p: self._save_counts(batch.id, p),
-        )
-        task = asyncio.create_task(run.run(scan_done([output.path, errors.path])))
+        try:
+            done = await asyncio.to_thread(
+                scan_done, [output.path, errors.path]
+            )  # big files: off the event loop
+            run = BatchRun(
+                self.serving, found[1], output, errors, endpoint=batch.endpoint, priority=self.priority,
+                concurrency=self.concurrency, checkpoint_s=self.checkpoint_s,
+                on_progress=lambda p: self._save_counts(batch.id, p),
+            )  # fmt: skip
+            return await self._execute(batch, run, done)
+        finally:
+            output.close()
+            errors.close()
+
+    async def _execute(self, batch: Batch, run: BatchRun, done: DoneSet) -> Batch:
+        if (self.store.get_batch(batch.id) or batch).status == "cancelling":
+            return self.store.get_batch(batch.id) or batch
+        task = asyncio.create_task(run.run(done))
         self._current = (batch.id, task)
         timeout = max((batch.expires_at or now() + 86_400) - now(), 0)
         try:
@@ -115,12 +124,11 @@ class BatchWorker:
             return self.store.get_batch(batch.id) or batch  # cancelled by the user: status is cancelling
         finally:
             self._current = None
-            output.close()
-            errors.close()
 
-    def _finalize(self, batch: Batch) -> None:
+    async def _finalize(self, batch: Batch) -> None:
         folder = self.store.batch_dir(batch.id)
-        done = scan_done([folder / "output.jsonl", folder / "errors.jsonl"])
+        done = await asyncio.to_thread(scan_done, [folder / "output.jsonl", folder / "errors.jsonl"])
+        batch = self.store.get_batch(batch.id) or batch
         output_id = self._register(batch, folder / "output.jsonl", "output") if done.completed else None
         error_id = self._register(batch, folder / "errors.jsonl", "errors") if done.failed else None
         final = {"finalizing": ("completed", "completed_at"), "cancelling": ("cancelled", "cancelled_at")}

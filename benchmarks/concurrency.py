@@ -1,0 +1,109 @@
+"""16 chat sessions with different questions: answered one after another, then all at once (asyncio.gather).
+
+Each mode gets a fresh context (so no prefix-cache carry-over) on the same loaded model, greedy decoding,
+the same max_tokens. Greedy decoding is batch-invariant, so both modes produce the same answers and the
+same number of tokens; only the wall time differs. Prints both times and the speed-up; writes JSON to
+--output (benchmarks/results/concurrency.json).
+
+    python benchmarks/concurrency.py [--model PATH] [--max-tokens 64] [--sessions 16] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import shoal
+from shoal.sessions import ChatSession
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "How much is 6+6?",
+    "Why is the sky blue?",
+    "Name three fruits that are red.",
+    "What do bees make?",
+    "How many legs does a spider have?",
+    "What is the boiling point of water?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest ocean on Earth?",
+    "Give me a tip for sleeping better.",
+    "What language is spoken in Brazil?",
+    "How many days are in a leap year?",
+    "What is photosynthesis?",
+    "Suggest a name for a pet cat.",
+    "What is the tallest animal?",
+    "How do I boil an egg?",
+]
+SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
+KV_MEMORY = 512 << 20
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--sessions", type=int, default=len(QUESTIONS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--output", default="benchmarks/results/concurrency.json")
+    return parser.parse_args()
+
+
+async def answer(model: shoal.LoadedModel, questions: list[str], max_tokens: int, together: bool) -> dict:
+    async with model.create_context(sequences=len(questions), kv_cache_memory=KV_MEMORY) as context:
+        sessions = [ChatSession(context.get_sequence(), system_prompt=SYSTEM_PROMPT) for _ in questions]
+        start = time.perf_counter()
+        asks = [s.prompt(q, max_tokens=max_tokens) for s, q in zip(sessions, questions, strict=True)]
+        answers = list(await asyncio.gather(*asks)) if together else [await ask for ask in asks]
+        seconds = time.perf_counter() - start
+    generated = sum(len(s.last_turn.token_ids) for s in sessions)
+    return {
+        "seconds": seconds,
+        "generated_tokens": generated,
+        "tokens_per_s": generated / seconds,
+        "answers": answers,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = shoal.load_model(args.model)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.sessions)]
+    asyncio.run(answer(model, questions[:2], 4, together=True))  # warm-up
+    sequential = asyncio.run(answer(model, questions, args.max_tokens, together=False))
+    print(f"sequential: {sequential['seconds']:7.2f}s  ({sequential['tokens_per_s']:.1f} tokens/s)")
+    concurrent = asyncio.run(answer(model, questions, args.max_tokens, together=True))
+    print(f"concurrent: {concurrent['seconds']:7.2f}s  ({concurrent['tokens_per_s']:.1f} tokens/s)")
+    speedup = sequential["seconds"] / concurrent["seconds"]
+    same = sequential["answers"] == concurrent["answers"]
+    print(f"speed-up:   {speedup:.1f}x   (same answers: {same})")
+    result = {
+        "model": model.name,
+        "sessions": len(questions),
+        "max_tokens": args.max_tokens,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "sequential": {k: v for k, v in sequential.items() if k != "answers"},
+        "concurrent": {k: v for k, v in concurrent.items() if k != "answers"},
+        "speedup": speedup,
+        "same_answers": same,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
