@@ -12,7 +12,8 @@ from tiny_models import make_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-SNIPPETS = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "library.md").read_text(), re.DOTALL)
+LIBRARY_SECTION = (ROOT / "README.md").read_text().split("## Library front ends", 1)[1].split("\n## ", 1)[0]
+SNIPPETS = re.findall(r"```python\n(.*?)```", LIBRARY_SECTION, re.DOTALL)
 RUNS = {
     "parallel_chat": [],
     "multi_agent": [],
@@ -54,13 +55,13 @@ def test_example_runs(name, tiny_model, capsys):
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_library_snippet_runs(index, tiny_model, monkeypatch, tmp_path, capsys):
-    """docs/library.md snippets, with shoal.load_model() giving the tiny model."""
+    """README library snippets, with shoal.load_model() giving the tiny model."""
     import shoal
 
     loaded = shoal.load_model(tiny_model)
     monkeypatch.setattr(shoal, "load_model", lambda path=None, **_: loaded)
     monkeypatch.chdir(tmp_path)
-    exec(compile(SNIPPETS[index], f"docs/library.md snippet {index}", "exec"), {"__name__": "__main__"})
+    exec(compile(SNIPPETS[index], f"README library snippet {index}", "exec"), {"__name__": "__main__"})
     assert capsys.readouterr().out
 
 
