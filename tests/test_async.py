@@ -6,8 +6,6 @@ import asyncio
 import random
 
 import pytest
-import torch
-from tiny_models import make_tiny_hf_model
 
 import shoal
 from shoal.errors import InvalidRequestError
@@ -15,18 +13,7 @@ from shoal.errors import InvalidRequestError
 OPTIONS = {"kv_cache_memory": 16 << 20, "block_size": 16, "max_model_len": 256}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> shoal.LoadedModel:
-    return shoal.load_model(make_tiny_hf_model("llama", tmp_path_factory.mktemp("tiny") / "llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from tiny_models import make_tiny_hf_model
 
 import shoal
 from shoal.batch_generation import BatchedGeneration, batch_params, generate_batch
@@ -18,18 +16,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> shoal.LoadedModel:
-    return shoal.load_model(make_tiny_hf_model("llama", tmp_path_factory.mktemp("tiny") / "llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,7 @@ def test_logprobs_hold_the_sampled_token_and_the_top_n(llm):
 
 def test_seed_makes_sampling_reproducible_and_different_seeds_differ(llm):
     prompt = mixed_prompts(1, seed=11)[0]
+
     def run(seed: int) -> list[int]:
         params = SamplingParams(temperature=1.0, seed=seed, max_tokens=16, ignore_eos=True)
         return tokens(llm.generate([prompt], params, use_tqdm=False))[0]

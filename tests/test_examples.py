@@ -7,8 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from tiny_models import make_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -22,18 +20,7 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return make_tiny_hf_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_example(name: str):

@@ -6,8 +6,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
-from tiny_models import make_tiny_hf_model
 
 import shoal
 from shoal.errors import ShoalError
@@ -25,18 +23,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster, and immune to other processes on the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> shoal.LoadedModel:
-    return shoal.load_model(make_tiny_hf_model("llama", tmp_path_factory.mktemp("tiny") / "llama"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sequences_are_handed_out_and_given_back(model):
