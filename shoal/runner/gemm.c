@@ -40,6 +40,23 @@ static void tile6(const float *a, int64_t lda, const float *b, int64_t k, float 
     }
 }
 
+static void tile4(const float *a, int64_t lda, const float *b, int64_t k, float out[ROWS][PANEL]) {
+    __m256 c[4][2];
+    for (int r = 0; r < 4; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        const __m256 b0 = _mm256_loadu_ps(b + i * PANEL), b1 = _mm256_loadu_ps(b + i * PANEL + 8);
+        for (int r = 0; r < 4; r++) {
+            const __m256 x = _mm256_broadcast_ss(a + r * lda + i);
+            c[r][0] = _mm256_fmadd_ps(x, b0, c[r][0]);
+            c[r][1] = _mm256_fmadd_ps(x, b1, c[r][1]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        _mm256_storeu_ps(out[r], c[r][0]);
+        _mm256_storeu_ps(out[r] + 8, c[r][1]);
+    }
+}
+
 static void tile1(const float *a, const float *b, int64_t k, float out[PANEL]) {
     __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
     for (int64_t i = 0; i < k; i++) {
@@ -75,6 +92,10 @@ static void tile6(const float *a, int64_t lda, const float *b, int64_t k, float 
     for (int r = 0; r < ROWS; r++) tile1(a + r * lda, b, k, out[r]);
 }
 
+static void tile4(const float *a, int64_t lda, const float *b, int64_t k, float out[ROWS][PANEL]) {
+    for (int r = 0; r < 4; r++) tile1(a + r * lda, b, k, out[r]);
+}
+
 static void tile1x2(const float *a, const float *b, const float *b2, int64_t k, float out[PANEL], float out2[PANEL]) {
     tile1(a, b, k, out);
     tile1(a, b2, k, out2);
@@ -102,6 +123,13 @@ static void panel_pair(const float *x, int64_t row0, int64_t row1, int64_t k, co
             tile6(x + row * k, k, q ? b2 : b, k, tile);
             for (int r = 0; r < ROWS; r++) store(y + (row + r) * n + (p + q) * PANEL, n, n, (p + q) * PANEL, tile[r], bias);
         }
+    }
+    if (row + 4 <= row1) {
+        for (int q = 0; q <= two; q++) {
+            tile4(x + row * k, k, q ? b2 : b, k, tile);
+            for (int r = 0; r < 4; r++) store(y + (row + r) * n + (p + q) * PANEL, n, n, (p + q) * PANEL, tile[r], bias);
+        }
+        row += 4;
     }
     for (; row < row1; row++) {
         if (two) {
