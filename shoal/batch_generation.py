@@ -77,7 +77,7 @@ class BatchedGeneration:
         count = len(prompts)
         params = batch_params(count, max_tokens, temperature, top_p, seed, **sampling)
         for prompt, p in zip(prompts, params, strict=True):  # all valid before any is queued
-            self.engine._validate(self.engine.tokenize(prompt)[1], p)
+            self.engine.validate(self.engine.tokenize(prompt)[1], p)
         tag = uuid.uuid4().hex[:8]
         self.request_ids = [f"batch-{tag}-{i}" for i in range(count)]
         for rid, prompt, p in zip(self.request_ids, prompts, params, strict=True):

@@ -48,7 +48,7 @@ class LLM:
         params = _as_params_list(sampling_params, len(prompts))
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         for p, sp in zip(prompts, params, strict=True):
-            self.engine._validate(self.engine.tokenize(p)[1], sp)
+            self.engine.validate(self.engine.tokenize(p)[1], sp)
         ids = [
             self.engine.add_request(p, sp, None, prio, OutputKind.FINAL)
             for p, sp, prio in zip(prompts, params, priorities, strict=True)

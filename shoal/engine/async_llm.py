@@ -63,7 +63,7 @@ class AsyncLLM:
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a request without queueing it; raises InvalidRequestError."""
         _, ids = self.engine.tokenize(prompt)
-        self.engine._validate(ids, params)
+        self.engine.validate(ids, params)
         return ids
 
     async def generate(

@@ -93,7 +93,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
-        params = self._validate(ids, params)
+        params = self.validate(ids, params)
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(1 << 63)
         req = Request(
             request_id,
@@ -113,7 +113,8 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+    def validate(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check a tokenized request; returns params with max_tokens filled in. Raises InvalidRequestError."""
         vocab = self.model.config.vocab_size
         if not ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")

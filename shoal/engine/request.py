@@ -152,10 +152,8 @@ class Request:
                     seq.output_token_ids, skip_special_tokens=self.params.skip_special_tokens
                 )
                 s.detok.read_offset = seq.num_output_tokens
-            else:
-                s.detok.flush(seq.output_token_ids) if seq.stop_reason is None or isinstance(
-                    seq.stop_reason, int
-                ) else None
+            elif not isinstance(seq.stop_reason, str):  # text after a stop string was cut on purpose
+                s.detok.flush(seq.output_token_ids)
         text = s.detok.stable_text(done)
         ids = seq.output_token_ids
         if self.output_kind != OutputKind.DELTA:
