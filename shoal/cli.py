@@ -38,15 +38,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """Prompts from arguments, a file (one per line, or JSONL with "prompt"), or stdin."""
+    """Prompts from arguments, a file (one per line, or JSONL with "prompt"), stdin, else the built-in examples."""
     if args.prompts:
         return list(args.prompts)
     if args.file:
         with open(args.file, encoding="utf-8") as f:
             return _parse_lines(f)
-    if not sys.stdin.isatty():
-        return _parse_lines(sys.stdin)
-    return list(EXAMPLE_PROMPTS)
+    from_stdin = [] if sys.stdin is None or sys.stdin.isatty() else _parse_lines(sys.stdin)
+    return from_stdin or list(EXAMPLE_PROMPTS)
 
 
 def _parse_lines(lines: Iterable[str]) -> list[str]:

@@ -56,3 +56,11 @@ def test_bad_input_gives_a_clear_error_not_a_traceback(model_args, tmp_path):
     missing = run_cli(["--model", str(tmp_path / "nowhere"), "hi"])
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "nowhere" in missing.stderr
+
+
+def test_no_prompts_anywhere_runs_the_built_in_examples(model_args):
+    from shoal.cli import EXAMPLE_PROMPTS
+
+    result = run_cli(model_args, stdin="")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == EXAMPLE_PROMPTS
