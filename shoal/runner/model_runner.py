@@ -37,6 +37,7 @@ class StepBatch:
     positions: torch.Tensor
     meta: AttentionMetadata
     logit_rows: list[int]  # rows whose hidden state gives a next-token distribution
+    logit_owners: list[int]  # for each of those rows, its sequence's index in the scheduled list
     num_rows: int  # real (unpadded) token rows
 
 
@@ -86,8 +87,9 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logit_rows = []
-        for seq, n in scheduled:
+        logit_rows: list[int] = []
+        logit_owners: list[int] = []
+        for index, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             span = range(start, start + n)
             ids.extend(seq.token_ids[start : start + n])
@@ -95,6 +97,7 @@ class ModelRunner:
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
             if start + n == seq.num_tokens:
                 logit_rows.append(len(ids) - 1)
+                logit_owners.append(index)
         num_rows = len(ids)
         pad = self.model.rows_for(num_rows) - num_rows
         meta_builder = self._kernel_meta if self.kernel is not None else self._torch_meta
@@ -102,7 +105,7 @@ class ModelRunner:
         meta.slot_mapping = self._tensor(slots + [self.scratch_block * bs] * pad)
         ids += [0] * pad
         positions += [0] * pad
-        return StepBatch(self._tensor(ids), self._tensor(positions), meta, logit_rows, num_rows)
+        return StepBatch(self._tensor(ids), self._tensor(positions), meta, logit_rows, logit_owners, num_rows)
 
     def _kernel_meta(self, scheduled: list[tuple[Sequence, int]], total_rows: int) -> AttentionMetadata:
         tables: list[int] = []
@@ -164,5 +167,4 @@ class ModelRunner:
         if pad > 0:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
         logits = self.model.compute_logits(rows)[: len(batch.logit_rows)]
-        owners = [i for i, (seq, n) in enumerate(scheduled) if seq.num_computed_tokens + n == seq.num_tokens]
-        return logits.float().cpu(), owners
+        return logits.float().cpu(), batch.logit_owners
