@@ -10,7 +10,7 @@ import argparse
 import os
 
 import shoal
-from shoal.executor import BatchedExecutor, DecodeResult
+from shoal import BatchedExecutor, DecodeResult
 
 QUESTION = "Write one sentence about the sea."
 TEMPERATURES = [0.0, 0.5, 1.0, 1.5]

@@ -12,7 +12,7 @@ import asyncio
 import os
 
 import shoal
-from shoal.sessions import ChatSession
+from shoal import ChatSession
 
 AGENTS = {
     "planner": "You are a planner. Break the task into three short numbered steps.",

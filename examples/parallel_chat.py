@@ -11,7 +11,7 @@ import os
 import time
 
 import shoal
-from shoal.sessions import ChatSession
+from shoal import ChatSession
 
 QUESTIONS = ["Hi there, how are you?", "How much is 6+6?"]
 

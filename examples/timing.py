@@ -13,8 +13,7 @@ import os
 import time
 
 import shoal
-from shoal.batch_generation import generate_batch
-from shoal.sessions import ChatSession
+from shoal import ChatSession, generate_batch
 
 QUESTIONS = [
     "What is the capital of France?",
