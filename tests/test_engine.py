@@ -51,6 +51,24 @@ def test_prefix_caching_on_and_off_give_the_same_output(tiny_llama):
     assert tokens(out_on) == tokens(off.generate(prompts, GREEDY, use_tqdm=False))
 
 
+def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama):
+    shared = (mixed_prompts(1, seed=5)[0] * 2)[:80]  # 5 full blocks of 16
+    prompts = [shared + p[:10] for p in mixed_prompts(6, seed=7)]
+    on = LLM(tiny_llama, kv_cache_memory=SMALL_KV, max_num_batched_tokens=1024)
+    for i, prompt in enumerate(prompts):
+        on.engine.add_request(prompt, GREEDY, f"r{i}")
+    on.engine.step()  # one forward pass admits all six: the first fills the shared blocks, the rest share them
+    suffixes = sum(len(p) - len(shared) for p in prompts)
+    assert on.engine.prompt_tokens_total == len(shared) + suffixes
+    outputs = {}
+    while on.engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in on.engine.step() if o.finished})
+    out_on = [outputs[f"r{i}"] for i in range(len(prompts))]
+    assert [o.num_cached_tokens for o in out_on] == [0] + [len(shared)] * 5
+    off = LLM(tiny_llama, kv_cache_memory=SMALL_KV, enable_prefix_caching=False)
+    assert tokens(out_on) == tokens(off.generate(prompts, GREEDY, use_tqdm=False))
+
+
 def test_n_samples_share_the_prompt_blocks(tiny_llama):
     llm = LLM(tiny_llama, kv_cache_memory=SMALL_KV)
     engine = llm.engine

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from shoal.core.sequence import Sequence
 
+InFlight = dict[int, tuple[int, tuple[int, ...]]]  # block hash -> (block id, its tokens)
+
 
 @dataclass(eq=False)
 class Block:
@@ -63,9 +65,11 @@ class BlockManager:
             hashes.append((parent, tokens))
         return hashes
 
-    def match_prefix(self, seq: Sequence) -> int:
+    def match_prefix(self, seq: Sequence, in_flight: InFlight | None = None) -> int:
         """Give a fresh sequence the cached blocks of its longest cached prefix; returns tokens reused.
 
+        in_flight: blocks that the step being scheduled fills (see filled_blocks); a sequence admitted in
+        that step may share them too, as each layer writes every row's K/V before any row attends.
         At least one token is always left to compute, so the last position yields logits.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
@@ -74,11 +78,29 @@ class BlockManager:
         for h, tokens in self._block_hashes(seq.token_ids, (seq.num_tokens - 1) // self.block_size):
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].tokens != tokens:
-                break
+                block_id, filled_tokens = (in_flight or {}).get(h, (None, ()))
+                if block_id is None or filled_tokens != tokens:
+                    break
             self._take(block_id)
             seq.block_table.append(block_id)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
+
+    def filled_blocks(self, seq: Sequence, num_new_tokens: int) -> InFlight:
+        """The blocks that computing seq's next num_new_tokens tokens fills, by hash (not yet in the cache)."""
+        bs = self.block_size
+        first, end = seq.num_computed_tokens // bs, (seq.num_computed_tokens + num_new_tokens) // bs
+        if not self.enable_prefix_caching or end <= first:
+            return {}
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        if first and parent is None:
+            return {}
+        filled: InFlight = {}
+        for i in range(first, end):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            parent = self._chain_hash(parent, tokens)
+            filled[parent] = (seq.block_table[i], tokens)
+        return filled
 
     def register_computed(self, seq: Sequence) -> None:
         """Hash the sequence's blocks that became full and computed."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from shoal.core.block_manager import BlockManager
+from shoal.core.block_manager import BlockManager, InFlight
 from shoal.core.sequence import Sequence, SequenceStatus
 
 
@@ -90,10 +90,18 @@ class Scheduler:
         return True
 
     def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
+        """Admit waiting sequences in order while budget, sequence slots and blocks allow.
+
+        A sequence may share the prefix blocks that sequences scheduled before it fill in this same step
+        (many requests sent at once with one system prompt compute it once)."""
         bm = self.block_manager
+        in_flight: InFlight = {}
+        if self.waiting:
+            for seq, n in scheduled:
+                in_flight.update(bm.filled_blocks(seq, n))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = bm.match_prefix(seq)
+            cached = bm.match_prefix(seq, in_flight)
             if seq.num_preemptions == 0 and seq.num_output_tokens == 0:
                 seq.num_cached_tokens = cached
             n = min(seq.num_pending_tokens, budget)
@@ -101,6 +109,7 @@ class Scheduler:
                 bm.free_seq(seq)
                 break
             bm.grow(seq, n)
+            in_flight.update(bm.filled_blocks(seq, n))
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
