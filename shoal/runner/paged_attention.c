@@ -12,27 +12,108 @@
 #include <immintrin.h>
 #endif
 
-/* q . k over head_dim, in a fixed order (four interleaved chains, then a fixed tree), the same for every row. */
-static inline float dot(const float *q, const float *k, int64_t D) {
 #if defined(__AVX2__) && defined(__FMA__)
-    if (D % 32 == 0) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 32) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), _mm256_loadu_ps(k + d + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 16), _mm256_loadu_ps(k + d + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 24), _mm256_loadu_ps(k + d + 24), a3);
-        }
-        const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        return _mm_cvtss_f32(h);
+/* Scores of 8 consecutive keys (stride D) against q: each key's dot product is one FMA chain over head_dim
+ * in 8 lanes, then the same fixed tree of lane sums; lane j of the result is key j's score. */
+static inline __m256 dot8(const float *q, const float *k, int64_t D) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k + j * D));
+    for (int64_t d = 8; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k + j * D + d), a[j]);
     }
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6 polynomial,
+ * within 2 ulp; 0 below -87. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
 #endif
+
+/* q . k over head_dim, one sequential chain (the portable path). */
+static inline float dot(const float *q, const float *k, int64_t D) {
     float acc = 0.0f;
     for (int64_t d = 0; d < D; d++) acc += q[d] * k[d];
     return acc;
+}
+
+/* scores[h * len + j] = scale * q_h . k_j for the group's heads and keys 0..len-1, in ascending key order.
+ * Keys go 8 at a time when blocks hold a multiple of 8; the last group may read past len inside its block
+ * (those lanes are dropped). */
+static void scores_for(const float *qh, int64_t group, const float *k_cache, const int64_t *table, int64_t kvh,
+                       int64_t num_kv_heads, int64_t block_size, int64_t D, int64_t len, float scale,
+                       float *scores) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (D % 8 == 0 && block_size % 8 == 0) {
+        const __m256 s = _mm256_set1_ps(scale);
+        float lanes[8];
+        for (int64_t j = 0; j < len; j += 8) {
+            const float *k = k_cache + ((table[j / block_size] * num_kv_heads + kvh) * block_size + j % block_size) * D;
+            const int64_t n = len - j < 8 ? len - j : 8;
+            for (int64_t h = 0; h < group; h++) {
+                const __m256 v = _mm256_mul_ps(dot8(qh + h * D, k, D), s);
+                if (n == 8) {
+                    _mm256_storeu_ps(scores + h * len + j, v);
+                } else {
+                    _mm256_storeu_ps(lanes, v);
+                    memcpy(scores + h * len + j, lanes, sizeof(float) * n);
+                }
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t b = 0, j = 0; j < len; b++) {
+        const float *k = k_cache + (table[b] * num_kv_heads + kvh) * block_size * D;
+        const int64_t end = j + block_size < len ? j + block_size : len;
+        for (; j < end; j++, k += D)
+            for (int64_t h = 0; h < group; h++) scores[h * len + j] = dot(qh + h * D, k, D) * scale;
+    }
+}
+
+/* In place: s[0..len) -> softmax(s), with a fixed order of operations for a given len. */
+static void softmax(float *s, int64_t len) {
+    float m = s[0];
+    for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
+    int64_t j = 0;
+    float total = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= len; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int i = 0; i < 8; i++) total += lanes[i];
+#endif
+    for (; j < len; j++) {
+        s[j] = expf(s[j] - m);
+        total += s[j];
+    }
+    const float inv = 1.0f / total;
+    for (j = 0; j < len; j++) s[j] *= inv;
 }
 
 /* out = sum_j p[j] * v_j over keys in ascending order, each output value its own chain. */
@@ -89,24 +170,8 @@ void paged_attention_f32(const float *q, const float *k_cache, const float *v_ca
         const int64_t *table = tables + row_table_offset[row];
         const float *qh = q + (row * num_heads + kvh * group) * D;
         float *scores = malloc(sizeof(float) * group * len);
-        for (int64_t b = 0, j = 0; j < len; b++) {
-            const float *k = k_cache + (table[b] * num_kv_heads + kvh) * block_size * D;
-            const int64_t end = j + block_size < len ? j + block_size : len;
-            for (; j < end; j++, k += D)
-                for (int64_t h = 0; h < group; h++) scores[h * len + j] = dot(qh + h * D, k, D) * scale;
-        }
-        for (int64_t h = 0; h < group; h++) {
-            float *s = scores + h * len;
-            float m = s[0];
-            for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
-            float total = 0.0f;
-            for (int64_t j = 0; j < len; j++) {
-                s[j] = expf(s[j] - m);
-                total += s[j];
-            }
-            const float inv = 1.0f / total;
-            for (int64_t j = 0; j < len; j++) s[j] *= inv;
-        }
+        scores_for(qh, group, k_cache, table, kvh, num_kv_heads, block_size, D, len, scale, scores);
+        for (int64_t h = 0; h < group; h++) softmax(scores + h * len, len);
         for (int64_t h = 0; h < group; h++) weighted_sum(scores + h * len, len, v_cache, table, kvh, num_kv_heads,
                                                         block_size, D, o + h * D);
         free(scores);
