@@ -49,7 +49,7 @@ def test_deltas_join_to_the_final_text(model, llm):
     prompts = ["Hello, world! How are you", "Once upon a time", "The quick brown fox"]
     params = [
         shoal.SamplingParams(temperature=1.0, seed=1, max_tokens=40),
-        shoal.SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_tokens=30, stop=["e"]),
+        shoal.SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, stop=["e"]),
         shoal.SamplingParams(temperature=0, max_tokens=25, logprobs=2),
     ]
     want = llm.generate(prompts, params, use_tqdm=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,19 +43,47 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     return logits
 
 
-def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """top-k, top-p and min-p on one row of probabilities; the rest set to 0."""
-    if p.top_k and p.top_k < probs.shape[-1]:
-        kth = torch.topk(probs, p.top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, 0.0)
+NUCLEUS_GUESSES = (64, 1024)  # top-p looks for its nucleus among this many best tokens before sorting all
+
+
+def candidates(probs: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens that top-k, then top-p, then min-p keep from one row of probabilities: (their probabilities,
+    their token ids), or (all probabilities, None) when no filter is set."""
+    ids = None
+    if p.top_k and p.top_k < probs.shape[0]:
+        probs, ids = torch.topk(probs, p.top_k)
     if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(0) - sorted_probs
-        drop = order[before > p.top_p * sorted_probs.sum()]
-        probs = probs.index_fill(0, drop, 0.0)
+        threshold = p.top_p * float(probs.sum())
+        if ids is None:
+            probs, ids = best_covering(probs, threshold)
+        before = probs.cumsum(0) - probs
+        keep = int((before <= threshold).sum())
+        probs, ids = probs[:keep], ids[:keep]
     if p.min_p > 0:
-        probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
-    return probs
+        keep = probs >= p.min_p * probs.max()
+        probs, ids = probs[keep], keep.nonzero().squeeze(1) if ids is None else ids[keep]
+    return probs, ids
+
+
+def best_covering(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best tokens, best first: enough of them to hold more than `mass` (sorting the whole row only when
+    the best 1024 do not)."""
+    for guess in NUCLEUS_GUESSES:
+        values, ids = torch.topk(probs, min(guess, probs.shape[0]))
+        if float(values.sum()) > mass:
+            return values, ids
+    return torch.sort(probs, descending=True)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Index of one draw from unnormalized probabilities: one uniform number against their running sum."""
+    cdf = probs.double().cumsum(0)
+    if not 0 < float(cdf[-1]) < math.inf:
+        raise ValueError(
+            f"cannot sample: the probabilities sum to {float(cdf[-1])} (NaN or infinite logits?)"
+        )
+    u = torch.rand(1, dtype=torch.float64, generator=generator) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.shape[0] - 1)
 
 
 def sample_row(logits: torch.Tensor, req: SampleRequest) -> SampleResult:
@@ -65,8 +94,9 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> SampleResult:
     if p.greedy:
         token = int(torch.argmax(logits))
     else:
-        probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p)
-        token = int(torch.multinomial(probs, 1, generator=req.generator))
+        probs, ids = candidates(torch.softmax(logits / p.temperature, dim=-1), p)
+        index = draw(probs, req.generator)
+        token = index if ids is None else int(ids[index])
     if p.logprobs is None:
         return SampleResult(token, None, None, None)
     logprobs = torch.log_softmax(raw, dim=-1)
@@ -96,7 +126,8 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[SampleRe
         if r.params.greedy and not _needs_penalties(r) and r.params.logprobs is None
     ]
     if plain:
-        tokens = torch.argmax(logits[plain], dim=-1).tolist()
+        rows = logits if len(plain) == len(requests) else logits[plain]
+        tokens = torch.argmax(rows, dim=-1).tolist()
         for i, t in zip(plain, tokens, strict=True):
             results[i] = SampleResult(t, None, None, None)
     for i, req in enumerate(requests):
