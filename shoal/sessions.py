@@ -26,6 +26,9 @@ from shoal.sampling_params import SamplingParams
 T = TypeVar("T")
 TokenCallback = Callable[[str], Awaitable[None] | None]
 CLOSE_TIMEOUT_S = 10.0
+MIN_ANSWER_ROOM = (
+    256  # tokens a turn without max_tokens keeps free for its answer (at most a quarter of the context)
+)
 
 
 class NoSequenceAvailableError(ShoalError):
@@ -93,6 +96,7 @@ class Context:
         self.tokenizer = self.model.tokenizer
         self.num_sequences = sequences
         self.block_size = self.engine.engine.config.block_size
+        self.context_size = self.engine.engine.max_model_len  # tokens a sequence's conversation may hold
         self._free = list(range(sequences))
         self._active: set[str] = set()  # request ids being generated
         self._sync: _LoopThread | None = None
@@ -242,6 +246,7 @@ class ChatSession:
             [{"role": "system", "content": system_prompt}] if system_prompt else []
         )
         self.last_turn: Turn | None = None
+        self.num_shifted_messages = 0
 
     @property
     def model(self) -> LoadedModel:
@@ -256,14 +261,38 @@ class ChatSession:
         **sampling: Any,
     ) -> str:
         """Ask `text` as the user; returns the answer. Greedy by default; max_tokens None runs to the end of
-        the turn (or the context); other SamplingParams fields (top_p, top_k, seed, stop, ...) as keywords."""
+        the turn (or the context); other SamplingParams fields (top_p, top_k, seed, stop, ...) as keywords.
+
+        When the conversation would not leave room for the answer (max_tokens, or MIN_ANSWER_ROOM tokens
+        when it is None) in the context, the oldest exchanges are dropped, the system prompt kept (a context
+        shift; `num_shifted_messages` counts them)."""
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
-        messages = [*self.messages, {"role": "user", "content": text}]
-        tokens = self._new_tokens(messages)
+        messages, tokens = self._fit([*self.messages, {"role": "user", "content": text}], max_tokens)
         turn = await self.sequence.evaluate(tokens, params, on_token)
+        self.num_shifted_messages += len(self.messages) + 1 - len(messages)
         self.messages = [*messages, {"role": "assistant", "content": turn.text}]
         self.last_turn = turn
         return turn.text
+
+    def _fit(
+        self, messages: list[dict[str, str]], max_tokens: int | None
+    ) -> tuple[list[dict[str, str]], list[int]]:
+        """The messages to send (the oldest exchanges dropped while the answer would not fit) and their new
+        tokens. If even the system prompt and the new message leave no room, they go as they are and the
+        engine's error says what to change."""
+        limit = self.sequence.context.context_size
+        room = max_tokens if max_tokens is not None else min(MIN_ANSWER_ROOM, limit // 4)
+        while True:
+            tokens = self._new_tokens(messages)
+            if len(self.sequence.token_ids) + len(tokens) + room <= limit:
+                return messages, tokens
+            first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages) - 1)
+            if first >= len(messages) - 1:
+                return messages, tokens
+            end = first + 1  # the oldest exchange: a user message and the replies up to the next user message
+            while end < len(messages) - 1 and messages[end]["role"] != "user":
+                end += 1
+            messages = messages[:first] + messages[end:]
 
     def prompt_sync(self, text: str, **options: Any) -> str:
         """prompt() for scripts without asyncio (runs on the context's private loop thread)."""

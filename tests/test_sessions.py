@@ -173,3 +173,24 @@ def test_cancel_keeps_history_and_close_aborts(model):
             await session.prompt("Hi")
 
     asyncio.run(main())
+
+
+def test_a_full_context_drops_the_oldest_exchanges_and_keeps_the_system_prompt(model):
+    with Context(model, sequences=2, max_model_len=120, **OPTIONS) as ctx:
+        session = ChatSession(ctx.get_sequence(), system_prompt="Agent 0.")
+        for turn in range(12):
+            before = session.num_shifted_messages
+            answer = session.prompt_sync(f"Question number {turn}?", **TURN)
+            assert len(session.sequence.token_ids) <= ctx.context_size
+            if session.num_shifted_messages > before:
+                break
+        assert session.num_shifted_messages >= 2 and turn > 1
+        assert session.messages[0] == {"role": "system", "content": "Agent 0."}
+        assert session.messages[-2]["content"] == f"Question number {turn}?"
+        assert "Question number 0?" not in [m["content"] for m in session.messages]
+        # The shifted turn answers as a fresh session holding the same (shortened) conversation.
+        fresh = ChatSession(ctx.get_sequence())
+        fresh.messages = session.messages[:-2]
+        assert fresh.prompt_sync(f"Question number {turn}?", **TURN) == answer
+        with pytest.raises(shoal.InvalidRequestError, match="max_tokens"):  # no room even after shifting
+            session.prompt_sync("One more?", max_tokens=500)
