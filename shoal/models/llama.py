@@ -14,7 +14,15 @@ from torch import nn
 from shoal.errors import ModelLoadError
 from shoal.models.config import ModelConfig
 from shoal.runner.attention import AttentionMetadata, paged_attention
-from shoal.runner.cpu_kernels import gemm, load_kernel, pack_weight
+from shoal.runner.cpu_kernels import (
+    gemm,
+    load_kernel,
+    pack_weight,
+    paged_attention_c,
+    rms_norm_c,
+    rope_store_c,
+    silu_mul_c,
+)
 
 MKL_PACK_HINT = 64
 
@@ -39,12 +47,15 @@ class Linear(nn.Linear):
         else:
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACK_HINT)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """linear(x), or residual + linear(x) (computed in place in residual on the C path)."""
         if self.kernel is not None:
-            return gemm(self.kernel, x, self.packed, self.out_features, self.bias)
+            return gemm(self.kernel, x, self.packed, self.out_features, self.bias, out=residual)
         if self.packed is not None:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, MKL_PACK_HINT)
-        return F.linear(x, self.weight, self.bias)
+            y = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, MKL_PACK_HINT)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,6 +110,8 @@ class DecoderLayer(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.kernel is not None:
+            return self.forward_c(x, cos, sin, kv_cache, meta)
         cfg = self.cfg
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
@@ -115,6 +128,32 @@ class DecoderLayer(nn.Module):
         h = rms_norm(x, self.post_attention_norm, cfg.rms_norm_eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+    def forward_c(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """forward() through shoal's C kernels (CPU, float32): a few fused calls instead of dozens of torch
+        ops, with the residual adds done inside the GEMMs (x is updated in place)."""
+        cfg, lib = self.cfg, meta.kernel
+        t = x.shape[0]
+        qkv = self.qkv_proj(rms_norm_c(lib, x, self.input_norm, cfg.rms_norm_eps))
+        q = qkv[:, : self.split[0]].view(t, cfg.num_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            k = qkv[:, self.split[0] : self.split[0] + self.split[1]].view(t, cfg.num_kv_heads, cfg.head_dim)
+            q.copy_(rms_norm(q, self.q_norm, cfg.rms_norm_eps))
+            k.copy_(rms_norm(k, self.k_norm, cfg.rms_norm_eps))
+        rope_store_c(lib, qkv, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping, cfg.num_heads)
+        attn = paged_attention_c(
+            lib,
+            q,
+            kv_cache[0],
+            kv_cache[1],
+            meta.row_table_offset,
+            meta.tables,
+            meta.row_positions,
+            self.scale,
+        )
+        x = self.o_proj(attn.view(t, -1), residual=x)
+        gate_up = self.gate_up_proj(rms_norm_c(lib, x, self.post_attention_norm, cfg.rms_norm_eps))
+        return self.down_proj(silu_mul_c(lib, gate_up), residual=x)
 
 
 class CausalLM(nn.Module):

@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from shoal.runner.cpu_kernels import paged_attention_c
-
 MIN_GEMM_ROWS = 4
 
 
@@ -102,19 +100,9 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D]. Writes k, v into the cache, returns [T, H, D]."""
+    """The torch path (CUDA, or CPU without shoal's C kernels, which DecoderLayer.forward_c uses instead).
+    q: [T, H, D]; k, v: [T, Hkv, D]. Writes k, v into the cache, returns [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    if meta.kernel is not None:
-        return paged_attention_c(
-            meta.kernel,
-            q.contiguous(),
-            k_cache,
-            v_cache,
-            meta.row_table_offset,
-            meta.tables,
-            meta.row_positions,
-            scale,
-        )
     t, h, d = q.shape
     hkv = k.shape[1]
     q = q.view(t, hkv, h // hkv, d)

@@ -1,6 +1,7 @@
-"""shoal's C kernels (paged attention, GEMM): compiled with the system C compiler on first use, cached by hash.
+"""shoal's C kernels (GEMM, paged attention, a decoder layer's element-wise ops): compiled with the system C
+compiler on first use, cached by hash.
 
-Both are batch-invariant by construction. Without a compiler (or on CUDA) the engine uses torch instead.
+All are batch-invariant by construction. Without a compiler (or on CUDA) the engine uses torch instead.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("shoal")
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "gemm.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "gemm.c", "layer_ops.c")]
+HEADERS = [Path(__file__).with_name("simd_math.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
 
@@ -51,7 +53,7 @@ def load_kernel() -> ctypes.CDLL | None:
             "no C compiler found: using slower torch kernels (install gcc for shoal's CPU kernels)"
         )
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     library = _cache_dir() / f"shoal-kernels-{key}.so"
     if not library.exists():
@@ -65,23 +67,18 @@ def load_kernel() -> ctypes.CDLL | None:
                 return None
             os.replace(built, library)  # atomic: concurrent builders never load half a file
     lib = ctypes.CDLL(str(library))
-    lib.paged_attention_f32.restype = None
-    lib.paged_attention_f32.argtypes = (
-        [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int]
-    )
-    lib.pack_weight_f32.restype = None
-    lib.pack_weight_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.gemm_f32.restype = None
-    lib.gemm_f32.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "paged_attention_f32": [ptr, i64, *[ptr] * 6, *[i64] * 5, f32, i32],
+        "pack_weight_f32": [ptr, i64, i64, ptr],
+        "gemm_f32": [ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32],
+        "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
+        "rope_store_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i32],
+        "silu_mul_f32": [ptr, i64, i64, ptr, i32],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = None, argtypes
     return lib
 
 
@@ -97,30 +94,47 @@ def pack_weight(lib, weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def gemm(lib, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) -> [M, N]; each output element is one ascending-k FMA chain."""
+def gemm(
+    lib,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N]; each output element is one ascending-k FMA chain. With `out`
+    (contiguous [M, N]), the result is added to it in place and `out` returned: out + (x @ W^T + bias)."""
     x = x.contiguous()
-    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    threads = torch.get_num_threads()
     lib.gemm_f32(
         x.data_ptr(),
         x.shape[0],
         x.shape[1],
         packed.data_ptr(),
         n,
-        bias.data_ptr() if bias is not None else None,
+        bias_ptr,
         out.data_ptr(),
-        torch.get_num_threads(),
+        accumulate,
+        threads,
     )
     return out
 
 
 def paged_attention_c(lib, q, k_cache, v_cache, row_table_offset, tables, positions, scale) -> torch.Tensor:
-    """q: [T, H, D] float32 contiguous; k_cache, v_cache: [NB, Hkv, B, D]; per row: its table's offset in
-    `tables` and its position (-1: padding row). Returns [T, H, D]."""
+    """q: [T, H, D] float32 with contiguous heads (rows may be strided, e.g. a view into the fused qkv);
+    k_cache, v_cache: [NB, Hkv, B, D]; per row: its table's offset in `tables` and its position (-1: padding
+    row). Returns [T, H, D]."""
     t, h, d = q.shape
-    out = torch.empty_like(q)
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    out = torch.empty(t, h, d, dtype=q.dtype)
     lib.paged_attention_f32(
         q.data_ptr(),
+        q.stride(0),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         out.data_ptr(),
@@ -135,4 +149,41 @@ def paged_attention_c(lib, q, k_cache, v_cache, row_table_offset, tables, positi
         scale,
         torch.get_num_threads(),
     )
+    return out
+
+
+def rms_norm_c(lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, dim] contiguous -> weight * (x / sqrt(mean(x^2) + eps)), row by row."""
+    out = torch.empty_like(x)
+    lib.rms_norm_f32(
+        x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads()
+    )
+    return out
+
+
+def rope_store_c(lib, qkv, cos, sin, k_cache, v_cache, slots, num_heads: int) -> None:
+    """qkv [T, (H + 2 Hkv) * D] contiguous: rotates its q and k heads in place (cos, sin: [T, D] contiguous)
+    and writes k and v to their slots in the caches [NB, Hkv, B, D]."""
+    _, num_kv_heads, block_size, d = k_cache.shape
+    lib.rope_store_f32(
+        qkv.data_ptr(),
+        qkv.shape[0],
+        num_heads,
+        num_kv_heads,
+        d,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        block_size,
+        torch.get_num_threads(),
+    )
+
+
+def silu_mul_c(lib, gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 I] contiguous (gate, then up) -> silu(gate) * up, [T, I]."""
+    inter = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
+    lib.silu_mul_f32(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads())
     return out

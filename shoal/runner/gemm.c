@@ -66,13 +66,17 @@ DEFINE_TILE(1, 1)
 
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *);
 
-/* Writes rows row..row+rows of the tile into y, for the columns of panels p..p+panels that exist. */
+/* Writes rows row..row+rows of the tile into y (adds them to y when accumulate), for the columns of panels
+ * p..p+panels that exist. */
 static void store(float *y, int64_t n, int64_t row, int64_t rows, int64_t p, int panels, const float *tile,
-                  const float *bias) {
+                  const float *bias, int accumulate) {
     const int64_t col0 = p * PANEL, col1 = (p + panels) * PANEL < n ? (p + panels) * PANEL : n;
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t col = col0; col < col1; col++)
-            y[(row + r) * n + col] = tile[r * panels * PANEL + col - col0] + (bias ? bias[col] : 0.0f);
+        for (int64_t col = col0; col < col1; col++) {
+            const float v = tile[r * panels * PANEL + col - col0] + (bias ? bias[col] : 0.0f);
+            float *out = y + (row + r) * n + col;
+            *out = accumulate ? *out + v : v;
+        }
 }
 
 /* Rows are taken in blocks that stay in cache while every panel passes over them. */
@@ -86,7 +90,7 @@ static int tile_rows(int64_t left) { return left >= 6 ? 6 : left == 5 ? 3 : (int
 /* `rows` rows against panel p (and p + 1 when two). Single-panel tiles take the pair one panel at a time,
  * two-panel tiles both at once; the last odd panel runs row by row. */
 static void run_tile(const float *x, int64_t k, const float *packed, int64_t n, int64_t p, int two, int64_t row,
-                     int rows, const float *bias, float *y) {
+                     int rows, const float *bias, float *y, int accumulate) {
     float tile[ROWS * 2 * PANEL];
     const float *b = packed + p * k * PANEL;
     const float *a = x + row * k;
@@ -94,31 +98,32 @@ static void run_tile(const float *x, int64_t k, const float *packed, int64_t n, 
         const tile_fn fn = rows == 6 ? tile_6x1 : tile_4x1;
         for (int q = 0; q <= two; q++) {
             fn(a, k, b + q * k * PANEL, k, tile);
-            store(y, n, row, rows, p + q, 1, tile, bias);
+            store(y, n, row, rows, p + q, 1, tile, bias, accumulate);
         }
     } else if (!two) {
         for (int r = 0; r < rows; r++) {
             tile_1x1(a + r * k, k, b, k, tile);
-            store(y, n, row + r, 1, p, 1, tile, bias);
+            store(y, n, row + r, 1, p, 1, tile, bias, accumulate);
         }
     } else {
         const tile_fn fn = rows == 3 ? tile_3x2 : rows == 2 ? tile_2x2 : tile_1x2;
         fn(a, k, b, k, tile);
-        store(y, n, row, rows, p, 2, tile, bias);
+        store(y, n, row, rows, p, 2, tile, bias, accumulate);
     }
 }
 
 static void panel_pair(const float *x, int64_t row0, int64_t row1, int64_t k, const float *packed, int64_t n,
-                       int64_t panels, int64_t p, const float *bias, float *y) {
+                       int64_t panels, int64_t p, const float *bias, float *y, int accumulate) {
     for (int64_t row = row0; row < row1;) {
         const int rows = tile_rows(row1 - row);
-        run_tile(x, k, packed, n, p, p + 1 < panels, row, rows, bias, y);
+        run_tile(x, k, packed, n, p, p + 1 < panels, row, rows, bias, y, accumulate);
         row += rows;
     }
 }
 
+/* accumulate: y += x @ W^T (+ bias), each element y + (its chain + bias), as torch's `y + linear(x)`. */
 void gemm_f32(const float *x, int64_t m, int64_t k, const float *packed, int64_t n, const float *bias, float *y,
-              int num_threads) {
+              int accumulate, int num_threads) {
     const int64_t panels = (n + PANEL - 1) / PANEL;
     const int64_t pairs = (panels + 1) / 2;
 #pragma omp parallel num_threads(num_threads)
@@ -126,6 +131,6 @@ void gemm_f32(const float *x, int64_t m, int64_t k, const float *packed, int64_t
         const int64_t row1 = row0 + ROW_BLOCK < m ? row0 + ROW_BLOCK : m;
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < pairs; pair++)
-            panel_pair(x, row0, row1, k, packed, n, panels, 2 * pair, bias, y);
+            panel_pair(x, row0, row1, k, packed, n, panels, 2 * pair, bias, y, accumulate);
     }
 }

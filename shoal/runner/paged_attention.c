@@ -8,9 +8,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "simd_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 /* Scores of 8 consecutive keys (stride D) against q: each key's dot product is one FMA chain over head_dim
@@ -27,26 +26,6 @@ static inline __m256 dot8(const float *q, const float *k, int64_t D) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-/* e^x for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6 polynomial,
- * within 2 ulp; 0 below -87. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 #endif
 
 /* q . k over head_dim, one sequential chain (the portable path). */
@@ -151,7 +130,8 @@ static void weighted_sum(const float *p, int64_t len, const float *v_cache, cons
 #undef V_ROW
 }
 
-void paged_attention_f32(const float *q, const float *k_cache, const float *v_cache, float *out,
+/* q: rows of q_stride floats whose first num_heads * head_dim are the query heads; out: [rows, heads, D]. */
+void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, float *out,
                          const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
                          int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                          int64_t block_size, float scale, int num_threads) {
@@ -168,7 +148,7 @@ void paged_attention_f32(const float *q, const float *k_cache, const float *v_ca
         }
         const int64_t len = pos + 1;
         const int64_t *table = tables + row_table_offset[row];
-        const float *qh = q + (row * num_heads + kvh * group) * D;
+        const float *qh = q + row * q_stride + kvh * group * D;
         float *scores = malloc(sizeof(float) * group * len);
         scores_for(qh, group, k_cache, table, kvh, num_kv_heads, block_size, D, len, scale, scores);
         for (int64_t h = 0; h < group; h++) softmax(scores + h * len, len);

@@ -1,0 +1,87 @@
+/* The element-wise parts of a decoder layer, one call each instead of several torch ops: RMSNorm, rotary
+ * embedding fused with the KV-cache write, and SiLU(gate) * up. Each row is computed on its own in a fixed
+ * order, so a row's result does not depend on the batch. */
+#include <math.h>
+#include <stdint.h>
+
+#include "simd_math.h"
+
+#define PARALLEL_MIN_FLOATS 65536 /* smaller inputs run on one thread: waking the others costs more */
+
+/* out = weight * (x * 1 / sqrt(mean(x^2) + eps)), per row, in that order of operations (as transformers). */
+void rms_norm_f32(const float *x, int64_t rows, int64_t dim, const float *weight, float eps, float *out,
+                  int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * dim >= PARALLEL_MIN_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        float total = 0.0f;
+        int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 acc = _mm256_setzero_ps();
+        for (; d + 8 <= dim; d += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + d);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        for (int i = 0; i < 8; i++) total += lanes[i];
+#endif
+        for (; d < dim; d++) total += xr[d] * xr[d];
+        const float inv = 1.0f / sqrtf(total / (float)dim + eps);
+        for (d = 0; d < dim; d++) o[d] = weight[d] * (xr[d] * inv);
+    }
+}
+
+/* Rotates one head in place, Hugging Face's rotate-half convention: x * cos + rotate_half(x) * sin. */
+static void rotate(float *x, const float *cos, const float *sin, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] + -b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* qkv: [rows, (H + 2 * Hkv) * D] as the fused projection gives it. Rotates the q and k heads in place with
+ * cos, sin [rows, D], then writes k and v to their slot (block * block_size + offset) in the caches
+ * [blocks, Hkv, block_size, D]. */
+void rope_store_f32(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t D, const float *cos,
+                    const float *sin, float *k_cache, float *v_cache, const int64_t *slots, int64_t block_size,
+                    int num_threads) {
+    const int64_t stride = (num_heads + 2 * num_kv_heads) * D;
+#pragma omp parallel for num_threads(num_threads) if (rows * stride >= PARALLEL_MIN_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = qkv + r * stride;
+        const float *c = cos + r * D, *s = sin + r * D;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; h++) rotate(row + h * D, c, s, D);
+        const int64_t block = slots[r] / block_size, offset = slots[r] % block_size;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const int64_t at = ((block * num_kv_heads + h) * block_size + offset) * D;
+            const float *k = row + (num_heads + h) * D, *v = row + (num_heads + num_kv_heads + h) * D;
+            for (int64_t d = 0; d < D; d++) {
+                k_cache[at + d] = k[d];
+                v_cache[at + d] = v[d];
+            }
+        }
+    }
+}
+
+/* gate_up: [rows, 2 * inter] (gate, then up); out: [rows, inter] = gate / (1 + e^-gate) * up. */
+void silu_mul_f32(const float *gate_up, int64_t rows, int64_t inter, float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * inter >= PARALLEL_MIN_FLOATS)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * inter, *u = g + inter;
+        float *o = out + r * inter;
+        int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+        for (; i + 8 <= inter; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
