@@ -13,6 +13,13 @@
 
 #define PANEL 16
 
+/* The panels a thread needs next, brought into cache one line at a time while it computes the current ones.
+ * The lines are spread evenly over all of a pair's passes: fetching them in bursts was measured slower. */
+struct prefetch {
+    const char *next, *end;
+    int every, countdown; /* one line every `every` k steps */
+};
+
 void pack_weight_f32(const float *w, int64_t n, int64_t k, float *packed) {
     const int64_t panels = (n + PANEL - 1) / PANEL;
     memset(packed, 0, sizeof(float) * panels * k * PANEL);
@@ -28,10 +35,20 @@ void pack_weight_f32(const float *w, int64_t n, int64_t k, float *packed) {
 /* Fixed-count loops unrolled early, so GCC keeps the accumulator array in registers. */
 #define UNROLL _Pragma("GCC unroll 16")
 #define DEFINE_TILE(R, P)                                                                                        \
-    static void tile_##R##x##P(const float *a, int64_t lda, const float *b, int64_t k, float *out) {             \
+    static void tile_##R##x##P(const float *a, int64_t lda, const float *b, int64_t k, float *out,               \
+                               struct prefetch *pf) {                                                            \
         __m256 c[R][2 * P];                                                                                      \
+        const char *next = pf->next, *end = pf->end;                                                             \
+        int countdown = pf->countdown;                                                                           \
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int j = 0; j < 2 * P; j++) c[r][j] = _mm256_setzero_ps(); \
         for (int64_t i = 0; i < k; i++) {                                                                        \
+            if (--countdown == 0) {                                                                              \
+                countdown = pf->every;                                                                           \
+                if (next < end) {                                                                                \
+                    _mm_prefetch(next, _MM_HINT_T0);                                                             \
+                    next += 64;                                                                                  \
+                }                                                                                                \
+            }                                                                                                    \
             UNROLL for (int r = 0; r < R; r++) {                                                                 \
                 const __m256 x = _mm256_broadcast_ss(a + r * lda + i);                                           \
                 UNROLL for (int p = 0; p < P; p++) {                                                             \
@@ -43,17 +60,21 @@ void pack_weight_f32(const float *w, int64_t n, int64_t k, float *packed) {
         }                                                                                                        \
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int j = 0; j < 2 * P; j++)                                \
             _mm256_storeu_ps(out + r * P * PANEL + j * 8, c[r][j]);                                              \
+        pf->next = next;                                                                                         \
+        pf->countdown = countdown;                                                                               \
     }
 #else
-#define DEFINE_TILE(R, P)                                                                                   \
-    static void tile_##R##x##P(const float *a, int64_t lda, const float *b, int64_t k, float *out) {        \
-        for (int r = 0; r < R; r++)                                                                         \
-            for (int j = 0; j < P * PANEL; j++) {                                                           \
-                const float *bp = b + (j / PANEL) * k * PANEL + j % PANEL;                                  \
-                float acc = 0.0f;                                                                           \
-                for (int64_t i = 0; i < k; i++) acc = __builtin_fmaf(a[r * lda + i], bp[i * PANEL], acc);   \
-                out[r * P * PANEL + j] = acc;                                                               \
-            }                                                                                               \
+#define DEFINE_TILE(R, P)                                                                                 \
+    static void tile_##R##x##P(const float *a, int64_t lda, const float *b, int64_t k, float *out,        \
+                               struct prefetch *pf) {                                                     \
+        (void)pf;                                                                                         \
+        for (int r = 0; r < R; r++)                                                                       \
+            for (int j = 0; j < P * PANEL; j++) {                                                         \
+                const float *bp = b + (j / PANEL) * k * PANEL + j % PANEL;                                \
+                float acc = 0.0f;                                                                         \
+                for (int64_t i = 0; i < k; i++) acc = __builtin_fmaf(a[r * lda + i], bp[i * PANEL], acc); \
+                out[r * P * PANEL + j] = acc;                                                             \
+            }                                                                                             \
     }
 #endif
 
@@ -64,7 +85,7 @@ DEFINE_TILE(2, 2)
 DEFINE_TILE(1, 2)
 DEFINE_TILE(1, 1)
 
-typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *);
+typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *, struct prefetch *);
 
 /* Writes rows row..row+rows of the tile into y (adds them to y when accumulate), for the columns of panels
  * p..p+panels that exist. */
@@ -90,33 +111,43 @@ static int tile_rows(int64_t left) { return left >= 6 ? 6 : left == 5 ? 3 : (int
 /* `rows` rows against panel p (and p + 1 when two). Single-panel tiles take the pair one panel at a time,
  * two-panel tiles both at once; the last odd panel runs row by row. */
 static void run_tile(const float *x, int64_t k, const float *packed, int64_t n, int64_t p, int two, int64_t row,
-                     int rows, const float *bias, float *y, int accumulate) {
+                     int rows, const float *bias, float *y, int accumulate, struct prefetch *pf) {
     float tile[ROWS * 2 * PANEL];
     const float *b = packed + p * k * PANEL;
     const float *a = x + row * k;
     if (rows == 6 || rows == 4) {
         const tile_fn fn = rows == 6 ? tile_6x1 : tile_4x1;
         for (int q = 0; q <= two; q++) {
-            fn(a, k, b + q * k * PANEL, k, tile);
+            fn(a, k, b + q * k * PANEL, k, tile, pf);
             store(y, n, row, rows, p + q, 1, tile, bias, accumulate);
         }
     } else if (!two) {
         for (int r = 0; r < rows; r++) {
-            tile_1x1(a + r * k, k, b, k, tile);
+            tile_1x1(a + r * k, k, b, k, tile, pf);
             store(y, n, row + r, 1, p, 1, tile, bias, accumulate);
         }
     } else {
         const tile_fn fn = rows == 3 ? tile_3x2 : rows == 2 ? tile_2x2 : tile_1x2;
-        fn(a, k, b, k, tile);
+        fn(a, k, b, k, tile, pf);
         store(y, n, row, rows, p, 2, tile, bias, accumulate);
     }
 }
 
 static void panel_pair(const float *x, int64_t row0, int64_t row1, int64_t k, const float *packed, int64_t n,
                        int64_t panels, int64_t p, const float *bias, float *y, int accumulate) {
+    int passes = 0; /* over the k range: a single-panel tile makes two, one per panel */
     for (int64_t row = row0; row < row1;) {
         const int rows = tile_rows(row1 - row);
-        run_tile(x, k, packed, n, p, p + 1 < panels, row, rows, bias, y, accumulate);
+        passes += rows == 6 || rows == 4 ? 2 : 1;
+        row += rows;
+    }
+    const int64_t next = p + 2 < panels ? p + 2 : panels, end = p + 4 < panels ? p + 4 : panels;
+    const int every = passes / 2 > 0 ? passes / 2 : 1; /* 2k lines to fetch over passes * k steps */
+    struct prefetch pf = {(const char *)(packed + next * k * PANEL), (const char *)(packed + end * k * PANEL),
+                          every, every};
+    for (int64_t row = row0; row < row1;) {
+        const int rows = tile_rows(row1 - row);
+        run_tile(x, k, packed, n, p, p + 1 < panels, row, rows, bias, y, accumulate, &pf);
         row += rows;
     }
 }
