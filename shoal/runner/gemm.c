@@ -141,7 +141,8 @@ static void panel_pair(const float *x, int64_t row0, int64_t row1, int64_t k, co
         passes += rows == 6 || rows == 4 ? 2 : 1;
         row += rows;
     }
-    const int64_t next = p + 2 < panels ? p + 2 : panels, end = p + 4 < panels ? p + 4 : panels;
+    /* A single pass streams at memory speed already: only several passes leave time to fetch ahead. */
+    const int64_t next = p + 2 < panels ? p + 2 : panels, end = passes < 2 ? next : p + 4 < panels ? p + 4 : panels;
     const int every = passes / 2 > 0 ? passes / 2 : 1; /* 2k lines to fetch over passes * k steps */
     struct prefetch pf = {(const char *)(packed + next * k * PANEL), (const char *)(packed + end * k * PANEL),
                           every, every};
