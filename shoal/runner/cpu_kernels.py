@@ -53,7 +53,11 @@ def load_kernel() -> ctypes.CDLL | None:
             "no C compiler found: using slower torch kernels (install gcc for shoal's CPU kernels)"
         )
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    try:
+        source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    except OSError as exc:
+        logger.warning("shoal's C kernel sources are missing (%s): using slower torch kernels", exc)
+        return None
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
     library = _cache_dir() / f"shoal-kernels-{key}.so"
     if not library.exists():
