@@ -31,3 +31,34 @@ def test_gemm_gives_each_row_the_same_bits_for_any_row_count_and_thread_count(n,
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(gemm(kernel, x[:5], packed, n, None) + bias, full[:5])  # the bias is added last
+
+
+def test_layer_ops_match_torch_and_do_not_depend_on_the_batch():
+    from shoal.models.llama import apply_rope, rms_norm
+    from shoal.runner.attention import write_kv
+    from shoal.runner.cpu_kernels import rms_norm_c, rope_store_c, silu_mul_c
+
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(9, 72, generator=g), torch.randn(72, generator=g)
+    normed = rms_norm_c(kernel, x, weight, 1e-5)
+    torch.testing.assert_close(normed, rms_norm(x, weight, 1e-5), rtol=1e-5, atol=1e-6)
+    assert torch.equal(rms_norm_c(kernel, x[4:6].contiguous(), weight, 1e-5), normed[4:6])
+
+    gate_up = torch.randn(9, 2 * 44, generator=g) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul_c(kernel, gate_up), torch.nn.functional.silu(gate) * up)
+
+    heads, kv_heads, d, block = 4, 2, 16, 8
+    qkv = torch.randn(9, (heads + 2 * kv_heads) * d, generator=g)
+    angles = torch.rand(9, d // 2, generator=g) * 6
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    slots = torch.randperm(5 * block, generator=g)[:9]
+    caches = [torch.zeros(5, kv_heads, block, d) for _ in range(4)]
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q_ref = apply_rope(q.reshape(9, heads, d), cos[:, None], sin[:, None])
+    k_ref = apply_rope(k.reshape(9, kv_heads, d), cos[:, None], sin[:, None])
+    write_kv(caches[2], caches[3], k_ref, v.reshape(9, kv_heads, d), slots)
+    fused = qkv.clone()
+    rope_store_c(kernel, fused, cos, sin, caches[0], caches[1], slots, heads)
+    assert torch.equal(fused[:, : heads * d].view(9, heads, d), q_ref)  # the same operations, in the same order
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
