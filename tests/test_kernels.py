@@ -60,5 +60,7 @@ def test_layer_ops_match_torch_and_do_not_depend_on_the_batch():
     write_kv(caches[2], caches[3], k_ref, v.reshape(9, kv_heads, d), slots)
     fused = qkv.clone()
     rope_store_c(kernel, fused, cos, sin, caches[0], caches[1], slots, heads)
-    assert torch.equal(fused[:, : heads * d].view(9, heads, d), q_ref)  # the same operations, in the same order
+    assert torch.equal(
+        fused[:, : heads * d].view(9, heads, d), q_ref
+    )  # the same operations, in the same order
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
