@@ -84,3 +84,30 @@ def test_a_row_is_bit_identical_however_the_prompt_is_chunked(tiny_dirs, c_kerne
     whole = shoal_logits(model, ids, chunks=[40], c_kernel=c_kernel)
     for chunks in ([1, 39], [16, 16, 8], [5], [33, 7]):
         assert torch.equal(shoal_logits(model, ids, chunks=chunks, c_kernel=c_kernel), whole), chunks
+
+
+def test_gguf_with_rope_freqs_matches_transformers_llama3_rope_scaling(tiny_dirs, tmp_path):
+    """Llama 3.1-style GGUFs carry rope scaling as a rope_freqs tensor; transformers reads the scaling from
+    config.json. Positions up to 40 against an original context of 16 exercise every branch of it."""
+    import json
+    import shutil
+
+    hf_dir = tmp_path / "llama3-rope"
+    shutil.copytree(tiny_dirs["llama"], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    model = shoal.load_model(write_gguf(str(hf_dir), tmp_path / "llama3-rope.gguf"))
+    assert model.config.rope_scaling is None and model.config.rope_freq_factors  # from the tensor alone
+    ids = prompt_ids(model)
+    ref = reference_logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids)
+    plain = reference_logits(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval(), ids)
+    assert (ref - plain).abs().max() > 1e-2  # the scaling really changes the logits
+    torch.testing.assert_close(shoal_logits(model, ids, chunks=[17, 9]), ref, rtol=0, atol=TOL)

@@ -6,6 +6,7 @@ Helpers for tests, not tests. Everything is built in-process (no network, no dow
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -192,11 +193,32 @@ def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
             data = llama_cpp_permute(data, hf["num_key_value_heads"])
         qt = target if data.ndim == 2 else gguf.GGMLQuantizationType.F32
         writer.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(data, qt), raw_dtype=qt)
+    if (hf.get("rope_parameters") or {}).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(hf))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return str(out_path)
+
+
+def llama3_rope_factors(hf: dict) -> np.ndarray:
+    """Llama 3.1 rope scaling as llama.cpp's converter stores it: one divisor per rotary frequency."""
+    rope = hf["rope_parameters"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * rope["rope_theta"] ** (i / head_dim)
+        if wavelen < old_len / high:
+            factors.append(1.0)
+        elif wavelen > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def _write_model_metadata(writer, arch: str, hf: dict) -> None:

@@ -27,6 +27,7 @@ class ModelConfig:
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool  # RMSNorm on each head's q and k (Qwen3)
     rope_scaling: dict[str, Any] | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # divisors of the rotary frequencies (GGUF rope_freqs)
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)

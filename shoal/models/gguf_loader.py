@@ -25,6 +25,7 @@ GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+ROPE_FREQS = "rope_freqs.weight"
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -140,16 +141,17 @@ def gguf_weights(
     reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int
 ) -> dict[str, torch.Tensor]:
     arch = field(reader, "general.architecture")
-    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None]
+    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None and t.name != ROPE_FREQS]
     if unknown:
-        hint = " (Llama 3.1-style rope scaling)" if "rope_freqs.weight" in unknown else ""
         raise ModelLoadError(
-            f"{path} has tensors shoal does not know: {', '.join(unknown[:5])}{hint}; "
+            f"{path} has tensors shoal does not know: {', '.join(unknown[:5])}; "
             "load the model's original safetensors checkpoint instead"
         )
     weights = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
+        if name is None:
+            continue  # rope_freqs: read by gguf_rope_factors
         try:
             values = dequantize_tensor(tensor)
         except Exception as e:
@@ -163,6 +165,13 @@ def gguf_weights(
             values = unpermute_qk(values, num_kv_heads)
         weights[name] = torch.from_numpy(np.array(values, dtype=np.float32, order="C"))
     return weights
+
+
+def gguf_rope_factors(reader: GGUFReader) -> tuple[float, ...] | None:
+    """llama.cpp's rope_freqs tensor (how its converter stores Llama 3.1 rope scaling): one divisor per
+    rotary frequency, or None."""
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    return None if tensor is None else tuple(float(v) for v in dequantize_tensor(tensor).reshape(-1))
 
 
 def gguf_tokenizer(reader: GGUFReader, path: Path) -> PreTrainedTokenizerBase:

@@ -67,6 +67,13 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     inv_freq = 1.0 / (
         cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
     )
+    if cfg.rope_freq_factors is not None:
+        if len(cfg.rope_freq_factors) != len(inv_freq):
+            raise ModelLoadError(
+                f"rope_freqs holds {len(cfg.rope_freq_factors)} factors, the model needs {len(inv_freq)} "
+                "(head_dim / 2); is the file complete?"
+            )
+        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":

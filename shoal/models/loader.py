@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,13 @@ import torch
 
 from shoal.errors import ModelLoadError
 from shoal.models.config import ModelConfig
-from shoal.models.gguf_loader import gguf_hf_config, gguf_tokenizer, gguf_weights, open_gguf
+from shoal.models.gguf_loader import (
+    gguf_hf_config,
+    gguf_rope_factors,
+    gguf_tokenizer,
+    gguf_weights,
+    open_gguf,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -187,7 +193,7 @@ def _hf_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 def load_gguf(path: Path) -> Checkpoint:
     reader = open_gguf(path)
     hf_config = gguf_hf_config(reader, path)
-    config = ModelConfig.from_hf(hf_config)
+    config = replace(ModelConfig.from_hf(hf_config), rope_freq_factors=gguf_rope_factors(reader))
     weights = gguf_weights(reader, path, config.num_heads, config.num_kv_heads)
     weights = checked_weights(config, weights, path)
     return Checkpoint(config, weights, gguf_tokenizer(reader, path), str(path), hf_config)
