@@ -111,3 +111,24 @@ def test_gguf_with_rope_freqs_matches_transformers_llama3_rope_scaling(tiny_dirs
     plain = reference_logits(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).eval(), ids)
     assert (ref - plain).abs().max() > 1e-2  # the scaling really changes the logits
     torch.testing.assert_close(shoal_logits(model, ids, chunks=[17, 9]), ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
+def test_sliding_window_attention_matches_transformers(tiny_dirs, tmp_path, c_kernel):
+    """Mistral with a window of 8: past position 8 each row sees only its last 8 keys, in prefill and decode."""
+    import json
+    import shutil
+
+    hf_dir = tmp_path / "mistral-window"
+    shutil.copytree(tiny_dirs["mistral"], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["sliding_window"] = 8
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    model = shoal.load_model(str(hf_dir))
+    assert model.config.layer_windows == (8, 8)
+    ids = prompt_ids(model)
+    ref = reference_logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids)
+    full = reference_logits(AutoModelForCausalLM.from_pretrained(tiny_dirs["mistral"]).eval(), ids)
+    assert (ref[8:] - full[8:]).abs().max() > 1e-2 and torch.equal(ref[:8], full[:8])
+    ours = shoal_logits(model, ids, chunks=[17, 9], c_kernel=c_kernel)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=TOL)

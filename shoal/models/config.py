@@ -29,6 +29,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     rope_freq_factors: tuple[float, ...] | None = None  # divisors of the rotary frequencies (GGUF rope_freqs)
     sliding_window: int | None = None
+    layer_windows: tuple[int, ...] = ()  # per layer: its sliding window, 0 for full attention
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -49,6 +50,7 @@ class ModelConfig:
         rope_scaling = hf.get("rope_scaling") or (
             rope_params if rope_params.get("rope_type", "default") != "default" else None
         )
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -65,7 +67,20 @@ class ModelConfig:
             attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+            sliding_window=window,
+            layer_windows=layer_windows(hf, window),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+
+def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), as transformers applies them: from `layer_types` when
+    the config lists them; else Qwen's layers from max_window_layers on, or every layer (Mistral)."""
+    layers = hf["num_hidden_layers"]
+    if not window:
+        return (0,) * layers
+    if types := hf.get("layer_types"):
+        return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    first = hf.get("max_window_layers", 0) if hf.get("model_type", "").startswith("qwen") else 0
+    return tuple(window if i >= first else 0 for i in range(layers))

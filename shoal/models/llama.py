@@ -100,9 +100,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.layer_windows[index] if cfg.layer_windows else 0  # sliding-window attention
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
@@ -130,7 +131,7 @@ class DecoderLayer(nn.Module):
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         x = x + self.o_proj(attn.reshape(t, -1))
         h = rms_norm(x, self.post_attention_norm, cfg.rms_norm_eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -157,6 +158,7 @@ class DecoderLayer(nn.Module):
             meta.tables,
             meta.row_positions,
             self.scale,
+            self.window,
         )
         x = self.o_proj(attn.view(t, -1), residual=x)
         gate_up = self.gate_up_proj(rms_norm_c(lib, x, self.post_attention_norm, cfg.rms_norm_eps))
@@ -168,7 +170,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

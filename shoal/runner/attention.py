@@ -64,7 +64,14 @@ def _masked_softmax(scores: torch.Tensor, key_ok: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(~key_ok, float("-inf")), dim=-1)
 
 
-def _prefill(q, k_cache, v_cache, table, positions, scale):
+def _visible(num_keys: int, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[rows, num_keys]: key j is visible from position p when j <= p (and j > p - window, if window)."""
+    keys = torch.arange(num_keys, device=positions.device)[None, :]
+    visible = keys <= positions[:, None]
+    return visible & (keys > positions[:, None] - window) if window else visible
+
+
+def _prefill(q, k_cache, v_cache, table, positions, scale, window):
     """q: [n, Hkv, g, D] for one sequence; table: [nb]; positions: [n]. Returns [n, Hkv, g, D]."""
     n, hkv, g, d = q.shape
     keys = k_cache[table].permute(1, 0, 3, 2)  # Hkv, nb, D, B
@@ -73,12 +80,12 @@ def _prefill(q, k_cache, v_cache, table, positions, scale):
     scores = torch.matmul(rows[:, None], keys)  # Hkv, nb, M, B
     scores = scores.permute(0, 2, 1, 3).reshape(hkv, rows.shape[1], -1)[:, : n * g]
     scores = scores.reshape(hkv, n, g, -1).permute(1, 0, 2, 3)  # n, Hkv, g, L
-    key_ok = torch.arange(scores.shape[-1], device=q.device)[None, :] <= positions[:, None]
+    key_ok = _visible(scores.shape[-1], positions, window)
     probs = _masked_softmax(scores, key_ok[:, None, None, :])
     return torch.matmul(probs, values)
 
 
-def _decode(q, k_cache, v_cache, tables, positions, scale):
+def _decode(q, k_cache, v_cache, tables, positions, scale, window):
     """q: [R, Hkv, g, D], one row per sequence; tables: [R, nb]; positions: [R]. Returns [R, Hkv, g, D]."""
     r, hkv, g, d = q.shape
     keys = k_cache[tables].permute(0, 2, 1, 4, 3)  # R, Hkv, nb, D, B
@@ -86,7 +93,7 @@ def _decode(q, k_cache, v_cache, tables, positions, scale):
     rows = _pad_rows(q * scale, 2)  # R, Hkv, M, D
     scores = torch.matmul(rows[:, :, None], keys)  # R, Hkv, nb, M, B
     scores = scores.permute(0, 1, 3, 2, 4).reshape(r, hkv, rows.shape[2], -1)[:, :, :g]  # R, Hkv, g, L
-    key_ok = torch.arange(scores.shape[-1], device=q.device)[None, :] <= positions[:, None]
+    key_ok = _visible(scores.shape[-1], positions, window)
     probs = _masked_softmax(scores, key_ok[:, None, None, :])
     return torch.matmul(probs, values)
 
@@ -99,9 +106,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
     """The torch path (CUDA, or CPU without shoal's C kernels, which DecoderLayer.forward_c uses instead).
-    q: [T, H, D]; k, v: [T, Hkv, D]. Writes k, v into the cache, returns [T, H, D]."""
+    q: [T, H, D]; k, v: [T, Hkv, D]. Writes k, v into the cache, returns [T, H, D]. window > 0: each row
+    sees only its last `window` keys."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     t, h, d = q.shape
     hkv = k.shape[1]
@@ -109,7 +118,11 @@ def paged_attention(
     out = torch.zeros_like(q)
     if meta.decode_rows is not None:
         rows = meta.decode_rows
-        out[rows] = _decode(q[rows], k_cache, v_cache, meta.decode_tables, meta.decode_positions, scale)
+        out[rows] = _decode(
+            q[rows], k_cache, v_cache, meta.decode_tables, meta.decode_positions, scale, window
+        )
     for start, n, table, positions in meta.prefills:
-        out[start : start + n] = _prefill(q[start : start + n], k_cache, v_cache, table, positions, scale)
+        out[start : start + n] = _prefill(
+            q[start : start + n], k_cache, v_cache, table, positions, scale, window
+        )
     return out.view(t, h, d)

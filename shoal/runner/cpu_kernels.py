@@ -73,7 +73,7 @@ def load_kernel() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(library))
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
-        "paged_attention_f32": [ptr, i64, *[ptr] * 6, *[i64] * 5, f32, i32],
+        "paged_attention_f32": [ptr, i64, *[ptr] * 6, *[i64] * 6, f32, i32],
         "pack_weight_f32": [ptr, i64, i64, ptr],
         "gemm_f32": [ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32],
         "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
@@ -128,10 +128,12 @@ def gemm(
     return out
 
 
-def paged_attention_c(lib, q, k_cache, v_cache, row_table_offset, tables, positions, scale) -> torch.Tensor:
+def paged_attention_c(
+    lib, q, k_cache, v_cache, row_table_offset, tables, positions, scale: float, window: int = 0
+) -> torch.Tensor:
     """q: [T, H, D] float32 with contiguous heads (rows may be strided, e.g. a view into the fused qkv);
     k_cache, v_cache: [NB, Hkv, B, D]; per row: its table's offset in `tables` and its position (-1: padding
-    row). Returns [T, H, D]."""
+    row). window > 0: each row sees only its last `window` keys (sliding-window attention). Returns [T, H, D]."""
     t, h, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
@@ -150,6 +152,7 @@ def paged_attention_c(lib, q, k_cache, v_cache, row_table_offset, tables, positi
         k_cache.shape[1],
         d,
         k_cache.shape[2],
+        window,
         scale,
         torch.get_num_threads(),
     )

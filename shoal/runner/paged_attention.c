@@ -35,38 +35,36 @@ static inline float dot(const float *q, const float *k, int64_t D) {
     return acc;
 }
 
-/* scores[h * len + j] = scale * q_h . k_j for the group's heads and keys 0..len-1, in ascending key order.
- * Keys go 8 at a time when blocks hold a multiple of 8; the last group may read past len inside its block
- * (those lanes are dropped). */
+/* scores[h * n + j - lo] = scale * q_h . k_j for the group's heads and keys j = lo..hi-1 (n = hi - lo), in
+ * ascending key order. Keys go 8 at a time from a multiple of 8 when blocks hold a multiple of 8; a group may
+ * read keys outside the range inside its block (those lanes are dropped). */
 static void scores_for(const float *qh, int64_t group, const float *k_cache, const int64_t *table, int64_t kvh,
-                       int64_t num_kv_heads, int64_t block_size, int64_t D, int64_t len, float scale,
+                       int64_t num_kv_heads, int64_t block_size, int64_t D, int64_t lo, int64_t hi, float scale,
                        float *scores) {
+    const int64_t n = hi - lo;
+#define K_ROW(j) (k_cache + ((table[(j) / block_size] * num_kv_heads + kvh) * block_size + (j) % block_size) * D)
 #if defined(__AVX2__) && defined(__FMA__)
     if (D % 8 == 0 && block_size % 8 == 0) {
         const __m256 s = _mm256_set1_ps(scale);
         float lanes[8];
-        for (int64_t j = 0; j < len; j += 8) {
-            const float *k = k_cache + ((table[j / block_size] * num_kv_heads + kvh) * block_size + j % block_size) * D;
-            const int64_t n = len - j < 8 ? len - j : 8;
+        for (int64_t j = lo - lo % 8; j < hi; j += 8) {
+            const int64_t first = j < lo ? lo - j : 0, last = hi - j < 8 ? hi - j : 8; /* lanes kept */
             for (int64_t h = 0; h < group; h++) {
-                const __m256 v = _mm256_mul_ps(dot8(qh + h * D, k, D), s);
-                if (n == 8) {
-                    _mm256_storeu_ps(scores + h * len + j, v);
+                const __m256 v = _mm256_mul_ps(dot8(qh + h * D, K_ROW(j), D), s);
+                if (first == 0 && last == 8) {
+                    _mm256_storeu_ps(scores + h * n + j - lo, v);
                 } else {
                     _mm256_storeu_ps(lanes, v);
-                    memcpy(scores + h * len + j, lanes, sizeof(float) * n);
+                    memcpy(scores + h * n + j + first - lo, lanes + first, sizeof(float) * (last - first));
                 }
             }
         }
         return;
     }
 #endif
-    for (int64_t b = 0, j = 0; j < len; b++) {
-        const float *k = k_cache + (table[b] * num_kv_heads + kvh) * block_size * D;
-        const int64_t end = j + block_size < len ? j + block_size : len;
-        for (; j < end; j++, k += D)
-            for (int64_t h = 0; h < group; h++) scores[h * len + j] = dot(qh + h * D, k, D) * scale;
-    }
+    for (int64_t j = lo; j < hi; j++)
+        for (int64_t h = 0; h < group; h++) scores[h * n + j - lo] = dot(qh + h * D, K_ROW(j), D) * scale;
+#undef K_ROW
 }
 
 /* In place: s[0..len) -> softmax(s), with a fixed order of operations for a given len. */
@@ -95,19 +93,19 @@ static void softmax(float *s, int64_t len) {
     for (j = 0; j < len; j++) s[j] *= inv;
 }
 
-/* out = sum_j p[j] * v_j over keys in ascending order, each output value its own chain. */
-static void weighted_sum(const float *p, int64_t len, const float *v_cache, const int64_t *table, int64_t kvh,
-                         int64_t num_kv_heads, int64_t block_size, int64_t D, float *out) {
+/* out = sum of p[j - lo] * v_j over keys j = lo..hi-1 in ascending order, each output value its own chain. */
+static void weighted_sum(const float *p, int64_t lo, int64_t hi, const float *v_cache, const int64_t *table,
+                         int64_t kvh, int64_t num_kv_heads, int64_t block_size, int64_t D, float *out) {
 #define V_ROW(j) (v_cache + ((table[(j) / block_size] * num_kv_heads + kvh) * block_size + (j) % block_size) * D)
 #if defined(__AVX2__) && defined(__FMA__)
     if (D % 32 == 0) {
         for (int64_t d0 = 0; d0 < D; d0 += 32) {
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-            for (int64_t b = 0, j = 0; j < len; b++) {
-                const float *v = v_cache + (table[b] * num_kv_heads + kvh) * block_size * D + d0;
-                const int64_t end = j + block_size < len ? j + block_size : len;
+            for (int64_t j = lo; j < hi;) {
+                const float *v = V_ROW(j) + d0;
+                const int64_t block_end = (j / block_size + 1) * block_size, end = block_end < hi ? block_end : hi;
                 for (; j < end; j++, v += D) {
-                    const __m256 w = _mm256_set1_ps(p[j]);
+                    const __m256 w = _mm256_set1_ps(p[j - lo]);
                     a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
                     a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
                     a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
@@ -123,18 +121,19 @@ static void weighted_sum(const float *p, int64_t len, const float *v_cache, cons
     }
 #endif
     memset(out, 0, sizeof(float) * D);
-    for (int64_t j = 0; j < len; j++) {
+    for (int64_t j = lo; j < hi; j++) {
         const float *v = V_ROW(j);
-        for (int64_t d = 0; d < D; d++) out[d] += p[j] * v[d];
+        for (int64_t d = 0; d < D; d++) out[d] += p[j - lo] * v[d];
     }
 #undef V_ROW
 }
 
-/* q: rows of q_stride floats whose first num_heads * head_dim are the query heads; out: [rows, heads, D]. */
+/* q: rows of q_stride floats whose first num_heads * head_dim are the query heads; out: [rows, heads, D].
+ * window > 0: a row at position p sees only keys p - window + 1..p (sliding-window attention). */
 void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, float *out,
                          const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
                          int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         int64_t block_size, float scale, int num_threads) {
+                         int64_t block_size, int64_t window, float scale, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t D = head_dim;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads)
@@ -146,14 +145,14 @@ void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache,
             memset(o, 0, sizeof(float) * group * D);
             continue;
         }
-        const int64_t len = pos + 1;
+        const int64_t hi = pos + 1, lo = window > 0 && hi > window ? hi - window : 0, len = hi - lo;
         const int64_t *table = tables + row_table_offset[row];
         const float *qh = q + row * q_stride + kvh * group * D;
         float *scores = malloc(sizeof(float) * group * len);
-        scores_for(qh, group, k_cache, table, kvh, num_kv_heads, block_size, D, len, scale, scores);
+        scores_for(qh, group, k_cache, table, kvh, num_kv_heads, block_size, D, lo, hi, scale, scores);
         for (int64_t h = 0; h < group; h++) softmax(scores + h * len, len);
-        for (int64_t h = 0; h < group; h++) weighted_sum(scores + h * len, len, v_cache, table, kvh, num_kv_heads,
-                                                        block_size, D, o + h * D);
+        for (int64_t h = 0; h < group; h++)
+            weighted_sum(scores + h * len, lo, hi, v_cache, table, kvh, num_kv_heads, block_size, D, o + h * D);
         free(scores);
     }
 }
