@@ -2,10 +2,11 @@
 
 Each mode gets a fresh context (so no prefix-cache carry-over) on the same loaded model, greedy decoding,
 the same max_tokens. Greedy decoding is batch-invariant, so both modes produce the same answers and the
-same number of tokens; only the wall time differs. Prints both times and the speed-up; writes JSON to
---output (benchmarks/results/concurrency.json).
+same number of tokens; only the wall time differs. The two modes alternate for --rounds rounds (the
+machine's speed drifts), and the speed-up is the ratio of the median times. Prints every round, the
+medians and the speed-up; writes JSON to --output (benchmarks/results/concurrency.json).
 
-    python benchmarks/concurrency.py [--model PATH] [--max-tokens 64] [--sessions 16] [--threads N]
+    python benchmarks/concurrency.py [--model PATH] [--max-tokens 64] [--sessions 16] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--sessions", type=int, default=len(QUESTIONS))
+    parser.add_argument("--rounds", type=int, default=3, help="sequential + concurrent runs, alternated")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--output", default="benchmarks/results/concurrency.json")
     return parser.parse_args()
@@ -74,6 +76,10 @@ async def answer(model: shoal.LoadedModel, questions: list[str], max_tokens: int
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -81,21 +87,30 @@ def main() -> None:
     model = shoal.load_model(args.model)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.sessions)]
     asyncio.run(answer(model, questions[:2], 4, together=True))  # warm-up
-    sequential = asyncio.run(answer(model, questions, args.max_tokens, together=False))
-    print(f"sequential: {sequential['seconds']:7.2f}s  ({sequential['tokens_per_s']:.1f} tokens/s)")
-    concurrent = asyncio.run(answer(model, questions, args.max_tokens, together=True))
-    print(f"concurrent: {concurrent['seconds']:7.2f}s  ({concurrent['tokens_per_s']:.1f} tokens/s)")
+    runs: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
+    for round_ in range(1, args.rounds + 1):
+        for mode in runs:
+            run = asyncio.run(answer(model, questions, args.max_tokens, together=mode == "concurrent"))
+            runs[mode].append(run)
+            print(
+                f"round {round_} {mode + ':':12s} {run['seconds']:6.2f}s  ({run['tokens_per_s']:.1f} tokens/s)"
+            )
+    sequential, concurrent = (median_run(runs[mode]) for mode in runs)
     speedup = sequential["seconds"] / concurrent["seconds"]
-    same = sequential["answers"] == concurrent["answers"]
-    print(f"speed-up:   {speedup:.1f}x   (same answers: {same})")
+    answers = [run["answers"] for mode in runs for run in runs[mode]]
+    same = all(a == answers[0] for a in answers)
+    print(f"median sequential {sequential['seconds']:.2f}s, concurrent {concurrent['seconds']:.2f}s")
+    print(f"speed-up:   {speedup:.1f}x   (same answers in every run: {same})")
     result = {
         "model": model.name,
         "sessions": len(questions),
         "max_tokens": args.max_tokens,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "rounds": args.rounds,
         "sequential": {k: v for k, v in sequential.items() if k != "answers"},
         "concurrent": {k: v for k, v in concurrent.items() if k != "answers"},
+        "seconds": {mode: [run["seconds"] for run in runs[mode]] for mode in runs},
         "speedup": speedup,
         "same_answers": same,
     }
