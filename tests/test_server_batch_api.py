@@ -201,10 +201,12 @@ def test_batch_survives_kill_9(model, tmp_path):
 
 
 def _refused(url: str) -> bool:
+    """No new request is served: the connection is refused, or (accepted by the closing socket's backlog)
+    reset or closed without an answer."""
     try:
         httpx.get(url + "/health", timeout=1)
         return False
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
         return True
 
 
