@@ -28,7 +28,6 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm on each head's q and k (Qwen3)
     rope_scaling: dict[str, Any] | None = None
     rope_freq_factors: tuple[float, ...] | None = None  # divisors of the rotary frequencies (GGUF rope_freqs)
-    sliding_window: int | None = None
     layer_windows: tuple[int, ...] = ()  # per layer: its sliding window, 0 for full attention
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
@@ -67,7 +66,6 @@ class ModelConfig:
             attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             rope_scaling=rope_scaling,
-            sliding_window=window,
             layer_windows=layer_windows(hf, window),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -108,6 +108,9 @@ static void store(float *y, int64_t n, int64_t row, int64_t rows, int64_t p, int
  * (measured on a 2-core Zen 3: the two-panel tiles keep small remainders near memory speed). */
 static int tile_rows(int64_t left) { return left >= 6 ? 6 : left == 5 ? 3 : (int)left; }
 
+/* 6 and 4 rows take one panel at a time (two passes over k per pair); fewer rows take both panels at once. */
+static int single_panel(int rows) { return rows == 6 || rows == 4; }
+
 /* `rows` rows against panel p (and p + 1 when two). Single-panel tiles take the pair one panel at a time,
  * two-panel tiles both at once; the last odd panel runs row by row. */
 static void run_tile(const float *x, int64_t k, const float *packed, int64_t n, int64_t p, int two, int64_t row,
@@ -115,7 +118,7 @@ static void run_tile(const float *x, int64_t k, const float *packed, int64_t n, 
     float tile[ROWS * 2 * PANEL];
     const float *b = packed + p * k * PANEL;
     const float *a = x + row * k;
-    if (rows == 6 || rows == 4) {
+    if (single_panel(rows)) {
         const tile_fn fn = rows == 6 ? tile_6x1 : tile_4x1;
         for (int q = 0; q <= two; q++) {
             fn(a, k, b + q * k * PANEL, k, tile, pf);
@@ -138,7 +141,7 @@ static void panel_pair(const float *x, int64_t row0, int64_t row1, int64_t k, co
     int passes = 0; /* over the k range: a single-panel tile makes two, one per panel */
     for (int64_t row = row0; row < row1;) {
         const int rows = tile_rows(row1 - row);
-        passes += rows == 6 || rows == 4 ? 2 : 1;
+        passes += single_panel(rows) ? 2 : 1;
         row += rows;
     }
     /* A single pass streams at memory speed already: only several passes leave time to fetch ahead. */
