@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def answer(model: shoal.LoadedModel, questions: list[str], max_tokens: int, together: bool) -> dict:
-    async with model.create_context(sequences=len(questions), kv_cache_memory=KV_MEMORY) as context:
+    async with shoal.Context(model, sequences=len(questions), kv_cache_memory=KV_MEMORY) as context:
         sessions = [ChatSession(context.get_sequence(), system_prompt=SYSTEM_PROMPT) for _ in questions]
         start = time.perf_counter()
         asks = [s.prompt(q, max_tokens=max_tokens) for s, q in zip(sessions, questions, strict=True)]

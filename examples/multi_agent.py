@@ -45,7 +45,7 @@ def show(name: str, session: ChatSession, text: str) -> None:
 
 
 async def one_round(model: shoal.LoadedModel, task: str, max_tokens: int) -> dict[str, str]:
-    async with model.create_context(sequences=len(AGENTS), kv_cache_memory=256 << 20) as context:
+    async with shoal.Context(model, sequences=len(AGENTS), kv_cache_memory=256 << 20) as context:
         agents = {
             name: ChatSession(context.get_sequence(), system_prompt=role) for name, role in AGENTS.items()
         }

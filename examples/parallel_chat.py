@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def ask_both(model: shoal.LoadedModel, max_tokens: int) -> list[str]:
-    async with model.create_context(sequences=len(QUESTIONS), kv_cache_memory=256 << 20) as context:
+    async with shoal.Context(model, sequences=len(QUESTIONS), kv_cache_memory=256 << 20) as context:
         sessions = [
             ChatSession(context.get_sequence(), system_prompt="You are a friendly assistant.")
             for _ in QUESTIONS

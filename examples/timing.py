@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def with_sessions(
     model: shoal.LoadedModel, questions: list[str], max_tokens: int, concurrent: bool
 ) -> list[str]:
-    async with model.create_context(sequences=len(questions), kv_cache_memory=KV_MEMORY) as context:
+    async with shoal.Context(model, sequences=len(questions), kv_cache_memory=KV_MEMORY) as context:
         sessions = [ChatSession(context.get_sequence()) for _ in questions]
         asks = [s.prompt(q, max_tokens=max_tokens) for s, q in zip(sessions, questions, strict=True)]
         if concurrent:

@@ -3,13 +3,19 @@
 from shoal.batch_generation import BatchedGeneration, generate_batch
 from shoal.config import EngineConfig
 from shoal.engine.async_llm import AsyncLLM
-from shoal.errors import InvalidRequestError, ModelLoadError, ShoalError
-from shoal.executor import BatchedExecutor, Conversation, DecodeResult, DisposedError
+from shoal.errors import (
+    DisposedError,
+    InvalidRequestError,
+    ModelLoadError,
+    NoSequenceAvailableError,
+    ShoalError,
+)
+from shoal.executor import BatchedExecutor, Conversation, DecodeResult
 from shoal.llm import LLM
 from shoal.models.loaded import LoadedModel, load_model
 from shoal.outputs import CompletionOutput, Logprob, RequestOutput
 from shoal.sampling_params import SamplingParams
-from shoal.sessions import ChatSession, Context, ContextSequence, NoSequenceAvailableError
+from shoal.sessions import ChatSession, Context, ContextSequence
 
 __all__ = [
     "BatchedExecutor",

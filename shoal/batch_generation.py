@@ -12,7 +12,7 @@ from typing import Any
 
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.request import OutputKind
-from shoal.llm import LLM, build_engine
+from shoal.llm import LLM
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
@@ -71,7 +71,7 @@ class BatchedGeneration:
         **sampling: Any,
     ):
         self.engine: LLMEngine = (
-            llm.engine if isinstance(llm, LLM) else build_engine(llm, engine_options or {})
+            llm.engine if isinstance(llm, LLM) else LLMEngine.from_options(llm, engine_options or {})
         )
         self.tokenizer = self.engine.tokenizer
         count = len(prompts)

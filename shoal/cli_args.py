@@ -18,6 +18,8 @@ _HELP = {
     "device": "cpu or cuda (default: cuda when present)",
     "dtype": "float32 (default), bfloat16 or float16",
     "num_threads": "torch CPU threads (default: all cores)",
+    "quantization": "weight format at load: auto (as stored, default), float32, float16, bfloat16, q8_0, q4_0, q4_1",
+    "kernels": "compute path: auto (default), avx512, avx2, portable (shoal's C kernels) or torch",
 }
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from shoal.errors import InvalidRequestError
+from shoal.kernels.backend import KERNEL_CHOICES
+from shoal.kernels.formats import canonical_quantization
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,8 @@ class EngineConfig:
     device: "cpu", "cuda", or None for CUDA when present.
     dtype: "float32" (default; bf16 matmul is ~100x slower on CPUs without AVX512-BF16), "bfloat16", "float16".
     num_threads: torch threads on CPU; default all cores.
+    quantization: weight format at load: "auto" (as stored), float32, float16, bfloat16, q8_0, q4_0, q4_1.
+    kernels: compute path: "auto", or "avx512", "avx2", "portable" (shoal's C kernels), "torch".
     """
 
     max_num_batched_tokens: int = 512
@@ -33,6 +37,8 @@ class EngineConfig:
     device: str | None = None
     dtype: str = "float32"
     num_threads: int | None = None
+    quantization: str = "auto"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,7 +58,12 @@ class EngineConfig:
                 self.device in (None, "cpu", "cuda") or str(self.device).startswith("cuda:"),
                 "device must be cpu or cuda",
             ),
+            (self.kernels in KERNEL_CHOICES, f"kernels must be one of {', '.join(KERNEL_CHOICES)}"),
         ]
+        try:
+            canonical_quantization(self.quantization)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(f"{message} (got {self})")

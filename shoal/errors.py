@@ -15,3 +15,11 @@ class ModelLoadError(ShoalError):
 
 class EngineDeadError(ShoalError):
     """The engine loop stopped; no further requests can be served."""
+
+
+class DisposedError(ShoalError):
+    """A disposed conversation, sequence or session was used."""
+
+
+class NoSequenceAvailableError(ShoalError):
+    """Every sequence of a context is taken."""

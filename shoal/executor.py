@@ -21,15 +21,11 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from shoal.config import EngineConfig
-from shoal.core.block_manager import BlockManager
 from shoal.core.sequence import Sequence
-from shoal.engine.llm_engine import MAX_DEFAULT_MODEL_LEN
+from shoal.engine.core import EngineCore
 from shoal.engine.request import sample_seed
-from shoal.errors import InvalidRequestError, ShoalError
-from shoal.models.loaded import LoadedModel, load_model
-from shoal.runner.attention import write_kv
-from shoal.runner.model_runner import ModelRunner
+from shoal.errors import DisposedError, InvalidRequestError, ShoalError
+from shoal.models.loaded import LoadedModel
 from shoal.runner.sampler import SampleRequest, sample_row
 from shoal.sampling_params import SamplingParams
 
@@ -39,10 +35,6 @@ STATE_FORMAT = "shoal.conversation/1"
 class DecodeResult(Enum):
     OK = "ok"
     NO_KV_SLOT = "no_kv_slot"  # not enough free KV blocks: nothing was computed, dispose some conversations
-
-
-class DisposedError(ShoalError):
-    """A disposed conversation, sequence or session was used."""
 
 
 @dataclass(eq=False)
@@ -191,24 +183,12 @@ class BatchedExecutor:
     """
 
     def __init__(self, model: str | LoadedModel | None = None, batch_size: int = 512, **engine_options: Any):
-        options = {"max_num_batched_tokens": batch_size, **engine_options}
-        self.config = EngineConfig.from_options(options)
-        if not isinstance(model, LoadedModel):
-            model = load_model(model, device=self.config.device, dtype=self.config.dtype)
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        self.model = model
-        self.tokenizer = model.tokenizer
+        self.core = EngineCore.from_options(model, {"max_num_batched_tokens": batch_size, **engine_options})
+        self.config, self.model = self.core.config, self.core.model
+        self.tokenizer = self.model.tokenizer
         self.batch_size = self.config.max_num_batched_tokens
-        self.max_model_len = self.config.max_model_len or min(
-            model.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
-        )
-        self.runner = ModelRunner(
-            model.module, self.config.block_size, self.config.kv_cache_memory, model.device, model.dtype
-        )
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching
-        )
+        self.max_model_len = self.core.max_model_len
+        self.block_manager = self.core.block_manager
         self.conversations: list[Conversation] = []  # live ones, in creation order
         self._ids = itertools.count()
 
@@ -279,10 +259,7 @@ class BatchedExecutor:
             scheduled.append((conv.seq, n))
             owners.append(conv)
             budget -= n
-        logits, rows = self.runner.run(scheduled, self.block_manager.take_copies())
-        for seq, n in scheduled:
-            seq.num_computed_tokens += n
-            self.block_manager.register_computed(seq)
+        logits, rows = self.core.forward(scheduled, self.block_manager.take_copies())
         for row, index in enumerate(rows):
             owners[index].logits = logits[row].clone()
 
@@ -296,7 +273,7 @@ class BatchedExecutor:
         }
 
     def _serialize(self, conv: Conversation) -> bytes:
-        seq, bs = conv.seq, self.block_manager.block_size
+        seq = conv.seq
         computed = seq.num_computed_tokens
         tensors = {
             "token_ids": torch.tensor(seq.token_ids, dtype=torch.int64),
@@ -304,11 +281,8 @@ class BatchedExecutor:
         }
         if conv.logits is not None:
             tensors["logits"] = conv.logits.clone()
-        table = seq.block_table[: self.block_manager.blocks_needed(computed)]
-        for i, (k_cache, v_cache) in enumerate(self.runner.kv_caches if computed else []):
-            for name, cache in (("k", k_cache), ("v", v_cache)):
-                kv = cache[table].permute(0, 2, 1, 3).reshape(len(table) * bs, cache.shape[1], cache.shape[3])
-                tensors[f"layers.{i}.{name}"] = kv[:computed].to("cpu").clone()  # [computed, Hkv, D]
+        for i, (k, v) in enumerate(self.core.runner.read_kv(seq.block_table, computed) if computed else []):
+            tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"] = k, v  # [computed, Hkv, D]
         metadata = {
             "format": STATE_FORMAT,
             "model": self.model.name,
@@ -349,14 +323,12 @@ class BatchedExecutor:
     def _write_kv(self, seq: Sequence, computed: int, tensors: dict[str, torch.Tensor]) -> None:
         if computed == 0:
             return
-        bm, bs = self.block_manager, self.block_manager.block_size
+        bm = self.block_manager
         bm.grow(seq, computed)
-        device = self.model.device
-        slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(computed)], device=device)
-        for i, (k_cache, v_cache) in enumerate(self.runner.kv_caches):
-            k = tensors[f"layers.{i}.k"].to(device=device, dtype=k_cache.dtype)
-            v = tensors[f"layers.{i}.v"].to(device=device, dtype=v_cache.dtype)
-            write_kv(k_cache, v_cache, k, v, slots)
+        layers = [
+            (tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"]) for i in range(self.model.config.num_layers)
+        ]
+        self.core.runner.write_kv(seq.block_table, layers)
         seq.num_computed_tokens = computed
         bm.register_computed(seq)
 

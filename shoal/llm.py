@@ -8,10 +8,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shoal.config import EngineConfig
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.request import OutputKind
-from shoal.models.loaded import LoadedModel, load_model
+from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
 
@@ -19,20 +18,12 @@ Prompt = str | list[int]
 Message = dict[str, Any]
 
 
-def build_engine(model: str | LoadedModel | None, options: dict[str, Any]) -> LLMEngine:
-    """An engine over a loaded model (loading it first when given a path or None)."""
-    config = EngineConfig.from_options(options)
-    if not isinstance(model, LoadedModel):
-        model = load_model(model, device=config.device, dtype=config.dtype)
-    return LLMEngine(model, config)
-
-
 class LLM:
     """LLM(model=None, **engine options). model: HF directory, .gguf file, hub id, a LoadedModel, or None
     for the default SmolLM2-135M-Instruct."""
 
     def __init__(self, model: str | LoadedModel | None = None, **engine_options: Any):
-        self.engine = build_engine(model, engine_options)
+        self.engine = LLMEngine.from_options(model, engine_options)
         self.model = self.engine.model
         self.tokenizer = self.engine.tokenizer
 

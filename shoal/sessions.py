@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from shoal.engine.async_llm import AsyncLLM
-from shoal.errors import InvalidRequestError, ShoalError
-from shoal.executor import DisposedError
+from shoal.errors import DisposedError, InvalidRequestError, NoSequenceAvailableError, ShoalError
 from shoal.models.loaded import LoadedModel
 from shoal.sampling_params import SamplingParams
 
@@ -29,10 +28,6 @@ CLOSE_TIMEOUT_S = 10.0
 MIN_ANSWER_ROOM = (
     256  # tokens a turn without max_tokens keeps free for its answer (at most a quarter of the context)
 )
-
-
-class NoSequenceAvailableError(ShoalError):
-    """Every sequence of a context is taken."""
 
 
 class _LoopThread:
@@ -113,7 +108,7 @@ class Context:
         if not self._free:
             raise NoSequenceAvailableError(
                 f"all {self.num_sequences} sequences of this context are in use: dispose one "
-                f"(seq.dispose()) or create the context with more (create_context(sequences=...))"
+                f"(seq.dispose()) or create the context with more (Context(model, sequences=...))"
             )
         return ContextSequence(self, self._free.pop(0))
 

@@ -1,42 +1,50 @@
-"""shoal's C kernels on their own: exact against a float64 reference, and a row's bits independent of the batch."""
+"""shoal's C kernels on their own, on every build this machine runs: exact against a float64 reference, and
+a row's bits independent of the batch."""
 
 import pytest
 import torch
 
-from shoal.runner.cpu_kernels import gemm, load_kernel, pack_weight
+from shoal.kernels.build import ISA_FLAGS, isa_runs, load_library
+from shoal.kernels.cpu import bind, gemm, pack_weight
 
-kernel = load_kernel()
-pytestmark = pytest.mark.skipif(kernel is None, reason="shoal's C kernels could not be built here")
+BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)]
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def kernel(request):
+    library = load_library(request.param)
+    if library is None:
+        pytest.skip(f"the {request.param} build cannot be compiled here")
+    return bind(library)
 
 
 @pytest.mark.parametrize(("n", "k"), [(40, 24), (96, 64), (50, 7), (16, 576)])
-def test_gemm_gives_each_row_the_same_bits_for_any_row_count_and_thread_count(n, k):
+def test_gemm_gives_each_row_the_same_bits_for_any_row_count_and_thread_count(kernel, n, k):
     g = torch.Generator().manual_seed(n * k)
     weight, bias, x = (
         torch.randn(n, k, generator=g),
         torch.randn(n, generator=g),
         torch.randn(40, k, generator=g),
     )
-    packed = pack_weight(kernel, weight)
-    full = gemm(kernel, x, packed, n, bias)
+    packed = pack_weight(weight, bias)
+    full = gemm(kernel, x, packed)
     reference = x.double() @ weight.double().T + bias.double()
     torch.testing.assert_close(full.double(), reference, rtol=1e-5, atol=1e-5)
     for m in range(1, 40):  # every tile shape and remainder, at the start and at the end of the batch
-        assert torch.equal(gemm(kernel, x[:m], packed, n, bias), full[:m]), m
-        assert torch.equal(gemm(kernel, x[40 - m :], packed, n, bias), full[40 - m :]), m
+        assert torch.equal(gemm(kernel, x[:m], packed), full[:m]), m
+        assert torch.equal(gemm(kernel, x[40 - m :], packed), full[40 - m :]), m
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(gemm(kernel, x, packed, n, bias), full)
+        assert torch.equal(gemm(kernel, x, packed), full)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(gemm(kernel, x[:5], packed, n, None) + bias, full[:5])  # the bias is added last
+    assert torch.equal(gemm(kernel, x[:5], pack_weight(weight)) + bias, full[:5])  # the bias is added last
 
 
-def test_layer_ops_match_torch_and_do_not_depend_on_the_batch():
-    from shoal.models.llama import apply_rope, rms_norm
-    from shoal.runner.attention import write_kv
-    from shoal.runner.cpu_kernels import rms_norm_c, rope_store_c, silu_mul_c
+def test_layer_ops_match_torch_and_do_not_depend_on_the_batch(kernel):
+    from shoal.kernels.cpu import rms_norm_c, rope_store_c, silu_mul_c
+    from shoal.kernels.torch_ops import apply_rope, rms_norm, write_kv
 
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(9, 72, generator=g), torch.randn(72, generator=g)

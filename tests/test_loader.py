@@ -74,7 +74,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 def test_hf_dir_matches_transformers(tiny, arch):
     hf_dir, _ = tiny(arch)
     ckpt = load_checkpoint(hf_dir)
-    assert_same_weights(ckpt.weights, hf_state_dict(hf_dir))
+    assert_same_weights(ckpt.float_weights(), hf_state_dict(hf_dir))
     c = ckpt.config
     assert c.architecture == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
         arch, f"{arch.capitalize()}ForCausalLM"
@@ -103,7 +103,7 @@ def test_sharded_hf_dir(tmp_path, arch):
     hf_dir = make_tiny_hf_model(arch, tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert_same_weights(load_checkpoint(hf_dir).weights, hf_state_dict(hf_dir))
+    assert_same_weights(load_checkpoint(hf_dir).float_weights(), hf_state_dict(hf_dir))
 
 
 # ---- GGUF ----
@@ -125,7 +125,7 @@ def test_written_gguf_is_what_transformers_reads(tiny, arch):
 def test_gguf_f32_matches_hf(tiny, arch):
     hf_dir, gguf_path = tiny(arch)
     ckpt = load_checkpoint(gguf_path)
-    assert_same_weights(ckpt.weights, hf_state_dict(hf_dir))
+    assert_same_weights(ckpt.float_weights(), hf_state_dict(hf_dir))
     from_hf = load_checkpoint(hf_dir)
     # llama.cpp writes Mistral as llama: same computation, no sliding window either way
     assert ckpt.config.architecture == (
@@ -149,11 +149,11 @@ def test_gguf_quantized(tiny, tmp_path, arch, qtype, rel_tol):
     gguf_path = write_gguf(hf_dir, tmp_path / f"model-{qtype}.gguf", qtype=qtype)
     ckpt = load_checkpoint(gguf_path)
     want = hf_state_dict(hf_dir)
-    for name, tensor in ckpt.weights.items():
+    for name, tensor in ckpt.float_weights().items():
         assert_same_weights({name: tensor}, {name: want[name]}, atol=rel_tol * want[name].abs().max().item())
     # Dequantized values must be exactly transformers' (same kernels, same un-permutation).
     reference = transformers_gguf_state_dict(gguf_path, ckpt.hf_config)
-    assert_same_weights(ckpt.weights, reference)
+    assert_same_weights(ckpt.float_weights(), reference)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q4_0", "Q8_0"])
@@ -184,7 +184,7 @@ def test_directory_with_one_gguf(tiny):
     hf_dir, gguf_path = tiny("llama")
     ckpt = load_checkpoint(str(Path(gguf_path).parent))
     assert ckpt.path == gguf_path
-    assert_same_weights(ckpt.weights, hf_state_dict(hf_dir))
+    assert_same_weights(ckpt.float_weights(), hf_state_dict(hf_dir))
 
 
 def test_gguf_next_to_hf_tokenizer_files(tiny, tmp_path):
@@ -248,7 +248,7 @@ def test_default_model_config(default_ckpt):
 @pytest.mark.slow
 def test_default_model_weights_match_transformers(default_ckpt):
     reference = transformers_gguf_state_dict(default_model_path(), default_ckpt.hf_config)
-    assert_same_weights(default_ckpt.weights, reference, atol=1e-6)
+    assert_same_weights(default_ckpt.float_weights(), reference, atol=1e-6)
 
 
 @needs_default_model

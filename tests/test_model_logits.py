@@ -16,13 +16,14 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 TOL = 1e-4  # fp32: observed differences are ~1e-5 on logits of magnitude ~5
 
 
-def shoal_logits(
-    model: shoal.LoadedModel, ids: list[int], chunks: list[int], c_kernel: bool = True
-) -> torch.Tensor:
+def load(path: str, c_kernel: bool = True) -> shoal.LoadedModel:
+    """c_kernel=False: the torch back end, as on CUDA or without a C compiler."""
+    return shoal.load_model(path, kernels="auto" if c_kernel else "torch")
+
+
+def shoal_logits(model: shoal.LoadedModel, ids: list[int], chunks: list[int]) -> torch.Tensor:
     """Logits of every position, computed in the given chunks (the rest one token at a time, as decode)."""
-    runner = ModelRunner(model.module, 16, 8 << 20, model.device, model.dtype)
-    if not c_kernel:
-        runner.kernel = None  # the torch attention, as on CUDA or without a C compiler
+    runner = ModelRunner(model.module, 16, 8 << 20)
     bm = BlockManager(runner.num_blocks, 16)
     seq = Sequence("s", ids, len(ids), shoal.SamplingParams())
     sizes = chunks + [1] * (len(ids) - sum(chunks))
@@ -32,11 +33,7 @@ def shoal_logits(
             bm.grow(seq, n)
             batch = runner.build([(seq, n)])
             hidden = model.module(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
-            real = hidden[: batch.num_rows]
-            padded = torch.cat(
-                [real, real.new_zeros(model.module.rows_for(len(real)) - len(real), real.shape[1])]
-            )
-            rows.append(model.module.compute_logits(padded)[: batch.num_rows])  # padded as the runner does
+            rows.append(runner.logits(hidden[: batch.num_rows]))  # padded as the runner does
             seq.num_computed_tokens += n
     return torch.cat(rows).float()
 
@@ -54,10 +51,10 @@ def prompt_ids(model: shoal.LoadedModel) -> list[int]:
 @pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_safetensors_logits_match_transformers_prefill_and_paged_decode(tiny_dirs, arch, c_kernel):
-    model = shoal.load_model(tiny_dirs[arch])
+    model = load(tiny_dirs[arch], c_kernel)
     ids = prompt_ids(model)
     ref = reference_logits(AutoModelForCausalLM.from_pretrained(tiny_dirs[arch]).eval(), ids)
-    ours = shoal_logits(model, ids, chunks=[17, 9], c_kernel=c_kernel)  # two prefill chunks, then 14 decodes
+    ours = shoal_logits(model, ids, chunks=[17, 9])  # two prefill chunks, then 14 decodes
     assert ref.abs().max() > 1.0  # a model with real signal, not all-zero logits
     assert (ours - ref).abs().max().item() < TOL
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
@@ -79,11 +76,11 @@ def test_gguf_logits_match_transformers_reading_the_same_gguf(tiny_dirs, tmp_pat
 
 @pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
 def test_a_row_is_bit_identical_however_the_prompt_is_chunked(tiny_dirs, c_kernel):
-    model = shoal.load_model(tiny_dirs["qwen2"])
+    model = load(tiny_dirs["qwen2"], c_kernel)
     ids = prompt_ids(model)
-    whole = shoal_logits(model, ids, chunks=[40], c_kernel=c_kernel)
+    whole = shoal_logits(model, ids, chunks=[40])
     for chunks in ([1, 39], [16, 16, 8], [5], [33, 7]):
-        assert torch.equal(shoal_logits(model, ids, chunks=chunks, c_kernel=c_kernel), whole), chunks
+        assert torch.equal(shoal_logits(model, ids, chunks=chunks), whole), chunks
 
 
 def test_gguf_with_rope_freqs_matches_transformers_llama3_rope_scaling(tiny_dirs, tmp_path):
@@ -124,11 +121,11 @@ def test_sliding_window_attention_matches_transformers(tiny_dirs, tmp_path, c_ke
     config = json.loads((hf_dir / "config.json").read_text())
     config["sliding_window"] = 8
     (hf_dir / "config.json").write_text(json.dumps(config))
-    model = shoal.load_model(str(hf_dir))
+    model = load(str(hf_dir), c_kernel)
     assert model.config.layer_windows == (8, 8)
     ids = prompt_ids(model)
     ref = reference_logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids)
     full = reference_logits(AutoModelForCausalLM.from_pretrained(tiny_dirs["mistral"]).eval(), ids)
     assert (ref[8:] - full[8:]).abs().max() > 1e-2 and torch.equal(ref[:8], full[:8])
-    ours = shoal_logits(model, ids, chunks=[17, 9], c_kernel=c_kernel)
+    ours = shoal_logits(model, ids, chunks=[17, 9])
     torch.testing.assert_close(ours, ref, rtol=0, atol=TOL)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sequences_are_handed_out_and_given_back(model):
-    ctx = model.create_context(sequences=2, **OPTIONS)
+    ctx = shoal.Context(model, sequences=2, **OPTIONS)
     a, b = ctx.get_sequence(), ctx.get_sequence()
     assert ctx.sequences_left == 0
     with pytest.raises(NoSequenceAvailableError, match="all 2 sequences"):

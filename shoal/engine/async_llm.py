@@ -14,7 +14,6 @@ from typing import Any
 from shoal.engine.llm_engine import EngineStats, LLMEngine
 from shoal.engine.request import OutputKind
 from shoal.errors import EngineDeadError, InvalidRequestError, ShoalError
-from shoal.llm import build_engine
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
@@ -45,7 +44,7 @@ class AsyncLLM:
         engine: LLMEngine | None = None,
         **engine_options: Any,
     ):
-        self.engine = engine or build_engine(model, engine_options)
+        self.engine = engine or LLMEngine.from_options(model, engine_options)
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model.name
         self.max_model_len = self.engine.max_model_len

@@ -6,24 +6,21 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from shoal.config import EngineConfig
-from shoal.core.block_manager import BlockManager
-from shoal.core.scheduler import Scheduler
 from shoal.core.sequence import Sequence
+from shoal.engine.core import EngineCore, resolve_model
 from shoal.engine.request import OutputKind, Request
 from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
-from shoal.runner.model_runner import ModelRunner
 from shoal.runner.sampler import sample, sample_row
 from shoal.sampling_params import SamplingParams
 
 logger = logging.getLogger("shoal")
-
-MAX_DEFAULT_MODEL_LEN = 8192
 
 
 @dataclass
@@ -44,32 +41,22 @@ class LLMEngine:
         self.model = model
         self.config = config
         self.tokenizer = model.tokenizer
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        self.max_model_len = config.max_model_len or min(
-            model.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
-        )
-        self.runner = ModelRunner(
-            model.module, config.block_size, config.kv_cache_memory, model.device, model.dtype
-        )
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
-        )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.core = EngineCore(model, config)
+        self.max_model_len = self.core.max_model_len
+        self.block_manager = self.core.block_manager
+        self.scheduler = self.core.scheduler
         self.requests: dict[str, Request] = {}
         self._seq_owner: dict[Sequence, tuple[Request, int]] = {}
         self._finished_outputs: list[RequestOutput] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
-        logger.info(
-            "KV cache: %.2f GiB, %d blocks of %d tokens (%d tokens) on %s",
-            self.runner.kv_cache_bytes / 2**30,
-            self.runner.num_blocks,
-            config.block_size,
-            self.runner.num_blocks * config.block_size,
-            model.device,
-        )
+
+    @classmethod
+    def from_options(cls, model: str | LoadedModel | None, options: dict[str, Any]) -> LLMEngine:
+        """An engine over a loaded model (loading it first when given a path or None)."""
+        config = EngineConfig.from_options(options)
+        return cls(resolve_model(model, config), config)
 
     # -- admission ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -173,10 +160,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
-        logits, owners = self.runner.run(plan.scheduled, plan.copies)
+        logits, owners = self.core.forward(plan.scheduled, plan.copies)
         for seq, n in plan.scheduled:
-            seq.num_computed_tokens += n
-            self.block_manager.register_computed(seq)
             if seq.num_output_tokens == 0 and seq.num_computed_tokens <= seq.num_prompt_tokens:
                 self.prompt_tokens_total += n
         touched: dict[str, Request] = {}

@@ -1,4 +1,8 @@
-"""Reading a llama.cpp GGUF file as a Hugging Face-style config, float32 weights under HF names, and a tokenizer."""
+"""Reading a llama.cpp GGUF file as a Hugging Face-style config, weights under HF names, and a tokenizer.
+
+Matrices stay as the file stores them (QuantizedTensor: raw blocks, read through the memory map); vectors
+(norms, biases) are read as float32.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from shoal.errors import ModelLoadError
+from shoal.kernels.formats import QuantizedTensor, Weight
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,9 +142,7 @@ def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def gguf_weights(
-    reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int
-) -> dict[str, torch.Tensor]:
+def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int) -> dict[str, Weight]:
     arch = field(reader, "general.architecture")
     unknown = [t.name for t in reader.tensors if hf_name(t.name) is None and t.name != ROPE_FREQS]
     if unknown:
@@ -147,24 +150,39 @@ def gguf_weights(
             f"{path} has tensors shoal does not know: {', '.join(unknown[:5])}; "
             "load the model's original safetensors checkpoint instead"
         )
-    weights = {}
+    weights: dict[str, Weight] = {}
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         if name is None:
             continue  # rope_freqs: read by gguf_rope_factors
         try:
-            values = dequantize_tensor(tensor)
+            weight = _read_tensor(tensor)
         except Exception as e:
             raise ModelLoadError(
                 f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}) from {path}: {e}; "
                 "the file may be corrupt, or use a quantization gguf cannot dequantize"
             ) from e
-        if arch in PERMUTED_ARCHITECTURES and ".self_attn.q_proj." in name:
-            values = unpermute_qk(values, num_heads)
-        elif arch in PERMUTED_ARCHITECTURES and ".self_attn.k_proj." in name:
-            values = unpermute_qk(values, num_kv_heads)
-        weights[name] = torch.from_numpy(np.array(values, dtype=np.float32, order="C"))
+        heads = (
+            num_heads if ".self_attn.q_proj." in name else num_kv_heads if ".self_attn.k_proj." in name else 0
+        )
+        if arch in PERMUTED_ARCHITECTURES and heads:
+            weight = _unpermute(weight, heads)
+        weights[name] = weight
     return weights
+
+
+def _read_tensor(tensor: ReaderTensor) -> Weight:
+    """A matrix as stored (its rows of blocks, not yet read from the map), a vector as float32."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if len(shape) == 2:
+        return QuantizedTensor(tensor.data.reshape(shape[0], -1), tensor.tensor_type, shape)
+    return torch.from_numpy(np.array(dequantize_tensor(tensor), dtype=np.float32, order="C"))
+
+
+def _unpermute(weight: Weight, heads: int) -> Weight:
+    if isinstance(weight, QuantizedTensor):  # rows are whole blocks: reorder them as they are
+        return QuantizedTensor(unpermute_qk(weight.data, heads), weight.ggml_type, weight.shape)
+    return torch.from_numpy(np.ascontiguousarray(unpermute_qk(weight.numpy(), heads)))
 
 
 def gguf_rope_factors(reader: GGUFReader) -> tuple[float, ...] | None:

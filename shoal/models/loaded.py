@@ -1,17 +1,23 @@
-"""A model loaded once: weights on their device plus tokenizer. Engines, contexts and executors share it."""
+"""A model loaded once: weights packed for their back end, plus tokenizer. Engines, contexts and executors share it."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from shoal.errors import ModelLoadError
+from shoal.kernels.backend import Backend, select_backend
+from shoal.kernels.formats import canonical_quantization, convert
 from shoal.models.config import ModelConfig
-from shoal.models.llama import CausalLM, rope_inv_freq
+from shoal.models.llama import CausalLM
+from shoal.models.loader import load_checkpoint
 
+logger = logging.getLogger("shoal")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -29,8 +35,26 @@ class LoadedModel:
     tokenizer: Any
     config: ModelConfig
     name: str
-    device: torch.device
-    dtype: torch.dtype
+    backend: Backend
+    quantization: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.module.weight_bytes
+
+    def describe_weights(self) -> str:
+        """e.g. '77.1 MiB of weights (q4 x210, q8 x1) on c-avx512'."""
+        kinds = Counter(self.backend.describe(w) for w in self.module.linears)
+        listed = ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
+        return f"{self.weight_bytes / 2**20:.1f} MiB of weights ({listed}) on {self.backend.name}"
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -49,26 +73,32 @@ class LoadedModel:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def create_context(self, **options: Any):
-        from shoal.sessions import Context
 
-        return Context(self, **options)
+def load_model(
+    path: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    quantization: str = "auto",
+    kernels: str = "auto",
+) -> LoadedModel:
+    """Loads weights and tokenizer once (the default SmolLM2-135M-Instruct GGUF when path is None).
 
-
-def load_model(path: str | None = None, device: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Loads weights and tokenizer once (the default SmolLM2-135M-Instruct GGUF when path is None)."""
-    from shoal.models.loader import load_checkpoint
-
+    quantization: "auto" keeps each matrix as stored (GGUF quants stay quantized, bf16 stays bf16), or
+    converts every matrix at load: float32, float16, bfloat16, q8_0, q4_0, q4_1.
+    kernels: "auto" (shoal's C kernels for the widest instruction set that runs here, else torch), or
+    "avx512", "avx2", "portable", "torch" to force one.
+    """
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        quantization = canonical_quantization(quantization)
+        backend = select_backend(pick_device(device), DTYPES[dtype], kernels)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
     ckpt = load_checkpoint(path)
-    torch_device = pick_device(device)
-    with torch.device("meta"):
-        module = CausalLM(ckpt.config)
-    module = module.to_empty(device="cpu")  # skips random init: every weight is loaded next
-    module.inv_freq = rope_inv_freq(ckpt.config)
-    module.load_weights(ckpt.weights)
-    module = module.to(device=torch_device, dtype=DTYPES[dtype]).eval()
-    module.prepare()
+    weights = {name: convert(w, quantization) if len(w.shape) == 2 else w for name, w in ckpt.weights.items()}
+    module = CausalLM(ckpt.config, weights, backend)
     name = os.path.basename(os.path.normpath(ckpt.path))
-    return LoadedModel(module, ckpt.tokenizer, ckpt.config, name, torch_device, DTYPES[dtype])
+    model = LoadedModel(module, ckpt.tokenizer, ckpt.config, name, backend, quantization)
+    logger.info("loaded %s: %s", name, model.describe_weights())
+    return model

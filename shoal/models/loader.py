@@ -1,7 +1,8 @@
 """Finding and reading a checkpoint: a Hugging Face safetensors directory or a llama.cpp GGUF file.
 
-Weights come back float32 on the CPU under Hugging Face parameter names, whatever the file stored.
-Nothing here unpickles: safetensors and gguf are the only formats read.
+Weights come back on the CPU under Hugging Face parameter names, each matrix as the file stores it (a
+torch tensor of its dtype, or a GGUF QuantizedTensor), each vector as float32. Nothing here unpickles:
+safetensors and gguf are the only formats read.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from shoal.errors import ModelLoadError
+from shoal.kernels.formats import QuantizedTensor, Weight
 from shoal.models.config import ModelConfig
 from shoal.models.gguf_loader import (
     gguf_hf_config,
@@ -39,10 +42,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names, float32, CPU, contiguous; no lm_head.weight when tied
+    weights: dict[str, Weight]  # HF names, CPU, as stored; no lm_head.weight when tied
     tokenizer: PreTrainedTokenizerBase
     path: str
     hf_config: dict[str, Any]
+
+    def float_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight as float32 (GGUF blocks dequantized as gguf does)."""
+        return {name: _as_float32(w) for name, w in self.weights.items()}
+
+
+def _as_float32(weight: Weight) -> torch.Tensor:
+    if isinstance(weight, QuantizedTensor):
+        return torch.from_numpy(np.array(weight.dequantize(), dtype=np.float32, order="C"))
+    return weight.to(torch.float32).contiguous()
 
 
 def default_model_path() -> str:
@@ -235,10 +248,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def checked_weights(
-    config: ModelConfig, weights: dict[str, torch.Tensor], source: Path
-) -> dict[str, torch.Tensor]:
-    """The model's parameters, float32 and contiguous; raises if any is missing or misshapen."""
+def checked_weights(config: ModelConfig, weights: dict[str, Weight], source: Path) -> dict[str, Weight]:
+    """The model's parameters (vectors as float32); raises if any is missing or misshapen."""
     shapes = expected_shapes(config)
     missing = [name for name in shapes if name not in weights]
     if missing:
@@ -253,4 +264,4 @@ def checked_weights(
         raise ModelLoadError(
             f"{source} has tensors of the wrong shape for its config: {'; '.join(wrong[:3])}"
         )
-    return {name: weights[name].to(torch.float32).contiguous() for name in shapes}
+    return {name: _as_float32(weights[name]) if len(shapes[name]) == 1 else weights[name] for name in shapes}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from shoal.core.sequence import Sequence
+from shoal.kernels.backend import ScheduledSlice
+from shoal.kernels.torch_ops import write_kv
 from shoal.models.llama import CausalLM
-from shoal.runner.attention import AttentionMetadata
-from shoal.runner.cpu_kernels import load_kernel
 
 DEFAULT_CPU_KV_SHARE = 0.25
 DEFAULT_CPU_KV_CAP = 4 << 30
@@ -35,7 +36,7 @@ def default_kv_memory(device: torch.device) -> int:
 class StepBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    meta: Any  # the back end's attention metadata
     logit_rows: list[int]  # rows whose hidden state gives a next-token distribution
     logit_owners: list[int]  # for each of those rows, its sequence's index in the scheduled list
     num_rows: int  # real (unpadded) token rows
@@ -44,20 +45,13 @@ class StepBatch:
 class ModelRunner:
     """Owns the KV pool: per layer (k, v) of [num_blocks + 1, Hkv, B, D]; the last block is scratch for padding."""
 
-    def __init__(
-        self,
-        model: CausalLM,
-        block_size: int,
-        kv_cache_memory: int | None,
-        device: torch.device,
-        dtype: torch.dtype,
-    ):
-        cfg = model.cfg
-        self.model = model
+    def __init__(self, model: CausalLM, block_size: int, kv_cache_memory: int | None):
+        cfg, backend = model.cfg, model.backend
+        self.model, self.backend = model, backend
         self.block_size = block_size
-        self.device = device
-        budget = kv_cache_memory or default_kv_memory(device)
-        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * dtype.itemsize
+        self.device = backend.device
+        budget = kv_cache_memory or default_kv_memory(self.device)
+        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * backend.dtype.itemsize
         self.num_blocks = budget // per_block
         if self.num_blocks < 1:
             raise ValueError(
@@ -65,11 +59,13 @@ class ModelRunner:
                 f"{per_block} bytes); raise kv_cache_memory"
             )
         self.kv_cache_bytes = self.num_blocks * per_block
-        self.kernel = load_kernel() if device.type == "cpu" and dtype == torch.float32 else None
         self.scratch_block = self.num_blocks
         shape = (self.num_blocks + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=backend.dtype, device=self.device),
+                torch.zeros(shape, dtype=backend.dtype, device=self.device),
+            )
             for _ in range(cfg.num_layers)
         ]
 
@@ -82,11 +78,32 @@ class ModelRunner:
             k[dst] = k[src]
             v[dst] = v[src]
 
+    def read_kv(self, block_table: list[int], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the K and V of positions 0..num_tokens-1 as contiguous CPU tensors [num_tokens, Hkv, D]."""
+        table = block_table[: -(-num_tokens // self.block_size)]
+
+        def tokens(cache: torch.Tensor) -> torch.Tensor:
+            kv = cache[table].permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
+            return kv[:num_tokens].to("cpu").contiguous()
+
+        return [(tokens(k), tokens(v)) for k, v in self.kv_caches]
+
+    def write_kv(self, block_table: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The inverse of read_kv: K and V [num_tokens, Hkv, D] per layer into the blocks of block_table."""
+        bs = self.block_size
+        num_tokens = layers[0][0].shape[0]
+        slots = self._tensor([block_table[p // bs] * bs + p % bs for p in range(num_tokens)])
+        for (k_cache, v_cache), (k, v) in zip(self.kv_caches, layers, strict=True):
+            write_kv(
+                k_cache, v_cache, k.to(self.device, k_cache.dtype), v.to(self.device, v_cache.dtype), slots
+            )
+
     def build(self, scheduled: list[tuple[Sequence, int]]) -> StepBatch:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        slices: list[ScheduledSlice] = []
         logit_rows: list[int] = []
         logit_owners: list[int] = []
         for index, (seq, n) in enumerate(scheduled):
@@ -95,60 +112,16 @@ class ModelRunner:
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(span)
             slots.extend(seq.block_table[p // bs] * bs + p % bs for p in span)
+            slices.append(ScheduledSlice(start, n, seq.block_table[: (start + n - 1) // bs + 1]))
             if start + n == seq.num_tokens:
                 logit_rows.append(len(ids) - 1)
                 logit_owners.append(index)
         num_rows = len(ids)
-        pad = self.model.rows_for(num_rows) - num_rows
-        meta_builder = self._kernel_meta if self.kernel is not None else self._torch_meta
-        meta = meta_builder(scheduled, num_rows + pad)
-        meta.slot_mapping = self._tensor(slots + [self.scratch_block * bs] * pad)
+        pad = self.backend.rows_for(num_rows) - num_rows
+        meta = self.backend.attention_metadata(slices, slots, num_rows + pad, self.scratch_block, bs)
         ids += [0] * pad
         positions += [0] * pad
         return StepBatch(self._tensor(ids), self._tensor(positions), meta, logit_rows, logit_owners, num_rows)
-
-    def _kernel_meta(self, scheduled: list[tuple[Sequence, int]], total_rows: int) -> AttentionMetadata:
-        tables: list[int] = []
-        offsets: list[int] = []
-        positions: list[int] = []
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            offsets.extend([len(tables)] * n)
-            positions.extend(range(start, start + n))
-            tables.extend(seq.block_table[: (start + n - 1) // self.block_size + 1])
-        pad = total_rows - len(positions)
-        return AttentionMetadata(
-            slot_mapping=None,
-            kernel=self.kernel,
-            row_table_offset=self._tensor(offsets + [0] * pad),
-            tables=self._tensor(tables or [self.scratch_block]),
-            row_positions=self._tensor(positions + [-1] * pad),
-        )
-
-    def _torch_meta(self, scheduled: list[tuple[Sequence, int]], total_rows: int) -> AttentionMetadata:
-        decode_rows, decode_tables, decode_positions, prefills = [], [], [], []
-        row = 0
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            table = seq.block_table[: (start + n - 1) // self.block_size + 1]
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(table)
-                decode_positions.append(start)
-            else:
-                prefills.append((row, n, self._tensor(table), self._tensor(list(range(start, start + n)))))
-            row += n
-        return AttentionMetadata(
-            slot_mapping=None,
-            decode_rows=self._tensor(decode_rows) if decode_rows else None,
-            decode_tables=self._pad_tables(decode_tables) if decode_rows else None,
-            decode_positions=self._tensor(decode_positions) if decode_rows else None,
-            prefills=prefills,
-        )
-
-    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        return self._tensor([t + [self.scratch_block] * (width - len(t)) for t in tables])
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -162,9 +135,11 @@ class ModelRunner:
         self.copy_blocks(copies)
         batch = self.build(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        rows = hidden[batch.logit_rows]
-        pad = self.model.rows_for(rows.shape[0]) - rows.shape[0]
+        return self.logits(hidden[batch.logit_rows]), batch.logit_owners
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden rows, padded as the back end needs (the padding rows are dropped)."""
+        pad = self.backend.rows_for(rows.shape[0]) - rows.shape[0]
         if pad > 0:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-        logits = self.model.compute_logits(rows)[: len(batch.logit_rows)]
-        return logits.float().cpu(), batch.logit_owners
+        return self.model.compute_logits(rows)[: rows.shape[0] - pad].float().cpu()

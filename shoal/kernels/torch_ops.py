@@ -1,4 +1,6 @@
-"""Paged attention whose result for a query row depends only on that row, its keys and its position.
+"""The torch path of a decoder layer's ops (CUDA, or a CPU without shoal's C kernels).
+
+Paged attention here gives a query row a result that depends only on that row, its keys and its position.
 
 Measured on CPU (MKL), matmul rounding depends on operand shapes. Two forms are exact whatever the batch:
 - scores: a sequence's query rows stacked in M (at least 4 rows) against one KV block of B keys at a time,
@@ -11,7 +13,6 @@ recompute after preemption and prefix-cache hits all give bit-identical rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -19,11 +20,10 @@ MIN_GEMM_ROWS = 4
 
 
 @dataclass
-class AttentionMetadata:
-    """Where each scheduled token's K/V goes, and which keys each query row sees.
+class TorchAttentionMetadata:
+    """Where each scheduled token's K/V goes, and which keys each query row sees (the torch path).
 
     slot_mapping: [T] flat slot (block * block_size + offset) per token row; padding rows use the scratch block.
-    With the C kernel (CPU, float32), row_table_offset / tables / row_positions describe every row instead.
     decode_rows: [R] rows that are a sequence's only new token; decode_tables [R, nb] their block tables
         (padded with the scratch block) and decode_positions [R].
     prefills: per sequence with several new tokens: (first row, row count, block table [nb], positions [n]).
@@ -34,11 +34,18 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None
     decode_positions: torch.Tensor | None = None
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # The C kernel's form (CPU, float32): per row, where its block table starts in `tables`, and its position.
-    kernel: Any = None
-    row_table_offset: torch.Tensor | None = None
-    tables: torch.Tensor | None = None
-    row_positions: torch.Tensor | None = None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos, sin: [T, 1, D]. Hugging Face's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 def write_kv(
@@ -100,21 +107,17 @@ def _decode(q, k_cache, v_cache, tables, positions, scale, window):
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: TorchAttentionMetadata,
     scale: float,
     window: int = 0,
 ) -> torch.Tensor:
-    """The torch path (CUDA, or CPU without shoal's C kernels, which DecoderLayer.forward_c uses instead).
-    q: [T, H, D]; k, v: [T, Hkv, D]. Writes k, v into the cache, returns [T, H, D]. window > 0: each row
-    sees only its last `window` keys."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    """The torch path (CUDA, or CPU without shoal's C kernels). q: [T, H, D], with the step's K/V already
+    written to the cache. Returns [T, H, D]. window > 0: each row sees only its last `window` keys."""
     t, h, d = q.shape
-    hkv = k.shape[1]
-    q = q.view(t, hkv, h // hkv, d)
+    hkv = k_cache.shape[1]
+    q = q.reshape(t, hkv, h // hkv, d)
     out = torch.zeros_like(q)
     if meta.decode_rows is not None:
         rows = meta.decode_rows

@@ -1,9 +1,36 @@
-/* Vector math shared by shoal's C kernels (AVX2 + FMA builds only). */
+/* Math shared by shoal's C kernels: e^x on AVX2 vectors, and an exact float16 -> float32 conversion. */
 #ifndef SHOAL_SIMD_MATH_H
 #define SHOAL_SIMD_MATH_H
-#if defined(__AVX2__) && defined(__FMA__)
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
 
+/* IEEE half to float, exact for every value (subnormals, infinities, NaN). */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000 | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        exponent = 113;
+        while (!(mantissa & 0x400)) {
+            mantissa <<= 1;
+            exponent--;
+        }
+        bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
 /* e^x: Cody-Waite range reduction and a degree-6 polynomial, within 2 ulp; 0 below -87, and inputs above 88
  * are taken as 88 (about 1.7e38). */
 static inline __m256 exp8(__m256 x) {

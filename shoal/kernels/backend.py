@@ -1,0 +1,277 @@
+"""The compute back ends: one object per device and path, chosen once when a model loads.
+
+A back end packs each matrix into the layout its kernels read (keeping the stored format where it has a
+kernel for it), builds the attention metadata of a step, runs a decoder layer's operations, and says how
+many rows a step must be padded to. Model code calls it without knowing which one it has.
+
+- CpuBackend: shoal's C kernels (AVX-512, AVX2 or portable C build); float32 activations; weights kept as
+  float32, float16, bfloat16 or integer quants (formats.py). Batch-invariant for any row count.
+- TorchBackend: torch ops (CUDA, or a CPU without a C compiler, where MKL's packed sgemm runs the linear
+  layers with rows padded to a count whose results do not depend on it). Weights dequantized at load.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from shoal.kernels import cpu, torch_ops
+from shoal.kernels.build import best_isa, candidate_isas, isa_runs, load_library
+from shoal.kernels.formats import Weight, join_rows, kept_form
+
+logger = logging.getLogger("shoal")
+KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
+MKL_PACK_HINT = 64
+MKL_INVARIANT_ROWS = 16
+
+
+@dataclass
+class ScheduledSlice:
+    """One sequence's part of a step: positions start..start+n-1, and the blocks holding its KV."""
+
+    start: int
+    n: int
+    block_table: list[int]
+
+
+@dataclass
+class KernelAttentionMetadata:
+    """The C kernels' form: per row, where its block table starts in `tables`, and its position (-1: pad)."""
+
+    slot_mapping: torch.Tensor
+    row_table_offset: torch.Tensor
+    tables: torch.Tensor
+    row_positions: torch.Tensor
+
+
+class Backend(ABC):
+    name: str
+    device: torch.device
+    dtype: torch.dtype  # of activations and the KV cache
+
+    @abstractmethod
+    def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> Any:
+        """Matrices stacked along their output rows (fused q/k/v, gate/up), as one linear layer."""
+
+    @abstractmethod
+    def weight_bytes(self, linear: Any) -> int: ...
+
+    @abstractmethod
+    def describe(self, linear: Any) -> str:
+        """The format a packed layer is kept in."""
+
+    def vector(self, values: torch.Tensor) -> torch.Tensor:
+        return values.to(device=self.device, dtype=self.dtype).contiguous()
+
+    @abstractmethod
+    def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor, w: Any, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T + bias, or residual + that (in place in residual where the back end can)."""
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    @abstractmethod
+    def rope_store(self, qkv, cos, sin, kv_cache, meta, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+        """Rotates q and k of the fused projection in place, writes k and v to the cache; returns q [T, H, D]."""
+
+    @abstractmethod
+    def attention(self, q, kv_cache, meta, scale: float, window: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def attention_metadata(
+        self,
+        slices: list[ScheduledSlice],
+        slots: list[int],
+        total_rows: int,
+        scratch_block: int,
+        block_size: int,
+    ):
+        """slots: every real row's KV slot; padding rows up to total_rows write to the scratch block."""
+
+    def rows_for(self, n: int) -> int:
+        """Rows to run n token rows with: padding only where the GEMM needs it for batch invariance."""
+        return max(n, 1)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _qkv_views(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+    t = qkv.shape[0]
+    d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    q = qkv[:, : num_heads * d].view(t, num_heads, d)
+    k = qkv[:, num_heads * d : (num_heads + num_kv_heads) * d].view(t, num_kv_heads, d)
+    v = qkv[:, (num_heads + num_kv_heads) * d :].view(t, num_kv_heads, d)
+    return q, k, v
+
+
+class CpuBackend(Backend):
+    def __init__(self, lib, isa: str):
+        self.lib, self.name = cpu.bind(lib), f"c-{isa}"
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
+        return cpu.pack_weight(join_rows([kept_form(p) for p in parts]), bias)
+
+    def weight_bytes(self, linear: cpu.PackedWeight) -> int:
+        return linear.nbytes
+
+    def describe(self, linear: cpu.PackedWeight) -> str:
+        return linear.format_name
+
+    def embed(self, table: cpu.PackedWeight, ids: torch.Tensor) -> torch.Tensor:
+        return cpu.gather_columns(self.lib, table, ids)
+
+    def linear(self, x, w: cpu.PackedWeight, residual=None):
+        return cpu.gemm(self.lib, x, w, out=residual)
+
+    def rms_norm(self, x, weight, eps):
+        return cpu.rms_norm_c(self.lib, x.contiguous(), weight, eps)
+
+    def rope_store(self, qkv, cos, sin, kv_cache, meta: KernelAttentionMetadata, num_heads, num_kv_heads):
+        cpu.rope_store_c(self.lib, qkv, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping, num_heads)
+        return _qkv_views(qkv, num_heads, num_kv_heads)[0]
+
+    def attention(self, q, kv_cache, meta: KernelAttentionMetadata, scale, window):
+        return cpu.paged_attention_c(
+            self.lib, q, kv_cache[0], kv_cache[1], meta.row_table_offset, meta.tables, meta.row_positions,
+            scale, window,
+        )  # fmt: skip
+
+    def silu_mul(self, gate_up):
+        return cpu.silu_mul_c(self.lib, gate_up)
+
+    def attention_metadata(
+        self, slices, slots, total_rows, scratch_block, block_size
+    ) -> KernelAttentionMetadata:
+        tables: list[int] = []
+        offsets: list[int] = []
+        positions: list[int] = []
+        for s in slices:
+            offsets.extend([len(tables)] * s.n)
+            positions.extend(range(s.start, s.start + s.n))
+            tables.extend(s.block_table)
+        pad = total_rows - len(positions)
+        return KernelAttentionMetadata(
+            slot_mapping=self._tensor(slots + [scratch_block * block_size] * pad),
+            row_table_offset=self._tensor(offsets + [0] * pad),
+            tables=self._tensor(tables or [scratch_block]),
+            row_positions=self._tensor(positions + [-1] * pad),
+        )
+
+
+class TorchBackend(Backend):
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.name = device, dtype, f"torch-{device.type}"
+        self.mkl = device.type == "cpu" and dtype == torch.float32 and torch.backends.mkl.is_available()
+        if self.mkl:
+            self.name = "torch-mkl"
+
+    def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> TorchLinear:
+        tensors = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p.dequantize()) for p in parts]
+        weight = torch.cat(tensors).to(device=self.device, dtype=self.dtype).contiguous()
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACK_HINT) if self.mkl else None
+        return TorchLinear(weight, None if bias is None else self.vector(bias), packed)
+
+    def weight_bytes(self, linear: TorchLinear) -> int:
+        tensors = (linear.weight, linear.packed)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def describe(self, linear: TorchLinear) -> str:
+        return str(linear.weight.dtype).removeprefix("torch.")
+
+    def embed(self, table: TorchLinear, ids):
+        return F.embedding(ids, table.weight)
+
+    def linear(self, x, w: TorchLinear, residual=None):
+        if w.packed is not None:
+            y = torch.ops.mkl._mkl_linear(x, w.packed, w.weight, w.bias, MKL_PACK_HINT)
+        else:
+            y = F.linear(x, w.weight, w.bias)
+        return y if residual is None else residual + y
+
+    def rms_norm(self, x, weight, eps):
+        return torch_ops.rms_norm(x, weight, eps)
+
+    def rope_store(
+        self, qkv, cos, sin, kv_cache, meta: torch_ops.TorchAttentionMetadata, num_heads, num_kv_heads
+    ):
+        q, k, v = _qkv_views(qkv, num_heads, num_kv_heads)
+        q.copy_(torch_ops.apply_rope(q, cos, sin))
+        k.copy_(torch_ops.apply_rope(k, cos, sin))
+        torch_ops.write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
+        return q
+
+    def attention(self, q, kv_cache, meta, scale, window):
+        return torch_ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, scale, window)
+
+    def silu_mul(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def attention_metadata(self, slices, slots, total_rows, scratch_block, block_size):
+        decode_rows, decode_tables, decode_positions, prefills = [], [], [], []
+        row = 0
+        for s in slices:
+            if s.n == 1:
+                decode_rows.append(row)
+                decode_tables.append(s.block_table)
+                decode_positions.append(s.start)
+            else:
+                prefills.append(
+                    (row, s.n, self._tensor(s.block_table), self._tensor(list(range(s.start, s.start + s.n))))
+                )
+            row += s.n
+        width = max((len(t) for t in decode_tables), default=0)
+        return torch_ops.TorchAttentionMetadata(
+            slot_mapping=self._tensor(slots + [scratch_block * block_size] * (total_rows - len(slots))),
+            decode_rows=self._tensor(decode_rows) if decode_rows else None,
+            decode_tables=self._tensor([t + [scratch_block] * (width - len(t)) for t in decode_tables])
+            if decode_rows
+            else None,
+            decode_positions=self._tensor(decode_positions) if decode_rows else None,
+            prefills=prefills,
+        )
+
+    def rows_for(self, n: int) -> int:
+        """MKL gives a row the same bits for any row count from 16 up, not below (measured: 4, 8 and >= 12
+        on an AVX2 EPYC, >= 16 with MKL's AVX-512 kernels on a Xeon); CUDA runs rows as they are."""
+        return max(n, MKL_INVARIANT_ROWS) if self.mkl else max(n, 1)
+
+
+@dataclass(eq=False)
+class TorchLinear:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    packed: torch.Tensor | None  # MKL's reordered copy, on CPU float32
+
+
+def select_backend(device: torch.device, dtype: torch.dtype, kernels: str = "auto") -> Backend:
+    """The one place where the compute path is chosen."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    if kernels == "torch" or device.type != "cpu":
+        return TorchBackend(device, dtype)
+    if dtype != torch.float32:
+        logger.info("dtype %s on CPU: shoal's C kernels compute in float32; using torch's kernels", dtype)
+        return TorchBackend(device, dtype)
+    if kernels != "auto" and kernels not in candidate_isas():
+        raise ValueError(f"kernels={kernels!r} cannot run on this machine; choose from {candidate_isas()}")
+    isa = best_isa() if kernels == "auto" else kernels
+    if kernels != "auto" and not isa_runs(isa):
+        raise ValueError(f"kernels={kernels!r}: this CPU cannot run that build (its probe failed)")
+    lib = load_library(isa)
+    if lib is None:
+        return TorchBackend(device, dtype)
+    return CpuBackend(lib, isa)

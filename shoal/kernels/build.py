@@ -1,0 +1,137 @@
+"""Compiling shoal's C kernels for the CPU at hand, once, cached by a hash of sources, flags and CPU.
+
+Three builds of the same sources: AVX-512 (F, BW, VL, DQ), AVX2 + FMA + F16C, and portable C (any compiler,
+ARM included). A CPU flag is not proof that an instruction runs (hypervisors hide some), so before a build
+is used, a probe compiled with the same flags is run in a child process; "auto" takes the widest that runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+logger = logging.getLogger("shoal")
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("gemm.c", "paged_attention.c", "layer_ops.c")]
+HEADERS = [HERE / "simd_math.h"]
+BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "portable": [],
+}
+X86_ONLY = ("avx512", "avx2")
+# Executes an instruction of each extension the build may use; exits 0 only if all ran.
+PROBE = r"""
+#include <immintrin.h>
+int main(void) {
+    volatile float in[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    float out[16];
+#ifdef __AVX512F__
+    __m512 v = _mm512_loadu_ps((const float *)in);
+    __m512i w = _mm512_cvtepu8_epi32(_mm_set1_epi8(3));
+    v = _mm512_fmadd_ps(v, _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 1)), v);
+    v = _mm512_add_ps(v, _mm512_cvtph_ps(_mm256_set1_epi16(0x3c00)));
+    _mm512_storeu_ps(out, v);
+#else
+    __m256 v = _mm256_loadu_ps((const float *)in);
+    v = _mm256_fmadd_ps(v, _mm256_cvtph_ps(_mm_set1_epi16(0x3c00)), v);
+    v = _mm256_add_ps(v, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set1_epi8(1))));
+    _mm256_storeu_ps(out, v);
+#endif
+    return out[0] == 3.0f ? 0 : 1;
+}
+"""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SHOAL_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "shoal"
+    )
+    return Path(base).expanduser()
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def candidate_isas() -> list[str]:
+    """The builds worth trying on this machine, widest first."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    return [isa for isa in ISA_FLAGS if x86 or isa not in X86_ONLY]
+
+
+@cache
+def isa_runs(isa: str) -> bool:
+    """Whether code built with this ISA's flags runs here (tested by running a probe, not read from flags)."""
+    if isa == "portable":
+        return True
+    if isa not in candidate_isas() or (compiler := _compiler()) is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        source, binary = Path(tmp) / "probe.c", Path(tmp) / "probe"
+        source.write_text(PROBE)
+        built = subprocess.run(
+            [compiler, "-O1", *ISA_FLAGS[isa], str(source), "-o", str(binary)], capture_output=True
+        )
+        if built.returncode != 0:
+            return False
+        try:
+            return subprocess.run([str(binary)], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+
+def best_isa() -> str:
+    return next(isa for isa in candidate_isas() if isa_runs(isa))
+
+
+@cache
+def load_library(isa: str) -> ctypes.CDLL | None:
+    """The kernels built for `isa` ("avx512", "avx2", "portable"), or None when they cannot be built or run."""
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"unknown kernel build {isa!r}; choose one of {sorted(ISA_FLAGS)}")
+    if not isa_runs(isa):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning(
+            "no C compiler found: using slower torch kernels (install gcc for shoal's CPU kernels)"
+        )
+        return None
+    try:
+        source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    except OSError as exc:
+        logger.warning("shoal's C kernel sources are missing (%s): using slower torch kernels", exc)
+        return None
+    flags = BASE_FLAGS + ISA_FLAGS[isa]
+    key = hashlib.sha256(source + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    library = cache_dir() / f"shoal-kernels-{isa}-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            built = Path(tmp) / library.name
+            command = [compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                logger.warning("building shoal's C kernels (%s) failed:\n%s", isa, result.stderr)
+                return None
+            os.replace(built, library)  # atomic: concurrent builders never load half a file
+    return ctypes.CDLL(str(library))

@@ -1,0 +1,180 @@
+"""Python bindings of shoal's C kernels, and packing weights into the panel layout they read (gemm.c)."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shoal.kernels.formats import IntWeights
+
+PANEL = 16
+FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FORMAT_Q8, FORMAT_Q4 = 3, 4
+FORMAT_NAMES = {0: "float32", 1: "float16", 2: "bfloat16", FORMAT_Q8: "q8", FORMAT_Q4: "q4"}
+
+
+class _PackedStruct(ctypes.Structure):
+    _fields_ = [
+        ("format", ctypes.c_int32),
+        ("group", ctypes.c_int32),
+        ("zero", ctypes.c_int32),
+        ("has_min", ctypes.c_int32),
+        ("quants", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("mins", ctypes.c_void_p),
+    ]
+
+
+@dataclass(eq=False)
+class PackedWeight:
+    """W [n, k] in the panel layout, with its bias; `struct` is what the C side reads."""
+
+    n: int
+    k: int
+    format: int
+    quants: torch.Tensor
+    scales: torch.Tensor | None = None
+    mins: torch.Tensor | None = None
+    group: int = 0
+    zero: int = 0
+    bias: torch.Tensor | None = None
+    struct: _PackedStruct = field(init=False)
+
+    def __post_init__(self) -> None:
+        def address(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        self.struct = _PackedStruct(
+            self.format, self.group, self.zero, int(self.mins is not None),
+            address(self.quants), address(self.scales), address(self.mins),
+        )  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.quants, self.scales, self.mins, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
+    def format_name(self) -> str:
+        return FORMAT_NAMES[self.format]
+
+
+def _panels(a: np.ndarray) -> np.ndarray:
+    """[N, K] -> [P, K, 16] with P even, zero-padded past N."""
+    n = a.shape[0]
+    p = -(-n // PANEL)
+    p += p % 2
+    padded = np.zeros((p * PANEL, *a.shape[1:]), dtype=a.dtype)
+    padded[:n] = a
+    return np.ascontiguousarray(padded.reshape(p, PANEL, -1).transpose(0, 2, 1))
+
+
+def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
+    """A matrix in its kept form (see formats.kept_form) -> the kernels' panel layout."""
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    if isinstance(weight, torch.Tensor):
+        n, k = weight.shape
+        if weight.dtype not in FORMATS:
+            weight = weight.to(torch.float32)
+        values = (
+            weight.contiguous().view(torch.int16) if weight.dtype != torch.float32 else weight.contiguous()
+        )
+        quants = torch.from_numpy(_panels(values.numpy()))
+        return PackedWeight(n, k, FORMATS[weight.dtype], quants, bias=bias)
+    n, k = weight.shape
+    q = _panels(weight.q)
+    if weight.bits == 4:
+        q = q[:, 0::2, :] | (q[:, 1::2, :] << 4)
+    scales = torch.from_numpy(_panels(weight.scales))
+    mins = None if weight.mins is None else torch.from_numpy(_panels(weight.mins))
+    fmt = FORMAT_Q8 if weight.bits == 8 else FORMAT_Q4
+    quants = torch.from_numpy(np.ascontiguousarray(q))
+    return PackedWeight(n, k, fmt, quants, scales, mins, weight.group, weight.zero, bias)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declares the C functions' signatures on a freshly loaded library."""
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "paged_attention_f32": [ptr, i64, *[ptr] * 6, *[i64] * 6, f32, i32],
+        "gemm": [ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32],
+        "gather_columns": [ptr, i64, ptr, i64, ptr],
+        "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
+        "rope_store_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i32],
+        "silu_mul_f32": [ptr, i64, i64, ptr, i32],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = None, argtypes
+    return lib
+
+
+def gemm(lib, x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N]; each output element is one ascending-k FMA chain. With `out`
+    (contiguous [M, N]), the result is added to it in place and `out` returned: out + (x @ W^T + bias)."""
+    x = x.contiguous()
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    bias = w.bias.data_ptr() if w.bias is not None else None
+    lib.gemm(
+        x.data_ptr(), x.shape[0], x.shape[1], ctypes.byref(w.struct), w.n, bias, out.data_ptr(), accumulate,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def gather_columns(lib, w: PackedWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of W, dequantized: an embedding lookup in a packed (possibly tied) table."""
+    ids = ids.contiguous()
+    out = torch.empty(ids.shape[0], w.k, dtype=torch.float32)
+    lib.gather_columns(ctypes.byref(w.struct), w.k, ids.data_ptr(), ids.shape[0], out.data_ptr())
+    return out
+
+
+def paged_attention_c(
+    lib, q, k_cache, v_cache, row_table_offset, tables, positions, scale: float, window: int = 0
+) -> torch.Tensor:
+    """q: [T, H, D] float32 with contiguous heads (rows may be strided, e.g. a view into the fused qkv);
+    k_cache, v_cache: [NB, Hkv, B, D]; per row: its table's offset in `tables` and its position (-1: padding
+    row). window > 0: each row sees only its last `window` keys (sliding-window attention). Returns [T, H, D]."""
+    t, h, d = q.shape
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    out = torch.empty(t, h, d, dtype=q.dtype)
+    lib.paged_attention_f32(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        row_table_offset.data_ptr(), tables.data_ptr(), positions.data_ptr(),
+        t, h, k_cache.shape[1], d, k_cache.shape[2], window, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rms_norm_c(lib, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, dim] contiguous -> weight * (x / sqrt(mean(x^2) + eps)), row by row."""
+    out = torch.empty_like(x)
+    lib.rms_norm_f32(
+        x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads()
+    )
+    return out
+
+
+def rope_store_c(lib, qkv, cos, sin, k_cache, v_cache, slots, num_heads: int) -> None:
+    """qkv [T, (H + 2 Hkv) * D] contiguous: rotates its q and k heads in place (cos, sin: [T, D] contiguous)
+    and writes k and v to their slots in the caches [NB, Hkv, B, D]."""
+    _, num_kv_heads, block_size, d = k_cache.shape
+    lib.rope_store_f32(
+        qkv.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, d, cos.data_ptr(), sin.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), block_size, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def silu_mul_c(lib, gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 I] contiguous (gate, then up) -> silu(gate) * up, [T, I]."""
+    inter = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
+    lib.silu_mul_f32(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,105 @@
+"""The GEMM on every kept weight format, on every kernel build this machine runs: against gguf's dequantize
+and a float64 matmul, and each row's bits the same for any row count, position and thread count."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from shoal.kernels.build import ISA_FLAGS, isa_runs, load_library
+from shoal.kernels.cpu import bind, gather_columns, gemm, pack_weight
+from shoal.kernels.formats import QuantizedTensor, integer_form, join_rows, kept_form
+
+BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)]
+K_QUANTS = {T.Q4_K: (144, [(0, 2), (2, 4)]), T.Q5_K: (176, [(0, 2), (2, 4)]), T.Q6_K: (210, [(208, 210)])}
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def lib(request):
+    library = load_library(request.param)
+    if library is None:
+        pytest.skip(f"the {request.param} build cannot be compiled here")
+    return bind(library)
+
+
+def random_weight(qtype: T, n: int, k: int, seed: int) -> QuantizedTensor:
+    """A [n, k] GGUF matrix: gguf's own quantizer where it has one, else random valid blocks."""
+    rng = np.random.default_rng(seed)
+    if qtype in K_QUANTS:
+        size, scale_fields = K_QUANTS[qtype]
+        blocks = rng.integers(0, 256, size=(n * k // 256, size), dtype=np.uint8)
+        for lo, hi in scale_fields:  # finite, moderate scales
+            blocks[:, lo:hi] = (
+                (rng.uniform(0.001, 0.05, size=(len(blocks), 1))).astype(np.float16).view(np.uint8)
+            )
+        return QuantizedTensor(blocks.reshape(n, -1), qtype, (n, k))
+    values = rng.standard_normal((n, k)).astype(np.float32)
+    return QuantizedTensor(gguf.quants.quantize(values, qtype), qtype, (n, k))
+
+
+def assert_float32_close(got: torch.Tensor, x: torch.Tensor, w: np.ndarray, bias: torch.Tensor | None = None):
+    """Within float32 rounding of a k-long chain: 1e-5 of the sum of |x * w| (a sum's error scales with it)."""
+    weight = torch.from_numpy(w).double()
+    reference = x.double() @ weight.T + (0 if bias is None else bias.double())
+    scale = x.double().abs() @ weight.abs().T + (0 if bias is None else bias.double().abs())
+    assert ((got.double() - reference).abs() <= 1e-5 * scale + 1e-30).all()
+    assert (got.double() - reference).abs().max() > 0 or x.shape[1] < 64  # a real float32 chain, not float64
+
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_integer_form_dequantizes_to_exactly_what_gguf_gives(qtype):
+    w = random_weight(qtype, 40, 512, seed=1)
+    kept = kept_form(w)
+    ours = kept.float().numpy() if isinstance(kept, torch.Tensor) else kept.dequantize()
+    assert np.array_equal(ours, w.dequantize())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize(("n", "k"), [(40, 256), (70, 512)])
+def test_gemm_matches_gguf_dequantize_and_each_row_keeps_its_bits(lib, qtype, n, k):
+    w = random_weight(qtype, n, k, seed=n + k)
+    g = torch.Generator().manual_seed(n)
+    x, bias = torch.randn(40, k, generator=g), torch.randn(n, generator=g)
+    packed = pack_weight(kept_form(w), bias)
+    full = gemm(lib, x, packed)
+    assert_float32_close(full, x, w.dequantize(), bias)
+    for m in range(1, 40):  # every tile shape and remainder, at the start and at the end of the batch
+        assert torch.equal(gemm(lib, x[:m], packed), full[:m]), m
+        assert torch.equal(gemm(lib, x[40 - m :], packed), full[40 - m :]), m
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert torch.equal(gemm(lib, x, packed), full)
+    finally:
+        torch.set_num_threads(threads)
+    residual = torch.randn(7, n, generator=g)
+    assert torch.equal(gemm(lib, x[:7], packed, out=residual.clone()), residual + full[:7])
+
+
+def test_every_build_gives_the_same_bits():
+    """One FMA chain per element on the same dequantized values: the instruction set does not matter."""
+    libs = [bind(load_library(isa)) for isa in BUILDS]
+    w = random_weight(T.Q4_K, 48, 512, seed=3)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(3))
+    outs = [gemm(lib, x, pack_weight(kept_form(w))) for lib in libs]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:]), BUILDS
+
+
+def test_fused_parts_of_different_types_keep_every_value(lib):
+    parts = [random_weight(t, 32, 256, seed=i) for i, t in enumerate([T.Q4_K, T.Q6_K, T.Q4_0, T.Q8_0])]
+    joined = join_rows([integer_form(p) for p in parts])
+    assert np.array_equal(joined.dequantize(), np.concatenate([p.dequantize() for p in parts]))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    assert_float32_close(gemm(lib, x, pack_weight(joined)), x, joined.dequantize())
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1, T.Q6_K, T.BF16], ids=lambda t: t.name)
+def test_gathered_columns_are_the_dequantized_rows(lib, qtype):
+    w = random_weight(qtype, 50, 256, seed=5)
+    ids = torch.tensor([0, 49, 17, 17, 32])
+    rows = gather_columns(lib, pack_weight(kept_form(w)), ids)
+    assert torch.equal(rows, torch.from_numpy(w.dequantize())[ids])
