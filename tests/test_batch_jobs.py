@@ -15,7 +15,7 @@ import pytest
 from test_server_helpers import REPO, batch_lines, make_model, read_jsonl, wait_until, write_jsonl
 
 from shoal import AsyncLLM
-from shoal.batch_jobs import drop_torn_tail, run_file, scan_done
+from shoal.server.batch_jobs import drop_torn_tail, run_file, scan_done
 from shoal.server.serving import OpenAIServing
 
 

@@ -1,10 +1,12 @@
-"""The engine end to end on a tiny model: batch invariance, prefix caching, n samples, tight memory, errors."""
+"""The engine end to end on a tiny model (float32 and quantized weights): batch invariance, prefix caching, n samples, tight memory, errors."""
 
 import random
 
 import pytest
 from conftest import SMALL_KV
+from tiny_models import write_gguf
 
+import shoal
 from shoal import LLM, InvalidRequestError, SamplingParams
 
 
@@ -21,6 +23,15 @@ GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 SEEDED = SamplingParams(
     temperature=0.9, top_p=0.95, top_k=40, min_p=0.02, seed=1234, max_tokens=20, ignore_eos=True
 )
+
+
+@pytest.fixture(scope="module", params=["float32", "Q4_1", "Q8_0"])
+def tiny_llama(request, tiny_dirs, tmp_path_factory) -> shoal.LoadedModel:
+    """Every test here runs on float32 weights and on weights kept quantized (a GGUF of the same model)."""
+    if request.param == "float32":
+        return shoal.load_model(tiny_dirs["llama"])
+    path = tmp_path_factory.mktemp("quantized") / f"llama-{request.param}.gguf"
+    return shoal.load_model(write_gguf(tiny_dirs["llama"], path, request.param))
 
 
 @pytest.fixture(scope="module")

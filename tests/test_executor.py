@@ -142,6 +142,22 @@ def test_save_then_load_continues_identically(model, executor, tmp_path):
         other.load(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
 
 
+@pytest.mark.parametrize(
+    "length", [1, BLOCK, BLOCK + 1, 5 * BLOCK + 3], ids=["1", "block", "block+1", "many"]
+)
+def test_save_and_load_at_every_block_boundary(model, executor, length):
+    """A conversation inside one block used to fail: its KV slice was not contiguous (safetensors refused it)."""
+    conv = executor.create(seed=3)
+    conv.prompt(tokens(length, 9))
+    assert executor.infer() == DecodeResult.OK
+    state = conv.save()
+    expected = run(executor, conv, 4, SAMPLED)
+    other = BatchedExecutor(model, kv_cache_memory=KV_MEMORY, block_size=BLOCK)
+    loaded = other.load(state)
+    assert loaded.num_computed_tokens == length and loaded.token_ids == conv.token_ids[:length]
+    assert run(other, loaded, 4, SAMPLED) == expected
+
+
 def test_no_kv_slot_is_returned_and_nothing_changes(model, reference):
     per_block = 2 * model.config.num_layers * model.config.num_kv_heads * BLOCK * model.config.head_dim * 4
     executor = BatchedExecutor(model, kv_cache_memory=4 * per_block, block_size=BLOCK)  # 4 blocks, 64 tokens

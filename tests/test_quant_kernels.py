@@ -97,7 +97,7 @@ def test_fused_parts_of_different_types_keep_every_value(lib):
     assert_float32_close(gemm(lib, x, pack_weight(joined)), x, joined.dequantize())
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1, T.Q6_K, T.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K, T.BF16], ids=lambda t: t.name)
 def test_gathered_columns_are_the_dequantized_rows(lib, qtype):
     w = random_weight(qtype, 50, 256, seed=5)
     ids = torch.tensor([0, 49, 17, 17, 32])

@@ -87,13 +87,22 @@ def make_tiny_tokenizer(qwen: bool = False, vocab_size: int = 400) -> PreTrained
     return wrapped
 
 
-def make_tiny_hf_model(arch: str, path: str | Path, seed: int = 0, max_shard_size: str | None = None) -> str:
-    """Saves a tiny random `arch` model (safetensors) with its tokenizer and chat template into `path`."""
+def make_tiny_hf_model(
+    arch: str,
+    path: str | Path,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Saves a tiny random `arch` model (safetensors, in `dtype`) with its tokenizer and chat template into
+    `path`. K-quant GGUFs need hidden and intermediate sizes that are multiples of 256."""
     tokenizer = make_tiny_tokenizer(qwen=arch.startswith("qwen"))
     config = _CONFIGS[arch](
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -112,6 +121,7 @@ def make_tiny_hf_model(arch: str, path: str | Path, seed: int = 0, max_shard_siz
         _randomize_vectors(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    model = model.to(dtype)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return str(path)
@@ -175,8 +185,33 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+# Types gguf cannot quantize to: matrices get random valid blocks (finite float16 scale fields) instead.
+RANDOM_BLOCK_SCALES = {
+    "Q2_K": (80, 84),
+    "Q3_K": (108, 110),
+    "Q4_K": (0, 4),
+    "Q5_K": (0, 4),
+    "Q6_K": (208, 210),
+}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """[rows, bytes per row] of random `qtype` blocks whose weights stay small (|w| below about 0.5)."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    lo, hi = RANDOM_BLOCK_SCALES[qtype]
+    scales = rng.uniform(0.0001, 0.0006, size=(len(blocks), (hi - lo) // 2)).astype(np.float16)
+    blocks[:, lo:hi] = scales.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
-    """Writes the model in `hf_dir` as a GGUF; matrices in `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1), vectors F32."""
+    """Writes the model in `hf_dir` as a GGUF; matrices in `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+    Q5_1 from the model's weights; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K as random valid blocks), vectors F32."""
     import gguf
 
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
@@ -192,7 +227,11 @@ def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
         elif arch == "llama" and ".self_attn.k_proj." in name:
             data = llama_cpp_permute(data, hf["num_key_value_heads"])
         qt = target if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        writer.add_tensor(gguf_tensor_name(name), gguf.quants.quantize(data, qt), raw_dtype=qt)
+        if qtype in RANDOM_BLOCK_SCALES and data.ndim == 2:
+            raw = random_blocks(qtype, data.shape[0], data.shape[1], seed=len(name) * 7919 + data.size)
+        else:
+            raw = gguf.quants.quantize(data.astype(np.float32), qt)
+        writer.add_tensor(gguf_tensor_name(name), raw, raw_dtype=qt)
     if (hf.get("rope_parameters") or {}).get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(hf))
     writer.write_header_to_file()

@@ -20,8 +20,8 @@ class _PackedStruct(ctypes.Structure):
     _fields_ = [
         ("format", ctypes.c_int32),
         ("group", ctypes.c_int32),
-        ("zero", ctypes.c_int32),
         ("has_min", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
         ("quants", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("mins", ctypes.c_void_p),
@@ -39,7 +39,6 @@ class PackedWeight:
     scales: torch.Tensor | None = None
     mins: torch.Tensor | None = None
     group: int = 0
-    zero: int = 0
     bias: torch.Tensor | None = None
     struct: _PackedStruct = field(init=False)
 
@@ -48,7 +47,7 @@ class PackedWeight:
             return None if t is None else t.data_ptr()
 
         self.struct = _PackedStruct(
-            self.format, self.group, self.zero, int(self.mins is not None),
+            self.format, self.group, int(self.mins is not None), 0,
             address(self.quants), address(self.scales), address(self.mins),
         )  # fmt: skip
 
@@ -63,10 +62,10 @@ class PackedWeight:
 
 
 def _panels(a: np.ndarray) -> np.ndarray:
-    """[N, K] -> [P, K, 16] with P even, zero-padded past N."""
+    """[N, K] -> [P, K, 16] with P a multiple of 4, zero-padded past N."""
     n = a.shape[0]
     p = -(-n // PANEL)
-    p += p % 2
+    p += -p % 4
     padded = np.zeros((p * PANEL, *a.shape[1:]), dtype=a.dtype)
     padded[:n] = a
     return np.ascontiguousarray(padded.reshape(p, PANEL, -1).transpose(0, 2, 1))
@@ -88,11 +87,14 @@ def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = N
     q = _panels(weight.q)
     if weight.bits == 4:
         q = q[:, 0::2, :] | (q[:, 1::2, :] << 4)
+    mins = weight.mins
+    if weight.zero:  # s * (q - z) + m == s * q + (m - s * z), exact for Q4_0 (z = 8: s * 8 is exact)
+        mins = (0 if mins is None else mins) - weight.scales * np.float32(weight.zero)
     scales = torch.from_numpy(_panels(weight.scales))
-    mins = None if weight.mins is None else torch.from_numpy(_panels(weight.mins))
+    mins = None if mins is None else torch.from_numpy(_panels(mins))
     fmt = FORMAT_Q8 if weight.bits == 8 else FORMAT_Q4
     quants = torch.from_numpy(np.ascontiguousarray(q))
-    return PackedWeight(n, k, fmt, quants, scales, mins, weight.group, weight.zero, bias)
+    return PackedWeight(n, k, fmt, quants, scales, mins, weight.group, bias)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.batch_jobs import BatchRun, DoneSet, JsonlWriter, Progress, count_lines, scan_done
 from shoal.errors import EngineDeadError
+from shoal.server.batch_jobs import BatchRun, DoneSet, JsonlWriter, Progress, count_lines, scan_done
 from shoal.server.batch_store import BatchStore
 from shoal.server.protocol import Batch, BatchError, BatchErrors, FileObject, now
 from shoal.server.serving import OpenAIServing

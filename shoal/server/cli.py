@@ -122,7 +122,7 @@ async def serve(engine_factory: Callable[[], Any], args: argparse.Namespace) -> 
 
 def _load_engine(args: argparse.Namespace) -> Callable[[], Any]:
     def factory() -> Any:
-        from shoal import AsyncLLM
+        from shoal.engine.async_llm import AsyncLLM
 
         return AsyncLLM(model=args.model, **engine_options_from_args(args))
 
@@ -146,7 +146,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 async def _batch(args: argparse.Namespace) -> Any:
-    from shoal.batch_jobs import run_file
+    from shoal.server.batch_jobs import run_file
     from shoal.server.serving import OpenAIServing
 
     engine = _load_engine(args)()
@@ -165,7 +165,7 @@ async def _batch(args: argparse.Namespace) -> Any:
 
 
 def batch_command(args: argparse.Namespace) -> int:
-    from shoal.batch_jobs import summary
+    from shoal.server.batch_jobs import summary
 
     if not args.input.is_file():
         print(f"shoal batch: no input file {args.input}", file=sys.stderr)

@@ -1,0 +1,99 @@
+"""The package's structure: no import cycle among shoal's modules (imports inside functions count), and
+every import points inward: front ends -> engine -> core and runner -> models -> kernels."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "shoal"
+SHARED = {"shoal.errors", "shoal.config", "shoal.sampling_params", "shoal.outputs"}  # plain data, any layer
+LAYERS = [  # innermost first; a module may import its own layer and the layers before it
+    ("kernels", ("shoal.kernels",)),
+    ("models", ("shoal.models",)),
+    ("core and runner", ("shoal.core", "shoal.runner")),
+    ("engine", ("shoal.engine",)),
+    (
+        "front ends",
+        (
+            "shoal.llm",
+            "shoal.sessions",
+            "shoal.executor",
+            "shoal.batch_generation",
+            "shoal.server",
+            "shoal.cli",
+            "shoal.cli_args",
+        ),
+    ),  # fmt: skip
+    ("package", ("shoal",)),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every shoal module this file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in MODULES and n.startswith("shoal")}
+    return found
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+               if module == p or module.startswith(p + ".")]  # fmt: skip
+    return max(matches)[1]
+
+
+def test_the_checks_see_real_imports():
+    assert "shoal.engine.core" in GRAPH["shoal.engine.llm_engine"]
+    assert "shoal.kernels.backend" in GRAPH["shoal.models.llama"]
+
+
+def test_no_import_cycle():
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(GRAPH[module]):
+            if state.get(target) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(target) :] + [module, target]))
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [])
+
+
+def test_imports_point_inward():
+    wrong = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+        for module, targets in GRAPH.items()
+        if module not in SHARED
+        for target in targets
+        if target not in SHARED and layer_of(target) > layer_of(module)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_shared_modules_import_only_each_other_and_kernels():
+    for module in SHARED:
+        outside = {t for t in GRAPH[module] if t not in SHARED and layer_of(t) > 0}
+        assert not outside, (module, outside)
