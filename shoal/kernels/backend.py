@@ -47,6 +47,7 @@ class KernelAttentionMetadata:
     row_table_offset: torch.Tensor
     tables: torch.Tensor
     row_positions: torch.Tensor
+    step: Any = None  # the C struct of the step, made at its first layer
 
 
 class Backend(ABC):
@@ -87,6 +88,26 @@ class Backend(ABC):
 
     @abstractmethod
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def prepare_layer(self, layer: Any) -> Any:
+        """What decoder_layer needs of a layer beyond its attributes, made once at load (None: nothing)."""
+        return None
+
+    def decoder_layer(self, layer: Any, x: torch.Tensor, cos, sin, kv_cache, meta) -> torch.Tensor:
+        """A Llama-family decoder layer (models/llama.py's DecoderLayer holds its weights), op by op."""
+        cfg, t = layer.cfg, x.shape[0]
+        qkv = self.linear(self.rms_norm(x, layer.input_norm, cfg.rms_norm_eps), layer.qkv_proj)
+        if cfg.qk_norm:
+            q, k, _ = _qkv_views(qkv, cfg.num_heads, cfg.num_kv_heads)
+            q.copy_(torch_ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps))
+            k.copy_(torch_ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps))
+        q = self.rope_store(qkv, cos, sin, kv_cache, meta, cfg.num_heads, cfg.num_kv_heads)
+        attn = self.attention(q, kv_cache, meta, layer.scale, layer.window)
+        x = self.linear(attn.reshape(t, -1), layer.o_proj, residual=x)
+        gate_up = self.linear(
+            self.rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps), layer.gate_up_proj
+        )
+        return self.linear(self.silu_mul(gate_up), layer.down_proj, residual=x)
 
     @abstractmethod
     def attention_metadata(
@@ -141,7 +162,8 @@ class CpuBackend(Backend):
 
     def rope_store(self, qkv, cos, sin, kv_cache, meta: KernelAttentionMetadata, num_heads, num_kv_heads):
         cpu.rope_store_c(self.lib, qkv, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping, num_heads)
-        return _qkv_views(qkv, num_heads, num_kv_heads)[0]
+        d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+        return qkv[:, : num_heads * d].view(qkv.shape[0], num_heads, d)
 
     def attention(self, q, kv_cache, meta: KernelAttentionMetadata, scale, window):
         return cpu.paged_attention_c(
@@ -151,6 +173,19 @@ class CpuBackend(Backend):
 
     def silu_mul(self, gate_up):
         return cpu.silu_mul_c(self.lib, gate_up)
+
+    def prepare_layer(self, layer) -> cpu.LayerPlan:
+        weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+        qk = [layer.q_norm, layer.k_norm] if layer.cfg.qk_norm else [None, None]
+        return cpu.plan_layer(
+            weights, [layer.input_norm, layer.post_attention_norm, *qk], layer.cfg, layer.window
+        )
+
+    def decoder_layer(self, layer, x, cos, sin, kv_cache, meta: KernelAttentionMetadata):
+        """The whole layer in one C call (layer.c): the same kernels as the op-by-op path, one thread wake-up."""
+        if meta.step is None:  # the same for every layer of a step
+            meta.step = cpu.step_struct(meta, cos, sin, kv_cache[0].shape[2], kv_cache[0].dtype)
+        return cpu.decoder_layer(self.lib, layer.backend_plan, x.contiguous(), meta.step, *kv_cache)
 
     def attention_metadata(
         self, slices, slots, total_rows, scratch_block, block_size

@@ -20,8 +20,8 @@ from pathlib import Path
 
 logger = logging.getLogger("shoal")
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("gemm.c", "paged_attention.c", "layer_ops.c")]
-HEADERS = [HERE / "simd_math.h"]
+SOURCES = [HERE / name for name in ("gemm.c", "paged_attention.c", "layer_ops.c", "layer.c")]
+HEADERS = [HERE / "simd_math.h", HERE / "kernels.h"]
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
@@ -68,7 +68,7 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
@@ -83,13 +83,13 @@ def isa_runs(isa: str) -> bool:
     """Whether code built with this ISA's flags runs here (tested by running a probe, not read from flags)."""
     if isa == "portable":
         return True
-    if isa not in candidate_isas() or (compiler := _compiler()) is None:
+    if isa not in candidate_isas() or (cc := compiler()) is None:
         return False
     with tempfile.TemporaryDirectory() as tmp:
         source, binary = Path(tmp) / "probe.c", Path(tmp) / "probe"
         source.write_text(PROBE)
         built = subprocess.run(
-            [compiler, "-O1", *ISA_FLAGS[isa], str(source), "-o", str(binary)], capture_output=True
+            [cc, "-O1", *ISA_FLAGS[isa], str(source), "-o", str(binary)], capture_output=True
         )
         if built.returncode != 0:
             return False
@@ -110,8 +110,8 @@ def load_library(isa: str) -> ctypes.CDLL | None:
         raise ValueError(f"unknown kernel build {isa!r}; choose one of {sorted(ISA_FLAGS)}")
     if not isa_runs(isa):
         return None
-    compiler = _compiler()
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         logger.warning(
             "no C compiler found: using slower torch kernels (install gcc for shoal's CPU kernels)"
         )
@@ -128,7 +128,7 @@ def load_library(isa: str) -> ctypes.CDLL | None:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
             built = Path(tmp) / library.name
-            command = [compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"]
+            command = [cc, *flags, *map(str, SOURCES), "-o", str(built), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 logger.warning("building shoal's C kernels (%s) failed:\n%s", isa, result.stderr)

@@ -21,11 +21,54 @@ class _PackedStruct(ctypes.Structure):
         ("format", ctypes.c_int32),
         ("group", ctypes.c_int32),
         ("has_min", ctypes.c_int32),
-        ("pad", ctypes.c_int32),
+        ("half_scales", ctypes.c_int32),
         ("quants", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("mins", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
     ]
+
+
+class _LayerStruct(ctypes.Structure):
+    """layer.c's struct decoder_layer."""
+
+    _fields_ = [
+        ("qkv", _PackedStruct),
+        ("o", _PackedStruct),
+        ("gate_up", _PackedStruct),
+        ("down", _PackedStruct),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        ("num_heads", ctypes.c_int64),
+        ("num_kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("window", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _StepStruct(ctypes.Structure):
+    """layer.c's struct step."""
+
+    _fields_ = [
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),
+        ("row_table_offset", ctypes.c_void_p),
+        ("tables", ctypes.c_void_p),
+        ("positions", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("block_size", ctypes.c_int64),
+        ("kv_type", ctypes.c_int32),
+    ]
+
+
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @dataclass(eq=False)
@@ -46,9 +89,10 @@ class PackedWeight:
         def address(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
+        half = self.scales is not None and self.scales.dtype == torch.float16
         self.struct = _PackedStruct(
-            self.format, self.group, int(self.mins is not None), 0,
-            address(self.quants), address(self.scales), address(self.mins),
+            self.format, self.group, int(self.mins is not None), int(half),
+            address(self.quants), address(self.scales), address(self.mins), address(self.bias), self.n, self.k,
         )  # fmt: skip
 
     @property
@@ -71,6 +115,15 @@ def _panels(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(p, PANEL, -1).transpose(0, 2, 1))
 
 
+def _half_if_exact(scales: np.ndarray, mins: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """float16 copies when they hold every value exactly (GGUF's d and m are float16; K-quants' d * sc is not)."""
+    arrays = [a for a in (scales, mins) if a is not None]
+    halves = [a.astype(np.float16) for a in arrays]
+    if not all(np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, arrays, strict=True)):
+        return scales, mins
+    return halves[0], halves[1] if mins is not None else None
+
+
 def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
     """A matrix in its kept form (see formats.kept_form) -> the kernels' panel layout."""
     bias = None if bias is None else bias.to(torch.float32).contiguous()
@@ -90,7 +143,8 @@ def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = N
     mins = weight.mins
     if weight.zero:  # s * (q - z) + m == s * q + (m - s * z), exact for Q4_0 (z = 8: s * 8 is exact)
         mins = (0 if mins is None else mins) - weight.scales * np.float32(weight.zero)
-    scales = torch.from_numpy(_panels(weight.scales))
+    scales, mins = _half_if_exact(weight.scales, mins)
+    scales = torch.from_numpy(_panels(scales))
     mins = None if mins is None else torch.from_numpy(_panels(mins))
     fmt = FORMAT_Q8 if weight.bits == 8 else FORMAT_Q4
     quants = torch.from_numpy(np.ascontiguousarray(q))
@@ -101,16 +155,18 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the C functions' signatures on a freshly loaded library."""
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
-        "paged_attention_f32": [ptr, i64, *[ptr] * 6, *[i64] * 6, f32, i32],
-        "gemm": [ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32],
-        "gather_columns": [ptr, i64, ptr, i64, ptr],
+        "paged_attention_f32": [ptr, i64, ptr, ptr, i32, *[ptr] * 4, *[i64] * 6, f32, i32],
+        "gemm": [ptr, i64, ptr, ptr, i32, i32],
+        "gather_columns": [ptr, ptr, i64, ptr],
         "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
-        "rope_store_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, i32],
+        "rope_store_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i32, ptr, i64, i32],
         "silu_mul_f32": [ptr, i64, i64, ptr, i32],
+        "decoder_layer_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i32],
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = None, argtypes
+    lib.decoder_layer_scratch.restype, lib.decoder_layer_scratch.argtypes = i64, [ptr, i64]
     return lib
 
 
@@ -121,11 +177,9 @@ def gemm(lib, x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None)
     accumulate = out is not None
     if out is None:
         out = torch.empty(x.shape[0], w.n, dtype=torch.float32)
-    bias = w.bias.data_ptr() if w.bias is not None else None
     lib.gemm(
-        x.data_ptr(), x.shape[0], x.shape[1], ctypes.byref(w.struct), w.n, bias, out.data_ptr(), accumulate,
-        torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(), x.shape[0], ctypes.byref(w.struct), out.data_ptr(), accumulate, torch.get_num_threads()
+    )
     return out
 
 
@@ -133,7 +187,7 @@ def gather_columns(lib, w: PackedWeight, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of W, dequantized: an embedding lookup in a packed (possibly tied) table."""
     ids = ids.contiguous()
     out = torch.empty(ids.shape[0], w.k, dtype=torch.float32)
-    lib.gather_columns(ctypes.byref(w.struct), w.k, ids.data_ptr(), ids.shape[0], out.data_ptr())
+    lib.gather_columns(ctypes.byref(w.struct), ids.data_ptr(), ids.shape[0], out.data_ptr())
     return out
 
 
@@ -141,14 +195,14 @@ def paged_attention_c(
     lib, q, k_cache, v_cache, row_table_offset, tables, positions, scale: float, window: int = 0
 ) -> torch.Tensor:
     """q: [T, H, D] float32 with contiguous heads (rows may be strided, e.g. a view into the fused qkv);
-    k_cache, v_cache: [NB, Hkv, B, D]; per row: its table's offset in `tables` and its position (-1: padding
+    k_cache, v_cache: [NB, Hkv, B, D] (float32, float16 or bfloat16); per row: its table's offset in `tables` and its position (-1: padding
     row). window > 0: each row sees only its last `window` keys (sliding-window attention). Returns [T, H, D]."""
     t, h, d = q.shape
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
     out = torch.empty(t, h, d, dtype=q.dtype)
     lib.paged_attention_f32(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), KV_TYPES[k_cache.dtype], out.data_ptr(),
         row_table_offset.data_ptr(), tables.data_ptr(), positions.data_ptr(),
         t, h, k_cache.shape[1], d, k_cache.shape[2], window, scale, torch.get_num_threads(),
     )  # fmt: skip
@@ -170,7 +224,8 @@ def rope_store_c(lib, qkv, cos, sin, k_cache, v_cache, slots, num_heads: int) ->
     _, num_kv_heads, block_size, d = k_cache.shape
     lib.rope_store_f32(
         qkv.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, d, cos.data_ptr(), sin.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), block_size, torch.get_num_threads(),
+        k_cache.data_ptr(), v_cache.data_ptr(), KV_TYPES[k_cache.dtype], slots.data_ptr(), block_size,
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
@@ -180,3 +235,41 @@ def silu_mul_c(lib, gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
     lib.silu_mul_f32(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    """One decoder layer as layer.c reads it (the tensors it points to are kept alive by the model)."""
+
+    struct: _LayerStruct
+    hidden: int
+
+
+def plan_layer(weights: list[PackedWeight], norms: list[torch.Tensor | None], cfg, window: int) -> LayerPlan:
+    """weights: qkv, o, gate_up, down; norms: input, post-attention, q, k (the last two None but for Qwen3)."""
+    struct = _LayerStruct(
+        *(w.struct for w in weights),
+        *(None if t is None else t.data_ptr() for t in norms),
+        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, window, cfg.rms_norm_eps, cfg.head_dim**-0.5,
+    )  # fmt: skip
+    return LayerPlan(struct, weights[1].n)
+
+
+def step_struct(
+    meta, cos: torch.Tensor, sin: torch.Tensor, block_size: int, kv_dtype: torch.dtype
+) -> _StepStruct:
+    return _StepStruct(
+        cos.data_ptr(), sin.data_ptr(), meta.slot_mapping.data_ptr(), meta.row_table_offset.data_ptr(),
+        meta.tables.data_ptr(), meta.row_positions.data_ptr(), meta.row_positions.shape[0], block_size,
+        KV_TYPES[kv_dtype],
+    )  # fmt: skip
+
+
+def decoder_layer(lib, plan: LayerPlan, x: torch.Tensor, step: _StepStruct, k_cache, v_cache) -> torch.Tensor:
+    """layer.c's whole decoder layer on x [T, hidden] (contiguous float32), in place; returns x."""
+    scratch = torch.empty(lib.decoder_layer_scratch(ctypes.byref(plan.struct), x.shape[0]))
+    lib.decoder_layer_f32(
+        ctypes.byref(plan.struct), x.data_ptr(), ctypes.byref(step), k_cache.data_ptr(), v_cache.data_ptr(),
+        scratch.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return x

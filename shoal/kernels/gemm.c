@@ -1,5 +1,6 @@
 /* y = x @ W^T (+ bias) on weights packed in one of shoal's formats: float32, float16, bfloat16, or integer
- * quants (8 or 4 bits) with a float32 scale s, and optionally a float32 offset m, per group of k: w = s*q + m.
+ * quants (8 or 4 bits) with a scale s, and optionally an offset m, per group of k: w = s*q + m (float32, or
+ * float16 where that holds them exactly).
  *
  * Float formats: every output element is one FMA chain over k in ascending order. Quant formats: for each
  * group in ascending order, the FMA chain of x * q over the group, then acc = s * that + acc and acc =
@@ -18,20 +19,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd_math.h"
 
 #define PANEL 16
-
-enum format { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
-
-struct packed_weight {
-    int32_t format;
-    int32_t group;   /* k values per scale (quant formats) */
-    int32_t has_min; /* an offset is added after scaling */
-    const void *quants;
-    const float *scales;
-    const float *mins;
-};
 
 /* ---- one panel of 16 columns as vectors ---- */
 #if defined(__AVX512F__)
@@ -148,6 +139,15 @@ static inline void pv_q4(const uint8_t *p, pv *even, pv *odd) {
 }
 #endif
 
+/* Scale (or offset) vector of 16 columns at index `at`, in the stored precision. */
+static inline pv scale_at(const struct packed_weight *w, const void *base, int64_t at) {
+    return w->half_scales ? pv_f16((const uint16_t *)base + at) : pv_f32((const float *)base + at);
+}
+
+static inline float scale_value(const struct packed_weight *w, const void *base, int64_t at) {
+    return w->half_scales ? half_to_float(((const uint16_t *)base)[at]) : ((const float *)base)[at];
+}
+
 #define UNROLL _Pragma("GCC unroll 16")
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 2048
@@ -195,12 +195,10 @@ static inline void pv_q4(const uint8_t *p, pv *even, pv *odd) {
 #define GROUP_END(R, U, HAS_MIN)                                                                      \
     UNROLL for (int u = 0; u < U; u++) {                                                           \
         const int64_t at = ((p + u) * groups + g) * PANEL;                                            \
-        PREFETCH(w->scales + at + 4 * PANEL);                                                         \
-        if (HAS_MIN) PREFETCH(w->mins + at + 4 * PANEL);                                              \
-        const pv s = pv_f32(w->scales + at);                                                          \
+        const pv s = scale_at(w, w->scales, at);                                                      \
         UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fmav(s, b[r][u], c[r][u]);                    \
         if (HAS_MIN) {                                                                                \
-            const pv m = pv_f32(w->mins + at);                                                        \
+            const pv m = scale_at(w, w->mins, at);                                                    \
             UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fma(xsum[r * groups + g], m, c[r][u]);    \
         }                                                                                             \
     }
@@ -289,17 +287,17 @@ static void store(float *y, int64_t n, int64_t row, int rows, int64_t p, int pan
 /* Rows are taken in blocks that stay in cache while every unit passes over them. */
 #define ROW_BLOCK 64
 
-void gemm(const float *x, int64_t m, int64_t k, const struct packed_weight *w, int64_t n, const float *bias, float *y,
-          int accumulate, int num_threads) {
+static int64_t groups_of(const struct packed_weight *w) { return w->format < FMT_Q8 ? 0 : w->k / w->group; }
+
+void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, float *xsum) {
+    const int64_t k = w->k, n = w->n, groups = groups_of(w);
     const int wide = m <= WIDE_ROWS;
     const int panels = wide ? WIDE : UNIT;
     const int64_t units = ((n + PANEL - 1) / PANEL + panels - 1) / panels;
     const tile_fn *tiles = wide ? WIDE_TILES[format_index(w)] : NARROW_TILES[format_index(w)];
     const int max_rows = wide ? WIDE_ROWS : w->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
-    const int64_t groups = w->format < FMT_Q8 ? 0 : k / w->group;
-    float *xsum = NULL; /* each row's sum of x over each group, in ascending k (for the offsets) */
-    if (w->has_min) {
-        xsum = malloc(sizeof(float) * m * groups);
+    if (w->has_min) { /* each row's sum of x over each group, in ascending k (for the offsets) */
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < m; r++)
             for (int64_t g = 0; g < groups; g++) {
                 float total = 0.0f;
@@ -307,23 +305,26 @@ void gemm(const float *x, int64_t m, int64_t k, const struct packed_weight *w, i
                 xsum[r * groups + g] = total;
             }
     }
-#pragma omp parallel num_threads(num_threads)
-    {
-        float tile[(FLOAT_ROWS > 2 * WIDE_ROWS ? FLOAT_ROWS : 2 * WIDE_ROWS) * UNIT * PANEL];
-        for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
-            const int64_t row1 = row0 + ROW_BLOCK < m ? row0 + ROW_BLOCK : m;
+    float tile[(FLOAT_ROWS > 2 * WIDE_ROWS ? FLOAT_ROWS : 2 * WIDE_ROWS) * UNIT * PANEL];
+    for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
+        const int64_t row1 = row0 + ROW_BLOCK < m ? row0 + ROW_BLOCK : m;
 #pragma omp for schedule(static)
-            for (int64_t unit = 0; unit < units; unit++) {
-                for (int64_t row = row0; row < row1;) {
-                    const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
-                    const float *sums = xsum ? xsum + row * groups : NULL;
-                    tiles[rows - 1](x + row * k, k, w, unit * panels, k, sums, tile);
-                    store(y, n, row, rows, unit * panels, panels, tile, bias, accumulate);
-                    row += rows;
-                }
+        for (int64_t unit = 0; unit < units; unit++) {
+            for (int64_t row = row0; row < row1;) {
+                const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
+                const float *sums = xsum ? xsum + row * groups : NULL;
+                tiles[rows - 1](x + row * k, k, w, unit * panels, k, sums, tile);
+                store(y, n, row, rows, unit * panels, panels, tile, w->bias, accumulate);
+                row += rows;
             }
         }
     }
+}
+
+void gemm(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, int num_threads) {
+    float *xsum = w->has_min ? malloc(sizeof(float) * m * groups_of(w)) : NULL;
+#pragma omp parallel num_threads(num_threads)
+    gemm_body(x, m, w, y, accumulate, xsum);
     free(xsum);
 }
 
@@ -346,12 +347,13 @@ static float weight_at(const struct packed_weight *w, int64_t k, int64_t col, in
         q = (float)((i % 2) ? byte >> 4 : byte & 15);
     }
     const int64_t at = (p * (k / w->group) + i / w->group) * PANEL + lane;
-    const float v = q * w->scales[at];
-    return w->has_min ? v + w->mins[at] : v;
+    const float v = q * scale_value(w, w->scales, at);
+    return w->has_min ? v + scale_value(w, w->mins, at) : v;
 }
 
 /* out[r] = column ids[r] of the packed matrix (an embedding lookup in the lm_head's packed table). */
-void gather_columns(const struct packed_weight *w, int64_t k, const int64_t *ids, int64_t count, float *out) {
+void gather_columns(const struct packed_weight *w, const int64_t *ids, int64_t count, float *out) {
+    const int64_t k = w->k;
     for (int64_t r = 0; r < count; r++)
         for (int64_t i = 0; i < k; i++) out[r * k + i] = weight_at(w, k, ids[r], i);
 }

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "simd_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -128,15 +129,31 @@ static void weighted_sum(const float *p, int64_t lo, int64_t hi, const float *v_
 #undef V_ROW
 }
 
+/* The KV of keys 0..hi-1 of one KV head, from a 16-bit cache into a float32 copy laid out as a cache of one
+ * head with blocks 0, 1, ... (the table `identity`), so the float32 code reads it as it reads a float32 cache. */
+static void widen_kv(const void *cache, int kv_type, const int64_t *table, int64_t kvh, int64_t num_kv_heads,
+                     int64_t block_size, int64_t D, int64_t hi, float *out) {
+    const uint16_t *c = cache;
+    for (int64_t j = 0; j < hi; j++) {
+        const uint16_t *src = c + ((table[j / block_size] * num_kv_heads + kvh) * block_size + j % block_size) * D;
+        float *dst = out + j * D;
+        if (kv_type == KV_F16)
+            for (int64_t d = 0; d < D; d++) dst[d] = half_to_float(src[d]);
+        else
+            for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_float(src[d]);
+    }
+}
+
 /* q: rows of q_stride floats whose first num_heads * head_dim are the query heads; out: [rows, heads, D].
- * window > 0: a row at position p sees only keys p - window + 1..p (sliding-window attention). */
-void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, float *out,
-                         const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
-                         int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         int64_t block_size, int64_t window, float scale, int num_threads) {
+ * window > 0: a row at position p sees only keys p - window + 1..p (sliding-window attention). A 16-bit
+ * cache is widened to float32 first (exactly), so every cache type takes the same arithmetic. */
+void attention_body(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_type,
+                    float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
+                    int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                    int64_t block_size, int64_t window, float scale) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t D = head_dim;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads)
+#pragma omp for schedule(dynamic, 4)
     for (int64_t task = 0; task < num_rows * num_kv_heads; task++) {
         const int64_t row = task / num_kv_heads, kvh = task % num_kv_heads;
         const int64_t pos = positions[row];
@@ -149,10 +166,33 @@ void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache,
         const int64_t *table = tables + row_table_offset[row];
         const float *qh = q + row * q_stride + kvh * group * D;
         float *scores = malloc(sizeof(float) * group * len);
-        scores_for(qh, group, k_cache, table, kvh, num_kv_heads, block_size, D, lo, hi, scale, scores);
+        const float *keys = k_cache, *values = v_cache;
+        float *wide = NULL;
+        int64_t *identity = NULL, heads = num_kv_heads, head = kvh;
+        if (kv_type != KV_F32) {
+            const int64_t blocks = (hi + block_size - 1) / block_size;
+            wide = malloc(sizeof(float) * 2 * blocks * block_size * D);
+            identity = malloc(sizeof(int64_t) * blocks);
+            for (int64_t b = 0; b < blocks; b++) identity[b] = b;
+            widen_kv(k_cache, kv_type, table, kvh, num_kv_heads, block_size, D, hi, wide);
+            widen_kv(v_cache, kv_type, table, kvh, num_kv_heads, block_size, D, hi, wide + blocks * block_size * D);
+            keys = wide, values = wide + blocks * block_size * D, table = identity, heads = 1, head = 0;
+        }
+        scores_for(qh, group, keys, table, head, heads, block_size, D, lo, hi, scale, scores);
         for (int64_t h = 0; h < group; h++) softmax(scores + h * len, len);
         for (int64_t h = 0; h < group; h++)
-            weighted_sum(scores + h * len, lo, hi, v_cache, table, kvh, num_kv_heads, block_size, D, o + h * D);
+            weighted_sum(scores + h * len, lo, hi, values, table, head, heads, block_size, D, o + h * D);
         free(scores);
+        free(wide);
+        free(identity);
     }
+}
+
+void paged_attention_f32(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_type,
+                         float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
+                         int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         int64_t block_size, int64_t window, float scale, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    attention_body(q, q_stride, k_cache, v_cache, kv_type, out, row_table_offset, tables, positions, num_rows,
+                   num_heads, num_kv_heads, head_dim, block_size, window, scale);
 }

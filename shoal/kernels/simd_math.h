@@ -30,6 +30,40 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
+/* float to IEEE half, rounding to nearest even (as torch's .to(torch.float16)); overflow gives infinity. */
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, a = x & 0x7fffffff;
+    if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00);
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);
+    if (a < 0x38800000) { /* a half subnormal (or zero): |f| * 2^24 rounded to an integer, ties to even */
+        float magnitude;
+        memcpy(&magnitude, &a, 4);
+        const float scaled = magnitude * 16777216.0f, floor_part = (float)(uint32_t)scaled;
+        uint32_t m = (uint32_t)scaled;
+        const float rest = scaled - floor_part;
+        if (rest > 0.5f || (rest == 0.5f && (m & 1))) m++;
+        return (uint16_t)(sign | m);
+    }
+    return (uint16_t)(sign | (((a + 0xfff + ((a >> 13) & 1)) >> 13) - (112 << 10)));
+}
+
+/* float to bfloat16, rounding to nearest even (as torch's .to(torch.bfloat16)). */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 /* e^x: Cody-Waite range reduction and a degree-6 polynomial, within 2 ulp; 0 below -87, and inputs above 88
  * are taken as 88 (about 1.7e38). */

@@ -14,7 +14,6 @@ import torch
 from shoal.errors import ModelLoadError
 from shoal.kernels.backend import Backend
 from shoal.kernels.formats import Weight
-from shoal.kernels.torch_ops import rms_norm
 from shoal.models.config import ModelConfig
 
 
@@ -68,31 +67,14 @@ class DecoderLayer:
             self.q_norm = backend.vector(weights[p + "self_attn.q_norm.weight"])
             self.k_norm = backend.vector(weights[p + "self_attn.k_norm.weight"])
         self.scale = cfg.head_dim**-0.5
+        self.backend_plan = backend.prepare_layer(self)
 
     @property
     def linears(self) -> list[Any]:
         return [self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj]
 
     def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        cfg, be = self.cfg, self.backend
-        t = x.shape[0]
-        qkv = be.linear(be.rms_norm(x, self.input_norm, cfg.rms_norm_eps), self.qkv_proj)
-        if cfg.qk_norm:
-            self._norm_heads(qkv)
-        q = be.rope_store(qkv, cos, sin, kv_cache, meta, cfg.num_heads, cfg.num_kv_heads)
-        attn = be.attention(q, kv_cache, meta, self.scale, self.window)
-        x = be.linear(attn.reshape(t, -1), self.o_proj, residual=x)
-        gate_up = be.linear(be.rms_norm(x, self.post_attention_norm, cfg.rms_norm_eps), self.gate_up_proj)
-        return be.linear(be.silu_mul(gate_up), self.down_proj, residual=x)
-
-    def _norm_heads(self, qkv: torch.Tensor) -> None:
-        """Qwen3's RMSNorm of each q and k head, in place in the fused projection."""
-        cfg, t = self.cfg, qkv.shape[0]
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q = qkv[:, :q_size].view(t, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].view(t, cfg.num_kv_heads, cfg.head_dim)
-        q.copy_(rms_norm(q, self.q_norm, cfg.rms_norm_eps))
-        k.copy_(rms_norm(k, self.k_norm, cfg.rms_norm_eps))
+        return self.backend.decoder_layer(self, x, cos, sin, kv_cache, meta)
 
 
 class CausalLM:

@@ -1,0 +1,37 @@
+/* What shoal's C kernels share: the packed-weight descriptor, the KV-cache element types, and the bodies of
+ * each kernel. A body runs inside an OpenMP parallel region that its caller opened (its loops are orphaned
+ * `omp for`s, each ending in a barrier), so a whole decoder layer runs in one region (layer.c); each kernel's
+ * own entry point opens a region around its body. */
+#ifndef SHOAL_KERNELS_H
+#define SHOAL_KERNELS_H
+#include <stdint.h>
+
+enum format { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
+enum kv_type { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+struct packed_weight {
+    int32_t format;
+    int32_t group;       /* k values per scale (quant formats) */
+    int32_t has_min;     /* an offset is added after scaling */
+    int32_t half_scales; /* scales and offsets are stored as float16 (when that holds them exactly) */
+    const void *quants;
+    const void *scales;
+    const void *mins;
+    const float *bias;
+    int64_t n, k;
+};
+
+/* xsum: scratch of m * (k / group) floats when the weight has offsets. */
+void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, float *xsum);
+void rms_norm_body(const float *x, int64_t rows, int64_t dim, const float *weight, float eps, float *out);
+void head_norm_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t D,
+                    const float *q_norm, const float *k_norm, float eps);
+void rope_store_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t D,
+                     const float *cos, const float *sin, void *k_cache, void *v_cache, int kv_type,
+                     const int64_t *slots, int64_t block_size);
+void silu_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out);
+void attention_body(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_type,
+                    float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
+                    int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                    int64_t block_size, int64_t window, float scale);
+#endif
