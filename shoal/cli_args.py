@@ -19,6 +19,7 @@ _HELP = {
     "dtype": "float32 (default), bfloat16 or float16",
     "num_threads": "torch CPU threads (default: all cores)",
     "quantization": "weight format at load: auto (as stored, default), float32, float16, bfloat16, q8_0, q4_0, q4_1",
+    "kv_cache_dtype": "KV cache storage: auto (as the activations, float32 by default), float32, float16 or bfloat16 (half the memory)",
     "kernels": "compute path: auto (default), avx512, avx2, portable (shoal's C kernels) or torch",
 }
 

@@ -9,6 +9,8 @@ from shoal.errors import InvalidRequestError
 from shoal.kernels.backend import KERNEL_CHOICES
 from shoal.kernels.formats import canonical_quantization
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -26,6 +28,9 @@ class EngineConfig:
     num_threads: torch threads on CPU; default all cores.
     quantization: weight format at load: "auto" (as stored), float32, float16, bfloat16, q8_0, q4_0, q4_1.
     kernels: compute path: "auto", or "avx512", "avx2", "portable" (shoal's C kernels), "torch".
+    kv_cache_dtype: how the KV pool stores keys and values: "auto" (as the activations: float32 unless
+        dtype says otherwise), float32, or float16 / bfloat16 (half the memory, twice the tokens; attention
+        still computes in the activations' dtype).
     """
 
     max_num_batched_tokens: int = 512
@@ -39,6 +44,7 @@ class EngineConfig:
     num_threads: int | None = None
     quantization: str = "auto"
     kernels: str = "auto"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,6 +63,10 @@ class EngineConfig:
             (
                 self.device in (None, "cpu", "cuda") or str(self.device).startswith("cuda:"),
                 "device must be cpu or cuda",
+            ),
+            (
+                self.kv_cache_dtype in KV_CACHE_DTYPES,
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}",
             ),
             (self.kernels in KERNEL_CHOICES, f"kernels must be one of {', '.join(KERNEL_CHOICES)}"),
         ]

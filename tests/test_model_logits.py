@@ -21,9 +21,11 @@ def load(path: str, c_kernel: bool = True) -> shoal.LoadedModel:
     return shoal.load_model(path, kernels="auto" if c_kernel else "torch")
 
 
-def shoal_logits(model: shoal.LoadedModel, ids: list[int], chunks: list[int]) -> torch.Tensor:
+def shoal_logits(
+    model: shoal.LoadedModel, ids: list[int], chunks: list[int], kv_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Logits of every position, computed in the given chunks (the rest one token at a time, as decode)."""
-    runner = ModelRunner(model.module, 16, 8 << 20)
+    runner = ModelRunner(model.module, 16, 8 << 20, kv_dtype)
     bm = BlockManager(runner.num_blocks, 16)
     seq = Sequence("s", ids, len(ids), shoal.SamplingParams())
     sizes = chunks + [1] * (len(ids) - sum(chunks))

@@ -35,15 +35,17 @@ class EngineCore:
         self.max_model_len = config.max_model_len or min(
             model.config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN
         )
-        self.runner = ModelRunner(model.module, config.block_size, config.kv_cache_memory)
+        kv_dtype = None if config.kv_cache_dtype == "auto" else getattr(torch, config.kv_cache_dtype)
+        self.runner = ModelRunner(model.module, config.block_size, config.kv_cache_memory, kv_dtype)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         logger.info(
-            "%s; KV cache: %.2f GiB, %d blocks of %d tokens (%d tokens)",
+            "%s; KV cache: %.2f GiB of %s, %d blocks of %d tokens (%d tokens)",
             model.describe_weights(),
             self.runner.kv_cache_bytes / 2**30,
+            str(self.runner.kv_caches[0][0].dtype).removeprefix("torch."),
             self.runner.num_blocks,
             config.block_size,
             self.runner.num_blocks * config.block_size,

@@ -54,8 +54,8 @@ def write_kv(
     """k_cache, v_cache: [num_blocks, Hkv, B, D]; k, v: [T, Hkv, D]."""
     block_size = k_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets] = k
-    v_cache[blocks, :, offsets] = v
+    k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
 
 
 def _pad_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,8 +81,8 @@ def _visible(num_keys: int, positions: torch.Tensor, window: int) -> torch.Tenso
 def _prefill(q, k_cache, v_cache, table, positions, scale, window):
     """q: [n, Hkv, g, D] for one sequence; table: [nb]; positions: [n]. Returns [n, Hkv, g, D]."""
     n, hkv, g, d = q.shape
-    keys = k_cache[table].permute(1, 0, 3, 2)  # Hkv, nb, D, B
-    values = v_cache[table].permute(1, 0, 2, 3).reshape(1, hkv, -1, d)  # 1, Hkv, L, D
+    keys = k_cache[table].to(q.dtype).permute(1, 0, 3, 2)  # Hkv, nb, D, B (a 16-bit cache widened)
+    values = v_cache[table].to(q.dtype).permute(1, 0, 2, 3).reshape(1, hkv, -1, d)  # 1, Hkv, L, D
     rows = _pad_rows((q * scale).permute(1, 0, 2, 3).reshape(hkv, n * g, d), 1)  # Hkv, M, D
     scores = torch.matmul(rows[:, None], keys)  # Hkv, nb, M, B
     scores = scores.permute(0, 2, 1, 3).reshape(hkv, rows.shape[1], -1)[:, : n * g]
@@ -95,8 +95,8 @@ def _prefill(q, k_cache, v_cache, table, positions, scale, window):
 def _decode(q, k_cache, v_cache, tables, positions, scale, window):
     """q: [R, Hkv, g, D], one row per sequence; tables: [R, nb]; positions: [R]. Returns [R, Hkv, g, D]."""
     r, hkv, g, d = q.shape
-    keys = k_cache[tables].permute(0, 2, 1, 4, 3)  # R, Hkv, nb, D, B
-    values = v_cache[tables].permute(0, 2, 1, 3, 4).reshape(r, hkv, -1, d)  # R, Hkv, L, D
+    keys = k_cache[tables].to(q.dtype).permute(0, 2, 1, 4, 3)  # R, Hkv, nb, D, B
+    values = v_cache[tables].to(q.dtype).permute(0, 2, 1, 3, 4).reshape(r, hkv, -1, d)  # R, Hkv, L, D
     rows = _pad_rows(q * scale, 2)  # R, Hkv, M, D
     scores = torch.matmul(rows[:, :, None], keys)  # R, Hkv, nb, M, B
     scores = scores.permute(0, 1, 3, 2, 4).reshape(r, hkv, rows.shape[2], -1)[:, :, :g]  # R, Hkv, g, L

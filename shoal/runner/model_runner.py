@@ -45,13 +45,22 @@ class StepBatch:
 class ModelRunner:
     """Owns the KV pool: per layer (k, v) of [num_blocks + 1, Hkv, B, D]; the last block is scratch for padding."""
 
-    def __init__(self, model: CausalLM, block_size: int, kv_cache_memory: int | None):
+    def __init__(
+        self,
+        model: CausalLM,
+        block_size: int,
+        kv_cache_memory: int | None,
+        kv_dtype: torch.dtype | None = None,
+    ):
+        """kv_dtype: how the KV pool stores keys and values (default: the activations' dtype); attention
+        computes in the activations' dtype whatever it is."""
         cfg, backend = model.cfg, model.backend
+        kv_dtype = kv_dtype or backend.dtype
         self.model, self.backend = model, backend
         self.block_size = block_size
         self.device = backend.device
         budget = kv_cache_memory or default_kv_memory(self.device)
-        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * backend.dtype.itemsize
+        per_block = 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * kv_dtype.itemsize
         self.num_blocks = budget // per_block
         if self.num_blocks < 1:
             raise ValueError(
@@ -63,8 +72,8 @@ class ModelRunner:
         shape = (self.num_blocks + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=backend.dtype, device=self.device),
-                torch.zeros(shape, dtype=backend.dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
             )
             for _ in range(cfg.num_layers)
         ]
