@@ -105,13 +105,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument(
+        "--quantization",
+        default="float32",
+        help="shoal's weight format: float32 (default: the dtype transformers runs in), or auto to keep the file's",
+    )
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", default="benchmarks/results/throughput.json")
     args = parser.parse_args()
 
     from shoal import LLM, load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, quantization=args.quantization)
     llm = LLM(
         model,
         kv_cache_memory=2 << 30,
@@ -122,9 +127,11 @@ def main() -> None:
         args.num_requests, args.min_prompt, args.max_prompt, model.config.vocab_size, args.seed
     )
     run_shoal(llm, prompts[:4], 8)  # warm-up
+    print(f"shoal keeps {model.describe_weights()}")
     result = {
         "model": model.name,
         "dtype": "float32",
+        "shoal_weights": model.describe_weights(),
         "threads": torch.get_num_threads(),
         "num_requests": args.num_requests,
         "prompt_lengths": [args.min_prompt, args.max_prompt],

@@ -76,12 +76,12 @@ class BatchedGeneration:
         self.tokenizer = self.engine.tokenizer
         count = len(prompts)
         params = batch_params(count, max_tokens, temperature, top_p, seed, **sampling)
-        for prompt, p in zip(prompts, params, strict=True):  # all valid before any is queued
-            self.engine.validate(self.engine.tokenize(prompt)[1], p)
+        # all valid before any is queued
+        inputs = [self.engine.process_input(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
         tag = uuid.uuid4().hex[:8]
         self.request_ids = [f"batch-{tag}-{i}" for i in range(count)]
-        for rid, prompt, p in zip(self.request_ids, prompts, params, strict=True):
-            self.engine.add_request(prompt, p, rid, output_kind=OutputKind.DELTA)
+        for rid, processed in zip(self.request_ids, inputs, strict=True):
+            self.engine.add_request(processed, None, rid, output_kind=OutputKind.DELTA)
         self._index = {rid: i for i, rid in enumerate(self.request_ids)}
         self.active = [True] * count
         self.token_ids: list[list[int]] = [[] for _ in range(count)]

@@ -38,11 +38,10 @@ class LLM:
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         priorities = list(priority) if priority is not None else [0] * len(prompts)
-        for p, sp in zip(prompts, params, strict=True):
-            self.engine.validate(self.engine.tokenize(p)[1], sp)
+        inputs = [self.engine.process_input(p, sp) for p, sp in zip(prompts, params, strict=True)]
         ids = [
-            self.engine.add_request(p, sp, None, prio, OutputKind.FINAL)
-            for p, sp, prio in zip(prompts, params, priorities, strict=True)
+            self.engine.add_request(i, None, None, prio, OutputKind.FINAL)
+            for i, prio in zip(inputs, priorities, strict=True)
         ]
         return self._run(ids, use_tqdm)
 

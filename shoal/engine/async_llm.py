@@ -61,9 +61,7 @@ class AsyncLLM:
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a request without queueing it; raises InvalidRequestError."""
-        _, ids = self.engine.tokenize(prompt)
-        self.engine.validate(ids, params)
-        return ids
+        return self.engine.process_input(prompt, params).token_ids
 
     async def generate(
         self,
@@ -79,10 +77,10 @@ class AsyncLLM:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self.validate(prompt, params)
+        processed = self.engine.process_input(prompt, params)  # tokenized here, once, off the engine thread
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt, params, priority))
+        self._commands.put(("add", request_id, processed, priority))
         finished = False
         try:
             while not finished:
@@ -154,10 +152,10 @@ class AsyncLLM:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, request_id, prompt, params, priority = command
+        _, request_id, processed, priority = command
         if request_id not in self._streams:  # cancelled before it was queued
             return
         try:
-            self.engine.add_request(prompt, params, request_id, priority, OutputKind.DELTA)
+            self.engine.add_request(processed, None, request_id, priority, OutputKind.DELTA)
         except Exception as exc:
             self._streams[request_id].put(exc)

@@ -23,6 +23,15 @@ from shoal.sampling_params import SamplingParams
 logger = logging.getLogger("shoal")
 
 
+@dataclass(frozen=True)
+class ProcessedInput:
+    """A request's input after processing: its text (None for token ids), token ids, complete parameters."""
+
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -66,21 +75,27 @@ class LLMEngine:
             raise InvalidRequestError("a prompt must be a string or a list of token ids (integers)")
         return None, list(prompt)
 
+    def process_input(self, prompt: str | list[int], params: SamplingParams | None = None) -> ProcessedInput:
+        """Tokenize, check and fill in defaults, once per request. Raises InvalidRequestError."""
+        text, ids = self.tokenize(prompt)
+        return ProcessedInput(text, ids, self.validate(ids, params or SamplingParams()))
+
     def add_request(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | ProcessedInput,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
         output_kind: OutputKind = OutputKind.FINAL,
     ) -> str:
-        """Validate and queue a request. Raises InvalidRequestError (nothing queued) if it can never be served."""
-        params = params or SamplingParams()
+        """Queue a request (a ProcessedInput is taken as it is; params are then ignored). Raises
+        InvalidRequestError, with nothing queued, if it can never be served."""
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize(prompt)
-        params = self.validate(ids, params)
+        if not isinstance(prompt, ProcessedInput):
+            prompt = self.process_input(prompt, params)
+        text, ids, params = prompt.text, prompt.token_ids, prompt.params
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(1 << 63)
         req = Request(
             request_id,
