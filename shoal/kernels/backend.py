@@ -79,35 +79,15 @@ class Backend(ABC):
     @abstractmethod
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
-    @abstractmethod
-    def rope_store(self, qkv, cos, sin, kv_cache, meta, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-        """Rotates q and k of the fused projection in place, writes k and v to the cache; returns q [T, H, D]."""
-
-    @abstractmethod
-    def attention(self, q, kv_cache, meta, scale: float, window: int) -> torch.Tensor: ...
-
-    @abstractmethod
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
-
     def prepare_layer(self, layer: Any) -> Any:
         """What decoder_layer needs of a layer beyond its attributes, made once at load (None: nothing)."""
         return None
 
+    @abstractmethod
     def decoder_layer(self, layer: Any, x: torch.Tensor, cos, sin, kv_cache, meta) -> torch.Tensor:
-        """A Llama-family decoder layer (models/llama.py's DecoderLayer holds its weights), op by op."""
-        cfg, t = layer.cfg, x.shape[0]
-        qkv = self.linear(self.rms_norm(x, layer.input_norm, cfg.rms_norm_eps), layer.qkv_proj)
-        if cfg.qk_norm:
-            q, k, _ = _qkv_views(qkv, cfg.num_heads, cfg.num_kv_heads)
-            q.copy_(torch_ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps))
-            k.copy_(torch_ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps))
-        q = self.rope_store(qkv, cos, sin, kv_cache, meta, cfg.num_heads, cfg.num_kv_heads)
-        attn = self.attention(q, kv_cache, meta, layer.scale, layer.window)
-        x = self.linear(attn.reshape(t, -1), layer.o_proj, residual=x)
-        gate_up = self.linear(
-            self.rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps), layer.gate_up_proj
-        )
-        return self.linear(self.silu_mul(gate_up), layer.down_proj, residual=x)
+        """A Llama-family decoder layer (models/llama.py's DecoderLayer holds its weights): RMSNorm, fused
+        q/k/v, (q/k norms), rotary embedding with the KV write, attention, output projection + x, RMSNorm,
+        fused gate/up, SiLU * up, down projection + x."""
 
     @abstractmethod
     def attention_metadata(
@@ -159,20 +139,6 @@ class CpuBackend(Backend):
 
     def rms_norm(self, x, weight, eps):
         return cpu.rms_norm_c(self.lib, x.contiguous(), weight, eps)
-
-    def rope_store(self, qkv, cos, sin, kv_cache, meta: KernelAttentionMetadata, num_heads, num_kv_heads):
-        cpu.rope_store_c(self.lib, qkv, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping, num_heads)
-        d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-        return qkv[:, : num_heads * d].view(qkv.shape[0], num_heads, d)
-
-    def attention(self, q, kv_cache, meta: KernelAttentionMetadata, scale, window):
-        return cpu.paged_attention_c(
-            self.lib, q, kv_cache[0], kv_cache[1], meta.row_table_offset, meta.tables, meta.row_positions,
-            scale, window,
-        )  # fmt: skip
-
-    def silu_mul(self, gate_up):
-        return cpu.silu_mul_c(self.lib, gate_up)
 
     def prepare_layer(self, layer) -> cpu.LayerPlan:
         weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
@@ -254,6 +220,22 @@ class TorchBackend(Backend):
     def silu_mul(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def decoder_layer(self, layer: Any, x: torch.Tensor, cos, sin, kv_cache, meta) -> torch.Tensor:
+        """Op by op, in torch."""
+        cfg, t = layer.cfg, x.shape[0]
+        qkv = self.linear(self.rms_norm(x, layer.input_norm, cfg.rms_norm_eps), layer.qkv_proj)
+        if cfg.qk_norm:
+            q, k, _ = _qkv_views(qkv, cfg.num_heads, cfg.num_kv_heads)
+            q.copy_(torch_ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps))
+            k.copy_(torch_ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps))
+        q = self.rope_store(qkv, cos, sin, kv_cache, meta, cfg.num_heads, cfg.num_kv_heads)
+        attn = self.attention(q, kv_cache, meta, layer.scale, layer.window)
+        x = self.linear(attn.reshape(t, -1), layer.o_proj, residual=x)
+        gate_up = self.linear(
+            self.rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps), layer.gate_up_proj
+        )
+        return self.linear(self.silu_mul(gate_up), layer.down_proj, residual=x)
 
     def attention_metadata(self, slices, slots, total_rows, scratch_block, block_size):
         decode_rows, decode_tables, decode_positions, prefills = [], [], [], []

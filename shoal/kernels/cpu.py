@@ -155,7 +155,6 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declares the C functions' signatures on a freshly loaded library."""
     ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
-        "paged_attention_f32": [ptr, i64, ptr, ptr, i32, *[ptr] * 4, *[i64] * 6, f32, i32],
         "gemm": [ptr, i64, ptr, ptr, i32, i32],
         "gather_columns": [ptr, ptr, i64, ptr],
         "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
@@ -188,24 +187,6 @@ def gather_columns(lib, w: PackedWeight, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.contiguous()
     out = torch.empty(ids.shape[0], w.k, dtype=torch.float32)
     lib.gather_columns(ctypes.byref(w.struct), ids.data_ptr(), ids.shape[0], out.data_ptr())
-    return out
-
-
-def paged_attention_c(
-    lib, q, k_cache, v_cache, row_table_offset, tables, positions, scale: float, window: int = 0
-) -> torch.Tensor:
-    """q: [T, H, D] float32 with contiguous heads (rows may be strided, e.g. a view into the fused qkv);
-    k_cache, v_cache: [NB, Hkv, B, D] (float32, float16 or bfloat16); per row: its table's offset in `tables` and its position (-1: padding
-    row). window > 0: each row sees only its last `window` keys (sliding-window attention). Returns [T, H, D]."""
-    t, h, d = q.shape
-    if q.stride(2) != 1 or q.stride(1) != d:
-        q = q.contiguous()
-    out = torch.empty(t, h, d, dtype=q.dtype)
-    lib.paged_attention_f32(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), KV_TYPES[k_cache.dtype], out.data_ptr(),
-        row_table_offset.data_ptr(), tables.data_ptr(), positions.data_ptr(),
-        t, h, k_cache.shape[1], d, k_cache.shape[2], window, scale, torch.get_num_threads(),
-    )  # fmt: skip
     return out
 
 
