@@ -56,6 +56,14 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix) :]
             self.read_offset = len(output_ids)
 
+    def finish(self, output_ids: list[int], whole: bool, cut_at_stop: bool) -> None:
+        """The final text: decoded in one go (whole: nothing was decoded step by step), else what is left
+        flushed, unless a stop string cut it on purpose. Idempotent."""
+        if whole:
+            self.text, self.read_offset = self._decode(output_ids), len(output_ids)
+        elif not cut_at_stop:
+            self.flush(output_ids)
+
     def stable_text(self, finished: bool) -> str:
         """Text safe to stream: holds back a tail that could still turn into a stop string."""
         if finished or not self.stop:

@@ -230,14 +230,12 @@ class LLMEngine:
         return out
 
     def _record(self, req: Request, index: int, result) -> None:
+        """The request decides whether the sample is done (validate() keeps max_tokens within the context)."""
         sample_ = req.samples[index]
         req.record(sample_, result)
         self.generation_tokens_total += 1
-        seq = sample_.seq
-        if seq.finish_reason is None and seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            self.scheduler.remove(seq)
+        if sample_.seq.finish_reason is not None:
+            self.scheduler.remove(sample_.seq)
 
     def _fork_samples(self, req: Request, logits_row: torch.Tensor) -> None:
         """Samples 1..n-1 share the prompt's blocks with sample 0 and draw their first token from the same logits."""

@@ -147,13 +147,8 @@ class Request:
         seq = s.seq
         done = seq.finish_reason is not None
         if done:
-            if self.output_kind == OutputKind.FINAL and not self.params.stop:
-                s.detok.text = s.detok.tokenizer.decode(
-                    seq.output_token_ids, skip_special_tokens=self.params.skip_special_tokens
-                )
-                s.detok.read_offset = seq.num_output_tokens
-            elif not isinstance(seq.stop_reason, str):  # text after a stop string was cut on purpose
-                s.detok.flush(seq.output_token_ids)
+            whole = self.output_kind == OutputKind.FINAL and not self.params.stop  # never decoded step by step
+            s.detok.finish(seq.output_token_ids, whole, cut_at_stop=isinstance(seq.stop_reason, str))
         text = s.detok.stable_text(done)
         ids = seq.output_token_ids
         if self.output_kind != OutputKind.DELTA:
