@@ -97,3 +97,21 @@ def test_shared_modules_import_only_each_other_and_kernels():
     for module in SHARED:
         outside = {t for t in GRAPH[module] if t not in SHARED and layer_of(t) > 0}
         assert not outside, (module, outside)
+
+
+def test_the_server_depends_on_the_engine_client_protocol_and_async_llm_provides_it(tiny_llama):
+    import asyncio
+
+    from shoal.engine.async_llm import AsyncLLM
+    from shoal.engine.protocol import EngineClient
+
+    engine = AsyncLLM(tiny_llama, kv_cache_memory=4 << 20)
+    try:
+        assert isinstance(engine, EngineClient)
+    finally:
+        asyncio.run(engine.shutdown())
+    assert all(
+        "Any" not in line
+        for line in (PACKAGE / "server" / "app.py").read_text().splitlines()
+        if "engine:" in line
+    )

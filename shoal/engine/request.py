@@ -147,7 +147,9 @@ class Request:
         seq = s.seq
         done = seq.finish_reason is not None
         if done:
-            whole = self.output_kind == OutputKind.FINAL and not self.params.stop  # never decoded step by step
+            whole = (
+                self.output_kind == OutputKind.FINAL and not self.params.stop
+            )  # never decoded step by step
             s.detok.finish(seq.output_token_ids, whole, cut_at_stop=isinstance(seq.stop_reason, str))
         text = s.detok.stable_text(done)
         ids = seq.output_token_ids

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shoal.engine.protocol import EngineClient
 from shoal.errors import EngineDeadError, InvalidRequestError
 from shoal.server.batch_store import BatchStore
 from shoal.server.batch_worker import BatchWorker
@@ -116,7 +117,7 @@ class Ticket:
 
 @dataclass
 class ServerState:
-    engine: Any
+    engine: EngineClient
     config: ServerConfig
     serving: OpenAIServing
     metrics: ServerMetrics
@@ -154,7 +155,7 @@ def check_api_key(request: Request) -> None:
         )
 
 
-def build_app(engine: Any, config: ServerConfig | None = None) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
     """The server app. It owns `engine`: the engine is shut down with the app."""
     config = config or ServerConfig()
     serving = OpenAIServing(engine, config.model_names, config.max_n)

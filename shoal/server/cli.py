@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from shoal.cli_args import add_engine_arguments, engine_options_from_args
+from shoal.engine.protocol import EngineClient
 from shoal.errors import ShoalError
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "shoal"
@@ -99,7 +100,7 @@ def server_config(args: argparse.Namespace) -> Any:
     )
 
 
-def make_server(engine: Any, args: argparse.Namespace) -> DrainingServer:
+def make_server(engine: EngineClient, args: argparse.Namespace) -> DrainingServer:
     from shoal.server.app import build_app
 
     app = build_app(engine, server_config(args))
@@ -114,14 +115,14 @@ def make_server(engine: Any, args: argparse.Namespace) -> DrainingServer:
     return DrainingServer(config, on_exit=app.state.shoal.begin_drain)
 
 
-async def serve(engine_factory: Callable[[], Any], args: argparse.Namespace) -> None:
+async def serve(engine_factory: Callable[[], EngineClient], args: argparse.Namespace) -> None:
     """Load the engine, then serve until SIGINT/SIGTERM (which drain in-flight requests first)."""
     engine = engine_factory()
     await make_server(engine, args).serve()
 
 
-def _load_engine(args: argparse.Namespace) -> Callable[[], Any]:
-    def factory() -> Any:
+def _load_engine(args: argparse.Namespace) -> Callable[[], EngineClient]:
+    def factory() -> EngineClient:
         from shoal.engine.async_llm import AsyncLLM
 
         return AsyncLLM(model=args.model, **engine_options_from_args(args))

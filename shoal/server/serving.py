@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from shoal.engine.protocol import EngineClient
 from shoal.errors import InvalidRequestError, ShoalError
 from shoal.outputs import RequestOutput, TokenLogprobs
 from shoal.sampling_params import SamplingParams
@@ -124,7 +125,7 @@ def _unsupported(condition: Any, message: str) -> None:
 class OpenAIServing:
     """Runs OpenAI-shaped requests on an AsyncLLM."""
 
-    engine: Any
+    engine: EngineClient
     model_names: Sequence[str] = ()
     max_n: int = 16
 

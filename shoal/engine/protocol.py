@@ -1,0 +1,38 @@
+"""EngineClient: what the server needs of an engine (AsyncLLM provides it), so its dependency is visible."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+from shoal.engine.llm_engine import EngineStats
+from shoal.outputs import RequestOutput
+from shoal.sampling_params import SamplingParams
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenize and check a request without queueing it; raises InvalidRequestError."""
+        ...
+
+    def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """RequestOutput deltas until the request finishes."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...
