@@ -108,3 +108,13 @@ def test_a_bf16_checkpoint_stays_16_bit_and_matches_transformers(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()  # the bf16 values, exactly
     ids = prompt_ids(model)
     assert_close_to(shoal_logits(model, ids, chunks=[17, 9]), reference_logits(hf, ids))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_the_torch_path_dequantizes_at_load_and_matches_transformers(tiny_dirs, tmp_path, qtype):
+    """CUDA, or a CPU without a C compiler: weights become the model dtype at load."""
+    path = write_gguf(tiny_dirs["qwen3"], tmp_path / f"{qtype}.gguf", qtype)
+    model = shoal.load_model(path, kernels="torch")
+    assert {model.backend.describe(w) for w in model.module.linears} == {"float32"}
+    ids = prompt_ids(model)
+    assert_close_to(shoal_logits(model, ids, chunks=[17, 9]), reference_logits(transformers_on(path), ids))

@@ -80,11 +80,27 @@ def candidate_isas() -> list[str]:
 
 @cache
 def isa_runs(isa: str) -> bool:
-    """Whether code built with this ISA's flags runs here (tested by running a probe, not read from flags)."""
+    """Whether code built with this ISA's flags runs here (tested by running a probe, not read from flags).
+    The answer is kept in the cache directory, per CPU and flags."""
     if isa == "portable":
         return True
     if isa not in candidate_isas() or (cc := compiler()) is None:
         return False
+    key = hashlib.sha256((PROBE + " ".join(ISA_FLAGS[isa]) + _cpu_signature()).encode()).hexdigest()[:16]
+    marker = cache_dir() / f"probe-{isa}-{key}"
+    for verdict in (True, False):
+        if marker.with_suffix(".runs" if verdict else ".fails").exists():
+            return verdict
+    verdict = _run_probe(cc, isa)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.with_suffix(".runs" if verdict else ".fails").touch()
+    except OSError:
+        pass
+    return verdict
+
+
+def _run_probe(cc: str, isa: str) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         source, binary = Path(tmp) / "probe.c", Path(tmp) / "probe"
         source.write_text(PROBE)
