@@ -12,7 +12,13 @@ from shoal.kernels.cpu import bind, gather_columns, gemm, pack_weight
 from shoal.kernels.formats import QuantizedTensor, integer_form, join_rows, kept_form
 
 BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)] if compiler() else []  # without a compiler: torch only
-K_QUANTS = {T.Q4_K: (144, [(0, 2), (2, 4)]), T.Q5_K: (176, [(0, 2), (2, 4)]), T.Q6_K: (210, [(208, 210)])}
+K_QUANTS = {
+    T.Q2_K: (84, [(80, 82), (82, 84)]),
+    T.Q3_K: (110, [(108, 110)]),
+    T.Q4_K: (144, [(0, 2), (2, 4)]),
+    T.Q5_K: (176, [(0, 2), (2, 4)]),
+    T.Q6_K: (210, [(208, 210)]),
+}
 
 
 @pytest.fixture(scope="module", params=BUILDS)
@@ -46,7 +52,7 @@ def assert_float32_close(got: torch.Tensor, x: torch.Tensor, w: np.ndarray, bias
     assert (got.double() - reference).abs().max() > 0 or x.shape[1] < 64  # a real float32 chain, not float64
 
 
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K]
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -96,7 +102,9 @@ def test_fused_parts_of_different_types_keep_every_value(lib):
     assert_float32_close(gemm(lib, x, pack_weight(joined)), x, joined.dequantize())
 
 
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q6_K, T.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q3_K, T.Q4_K, T.Q6_K, T.BF16], ids=lambda t: t.name
+)
 def test_gathered_columns_are_the_dequantized_rows(lib, qtype):
     w = random_weight(qtype, 50, 256, seed=5)
     ids = torch.tensor([0, 49, 17, 17, 32])

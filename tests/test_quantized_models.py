@@ -16,7 +16,7 @@ from shoal.kernels.build import ISA_FLAGS, compiler, isa_runs
 BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)] if compiler() else []
 ARCHS = ["llama", "qwen2", "qwen3"]
 KEPT = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q8", "Q5_1": "q8", "Q4_K": "q4", "Q5_K": "q8",
-        "Q6_K": "q8", "F16": "float16", "BF16": "bfloat16"}  # fmt: skip
+        "Q6_K": "q8", "Q2_K": "q4", "Q3_K": "q4", "F16": "float16", "BF16": "bfloat16"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_gguf_quantized_by_gguf_matches_transformers(tiny_dirs, tmp_path, arch, 
     check_against_transformers(write_gguf(tiny_dirs[arch], tmp_path / f"{qtype}.gguf", qtype), qtype)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gguf_k_quants_match_transformers(wide_dirs, tmp_path, arch, qtype):
     check_against_transformers(write_gguf(wide_dirs[arch], tmp_path / f"{qtype}.gguf", qtype), qtype)
@@ -77,10 +77,10 @@ def test_every_kernel_build_matches_transformers_and_each_other(tiny_dirs, tmp_p
 
 
 def test_a_type_without_a_kernel_is_converted_with_one_log_line(wide_dirs, tmp_path, caplog):
-    path = write_gguf(wide_dirs["llama"], tmp_path / "q3k.gguf", "Q3_K")
+    path = write_gguf(wide_dirs["llama"], tmp_path / "iq4nl.gguf", "IQ4_NL")
     with caplog.at_level(logging.INFO, logger="shoal"):
         model = shoal.load_model(path)
-    notes = [r.getMessage() for r in caplog.records if "Q3_K" in r.getMessage()]
+    notes = [r.getMessage() for r in caplog.records if "IQ4_NL" in r.getMessage()]
     assert len(notes) == 1 and "float32" in notes[0], notes
     ids = prompt_ids(model)
     assert_close_to(shoal_logits(model, ids, chunks=[17, 9]), reference_logits(transformers_on(path), ids))

@@ -187,6 +187,7 @@ def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 # Types gguf cannot quantize to: matrices get random valid blocks (finite float16 scale fields) instead.
 RANDOM_BLOCK_SCALES = {
+    "IQ4_NL": (0, 2),
     "Q2_K": (80, 84),
     "Q3_K": (108, 110),
     "Q4_K": (0, 4),
@@ -211,7 +212,7 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
 
 def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
     """Writes the model in `hf_dir` as a GGUF; matrices in `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
-    Q5_1 from the model's weights; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K as random valid blocks), vectors F32."""
+    Q5_1 from the model's weights; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL as random valid blocks), vectors F32."""
     import gguf
 
     hf = json.loads((Path(hf_dir) / "config.json").read_text())

@@ -12,8 +12,11 @@ group of k, so that each weight is `s * q + m`, computed in float32 as gguf's ow
 | Q4_K | q4 + offset | 32 | (d * sc) * q - (dmin * mn) |
 | Q5_0, Q5_1, Q5_K | q8 (+ offset) | 32 | as Q4_0, Q4_1, Q4_K with 5-bit q |
 | Q6_K | q8 | 16 | (d * sc) * (q - 32) |
+| Q2_K | q4 + offset | 16 | (d * sc) * q - (dmin * mn), 2-bit q |
+| Q3_K | q4, zero 4 | 16 | (d * (sc - 32)) * (q - 4), 3-bit q |
 
-F16, BF16 and F32 stay as they are. Other GGUF types are dequantized to float32 at load.
+Q2_K and Q3_K have no 2- or 3-bit layout: they are kept in the nearest one, q4. F16, BF16 and F32 stay as
+they are. Other GGUF types (the IQ* family, ...) are dequantized to float32 at load.
 """
 
 from __future__ import annotations
@@ -156,12 +159,31 @@ def _decode_blocks(ggml_type: T, b: np.ndarray) -> IntWeights:
         return IntWeights(
             (q.astype(np.int16) - 32).astype(np.int8).reshape(-1, QK_K), d * scales, None, 16, 8
         )
+    if ggml_type == T.Q2_K:
+        scales, qs = b[:, :16], b[:, 16:80]
+        d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+        q = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+        sc, mn = (scales & 0x0F).astype(np.float32), (scales >> 4).astype(np.float32)
+        return IntWeights(q.reshape(-1, QK_K), d * sc, -(dmin * mn), 16, 4)
+    if ggml_type == T.Q3_K:
+        hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+        low = (packed[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(
+            -1, 16
+        )
+        high = (
+            packed[:, 8:].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+        ).reshape(-1, 16)
+        sc = (((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32).astype(np.float32)
+        ql = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+        qh = (hmask.reshape(-1, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
+        q = ql.reshape(-1, QK_K) + (qh.reshape(-1, QK_K) << 2)  # q - 4 * (1 - high bit), stored plus 4
+        return IntWeights(q.astype(np.uint8), d * sc, None, 16, 4, zero=4)
     raise ValueError(f"no integer form for {ggml_type.name}")
 
 
-INTEGER_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+INTEGER_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
-EXPANDED_TYPES = (T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K)  # 5/6-bit values kept one byte each
+EXPANDED_TYPES = (T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K)  # kept in a wider layout
 
 
 def integer_form(t: QuantizedTensor) -> IntWeights:
@@ -197,7 +219,8 @@ def kept_form(weight: Weight) -> IntWeights | torch.Tensor:
         return float_form(weight)
     if weight.ggml_type in INTEGER_TYPES:
         if weight.ggml_type in EXPANDED_TYPES:
-            _log_once(f"{weight.ggml_type.name} weights are kept exactly, one byte per value (8-bit layout)")
+            layout = "q4, half a byte" if weight.ggml_type in (T.Q2_K, T.Q3_K) else "q8, one byte"
+            _log_once(f"{weight.ggml_type.name} has no layout of its own: kept exactly as {layout} per value")
         return integer_form(weight)
     _log_once(f"{weight.ggml_type.name} has no kernel in shoal: converting those weights to float32 at load")
     return torch.from_numpy(weight.dequantize())
