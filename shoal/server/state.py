@@ -1,0 +1,142 @@
+"""What every route of the server shares: its configuration, its state (engine, admission, Batch API store and
+worker), the API key check, and the API's own errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from shoal.engine.protocol import EngineClient
+from shoal.errors import InvalidRequestError
+from shoal.server.batch_store import BatchStore
+from shoal.server.batch_worker import BatchWorker
+from shoal.server.metrics import ServerMetrics
+from shoal.server.serving import OpenAIServing
+
+log = logging.getLogger("shoal.server")
+
+
+@dataclass
+class ServerConfig:
+    model_names: tuple[str, ...] = ()  # names accepted in `model` besides engine.model_name
+    api_key: str | None = None
+    max_waiting: int = 256  # interactive requests admitted but without a first token; more get 503
+    max_n: int = 16
+    data_dir: Path | None = None  # Batch API state; None disables /v1/files and /v1/batches
+    batch_priority: int = 10  # added to batch lines' priority (lower runs first)
+    batch_concurrency: int = 32
+    batch_checkpoint_s: float = 1.0
+    retry_after_s: int = 1
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.headers = status, message, kind, code, headers
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+@dataclass
+class Admission:
+    """Counts interactive requests that wait for their first token, to refuse work past max_waiting."""
+
+    max_waiting: int
+    retry_after_s: int = 1
+    waiting: int = 0
+
+    def admit(self, count: int) -> Ticket:
+        if self.waiting >= self.max_waiting:
+            message = f"the server is at capacity ({self.waiting} requests waiting); retry shortly"
+            raise APIError(
+                503, message, "server_error", "overloaded", {"Retry-After": str(self.retry_after_s)}
+            )
+        self.waiting += count
+        return Ticket(self, count)
+
+
+@dataclass
+class Ticket:
+    admission: Admission
+    remaining: int
+
+    def release_one(self) -> None:
+        if self.remaining > 0:
+            self.remaining -= 1
+            self.admission.waiting -= 1
+
+    def close(self) -> None:
+        self.admission.waiting -= self.remaining
+        self.remaining = 0
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    config: ServerConfig
+    serving: OpenAIServing
+    metrics: ServerMetrics
+    admission: Admission
+    store: BatchStore | None = None
+    worker: BatchWorker | None = None
+    draining: bool = False
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new work and stop batch work (it resumes on restart); in-flight requests finish."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining: refusing new requests, finishing in-flight ones")
+            if self.worker is not None:
+                task = asyncio.create_task(self.worker.stop())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.shoal
+
+
+def check_api_key(request: Request) -> None:
+    key = get_state(request).config.api_key
+    if not key:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+
+
+def refuse_if_draining(state: ServerState) -> None:
+    if state.draining:
+        headers = {"Retry-After": str(state.config.retry_after_s)}
+        raise APIError(
+            503, "the server is shutting down; retry on another instance", "server_error", "draining", headers
+        )
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"the request body is not valid JSON ({e}); send a JSON object") from e
