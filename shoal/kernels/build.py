@@ -40,6 +40,11 @@ int main(void) {
     __m512i w = _mm512_cvtepu8_epi32(_mm_set1_epi8(3));
     v = _mm512_fmadd_ps(v, _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 1)), v);
     v = _mm512_add_ps(v, _mm512_cvtph_ps(_mm256_set1_epi16(0x3c00)));
+    __m512i bytes = _mm512_add_epi8(w, _mm512_set1_epi8(0));                  /* AVX512BW */
+    v = _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));          /* AVX512DQ */
+    __m256 low = _mm256_max_ps(_mm512_castps512_ps256(v), _mm256_setzero_ps()); /* AVX512VL via -mavx512vl */
+    v = _mm512_insertf32x8(v, low, 0);                                          /* AVX512DQ */
+    v = _mm512_add_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, w)));
     _mm512_storeu_ps(out, v);
 #else
     __m256 v = _mm256_loadu_ps((const float *)in);
