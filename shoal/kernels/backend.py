@@ -53,7 +53,7 @@ class KernelAttentionMetadata:
 class Backend(ABC):
     name: str
     device: torch.device
-    dtype: torch.dtype  # of activations and the KV cache
+    dtype: torch.dtype  # of activations (and of the KV cache unless kv_cache_dtype says otherwise)
 
     @abstractmethod
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> Any:
@@ -289,6 +289,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, kernels: str = "aut
     if kernels != "auto" and not isa_runs(isa):
         raise ValueError(f"kernels={kernels!r}: this CPU cannot run that build (its probe failed)")
     lib = load_library(isa)
+    if lib is None and kernels != "auto":
+        raise ValueError(f"kernels={kernels!r}: shoal's C kernels could not be built here (see the log)")
     if lib is None:
         return TorchBackend(device, dtype)
     return CpuBackend(lib, isa)
