@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from shoal.engine.protocol import EngineClient
 from shoal.errors import InvalidRequestError, ShoalError
-from shoal.outputs import RequestOutput, TokenLogprobs
+from shoal.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from shoal.sampling_params import SamplingParams
 from shoal.server.protocol import (
     ChatChoice,
@@ -67,11 +67,8 @@ class Prepared:
     request: GenerationRequest
     prompts: list[str | list[int]]
     params: SamplingParams
+    route: _Route
     echo: list[str] | None = None  # completions echo: text to put before each prompt's choices
-
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.request, ChatCompletionRequest)
 
     def choice_index(self, prompt_index: int, sample_index: int) -> int:
         return prompt_index * self.params.n + sample_index
@@ -193,7 +190,7 @@ class OpenAIServing:
             if request.echo
             else None
         )
-        return Prepared(request, prompts, params, echo)
+        return Prepared(request, prompts, params, COMPLETIONS, echo)
 
     def _prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         _unsupported(request.tools, "tools are not supported; remove them")
@@ -211,7 +208,7 @@ class OpenAIServing:
         ]  # type: ignore[arg-type]
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
-        return Prepared(request, prompts, self._sampling_params(request, max_tokens, logprobs))
+        return Prepared(request, prompts, self._sampling_params(request, max_tokens, logprobs), CHAT)
 
     def _render_chat(self, conversation: list, add_generation_prompt: bool) -> str:
         messages = []
@@ -354,29 +351,8 @@ class _Accumulator:
 
     def response(self, request_id: str, model: str) -> CompletionResponse | ChatCompletionResponse:
         p = self.prepared
-        if p.is_chat:
-            chat_choices = [
-                ChatChoice(
-                    index=k,
-                    message=ChatResponseMessage(content="".join(s.text)),
-                    logprobs=_chat_logprobs(s.token_ids, s.logprobs, p.params.logprobs),
-                    finish_reason=s.finish_reason,
-                )
-                for k, s in enumerate(self.choices)
-            ]
-            return ChatCompletionResponse(
-                id=request_id, model=model, choices=chat_choices, usage=self.usage.usage()
-            )
-        choices = []
-        for k, s in enumerate(self.choices):
-            prefix = p.echo[k // p.params.n] if p.echo else ""
-            logprobs = _completion_logprobs(s.token_ids, s.logprobs, p.params.logprobs, 0)
-            choices.append(
-                CompletionChoice(
-                    index=k, text=prefix + "".join(s.text), logprobs=logprobs, finish_reason=s.finish_reason
-                )
-            )
-        return CompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage.usage())
+        choices = [p.route.final_choice(p, k, state) for k, state in enumerate(self.choices)]
+        return p.route.response(id=request_id, model=model, choices=choices, usage=self.usage.usage())
 
 
 class _Chunker:
@@ -392,57 +368,81 @@ class _Chunker:
 
     def chunk(self, i: int, out: RequestOutput) -> str | None:
         self.usage.add(i, out)
-        if self.prepared.is_chat:
-            choices = [c for c in (self._chat_choice(i, o) for o in out.outputs) if c is not None]
-            if not choices:
-                return None
-            return ChatCompletionChunk(
-                id=self.request_id, created=self.created, model=self.model, choices=choices
-            ).model_dump_json()
-        choices = [c for c in (self._completion_choice(i, o) for o in out.outputs) if c is not None]
+        choices = [c for c in (self._choice(i, o) for o in out.outputs) if c is not None]
         if not choices:
             return None
-        return CompletionResponse(
+        chunk = self.prepared.route.chunk(
             id=self.request_id, created=self.created, model=self.model, choices=choices
+        )
+        return chunk.model_dump_json()
+
+    def _choice(self, i: int, o: CompletionOutput) -> CompletionChoice | ChatChunkChoice | None:
+        k = self.prepared.choice_index(i, o.index)
+        state = self.choices[k]
+        if state.started and not (o.text or o.token_ids or o.finish_reason):
+            return None
+        choice = self.prepared.route.delta_choice(self.prepared, i, k, state, o)
+        state.started = True
+        return choice
+
+    def usage_chunk(self) -> str:
+        route = self.prepared.route
+        return route.chunk(
+            id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage.usage()
         ).model_dump_json()
 
-    def _state(self, i: int, sample: int, has_news: bool) -> tuple[int, _ChoiceState] | None:
-        k = self.prepared.choice_index(i, sample)
-        state = self.choices[k]
-        if state.started and not has_news:
-            return None
-        return k, state
 
-    def _completion_choice(self, i: int, o: Any) -> CompletionChoice | None:
-        found = self._state(i, o.index, bool(o.text or o.token_ids or o.finish_reason))
-        if found is None:
-            return None
-        k, state = found
-        text = o.text
-        if not state.started and self.prepared.echo:
-            text = self.prepared.echo[i] + text
-        state.started = True
-        logprobs = _completion_logprobs(
-            o.token_ids, o.logprobs or [], self.prepared.params.logprobs, state.text_offset
+class _Route:
+    """What differs between /v1/completions and /v1/chat/completions in their answers."""
+
+    id_prefix: str
+    response: type
+    chunk: type
+
+    def final_choice(self, p: Prepared, k: int, s: _ChoiceState) -> Any: ...
+
+    def delta_choice(self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput) -> Any: ...
+
+
+class _CompletionsRoute(_Route):
+    id_prefix, response, chunk = "cmpl-", CompletionResponse, CompletionResponse
+
+    def final_choice(self, p: Prepared, k: int, s: _ChoiceState) -> CompletionChoice:
+        prefix = p.echo[k // p.params.n] if p.echo else ""
+        logprobs = _completion_logprobs(s.token_ids, s.logprobs, p.params.logprobs, 0)
+        return CompletionChoice(
+            index=k, text=prefix + "".join(s.text), logprobs=logprobs, finish_reason=s.finish_reason
         )
+
+    def delta_choice(
+        self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput
+    ) -> CompletionChoice:
+        text = o.text if state.started or not p.echo else p.echo[i] + o.text
+        logprobs = _completion_logprobs(o.token_ids, o.logprobs or [], p.params.logprobs, state.text_offset)
         state.text_offset += len(text)
         return CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
 
-    def _chat_choice(self, i: int, o: Any) -> ChatChunkChoice | None:
-        found = self._state(i, o.index, bool(o.text or o.token_ids or o.finish_reason))
-        if found is None:
-            return None
-        k, state = found
+
+class _ChatRoute(_Route):
+    id_prefix, response, chunk = "chatcmpl-", ChatCompletionResponse, ChatCompletionChunk
+
+    def final_choice(self, p: Prepared, k: int, s: _ChoiceState) -> ChatChoice:
+        return ChatChoice(
+            index=k,
+            message=ChatResponseMessage(content="".join(s.text)),
+            logprobs=_chat_logprobs(s.token_ids, s.logprobs, p.params.logprobs),
+            finish_reason=s.finish_reason,
+        )
+
+    def delta_choice(
+        self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput
+    ) -> ChatChunkChoice:
         delta = ChatDelta(role=None if state.started else "assistant", content=o.text)
-        state.started = True
-        logprobs = _chat_logprobs(o.token_ids, o.logprobs or [], self.prepared.params.logprobs)
+        logprobs = _chat_logprobs(o.token_ids, o.logprobs or [], p.params.logprobs)
         return ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=o.finish_reason)
 
-    def usage_chunk(self) -> str:
-        cls = ChatCompletionChunk if self.prepared.is_chat else CompletionResponse
-        return cls(
-            id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage.usage()
-        ).model_dump_json()
+
+COMPLETIONS, CHAT = _CompletionsRoute(), _ChatRoute()
 
 
 def _ranked(entry: TokenLogprobs, k: int) -> list[tuple[int, Any]]:
@@ -487,4 +487,4 @@ def _chat_logprobs(token_ids: list[int], logprobs: list[TokenLogprobs], k: int |
 
 
 def new_request_id(prepared: Prepared) -> str:
-    return random_id("chatcmpl-" if prepared.is_chat else "cmpl-")
+    return random_id(prepared.route.id_prefix)
