@@ -199,3 +199,31 @@ def test_shutdown_ends_waiting_streams_and_later_calls_fail_clearly(model):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), timeout=60))
+
+
+def test_started_and_final_reports_the_first_token_then_the_whole_answer(model, llm):
+    """What the server asks for non-streaming requests: no deltas to join, and still a first-token signal."""
+    from shoal.engine.request import OutputKind
+
+    params = shoal.SamplingParams(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True, n=2, logprobs=1)
+    prompt = tokens(20, 3)
+
+    async def main() -> list[shoal.RequestOutput]:
+        engine = shoal.AsyncLLM(model, **OPTIONS)
+        try:
+            kind = OutputKind.STARTED_AND_FINAL
+            return [out async for out in engine.generate(prompt, params, output_kind=kind)]
+        finally:
+            await engine.shutdown()
+
+    started, final = asyncio.run(main())
+    assert not started.finished and 1 <= len(started.outputs[0].token_ids) < 12
+    assert final.finished
+    reference = llm.generate([prompt], params, use_tqdm=False)[0]
+    for ours, want in zip(final.outputs, reference.outputs, strict=True):
+        assert (ours.text, ours.token_ids, ours.finish_reason) == (
+            want.text,
+            want.token_ids,
+            want.finish_reason,
+        )
+        assert len(ours.logprobs) == 12

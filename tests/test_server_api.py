@@ -191,3 +191,19 @@ def test_metrics(server, client):
         assert name in text, name
     assert metric(text, "shoal_time_to_first_token_seconds_count") >= 1
     assert metric(text, "shoal_generation_tokens_total") > 0
+
+
+def test_a_non_streaming_request_is_timed_like_a_streamed_one(server, client):
+    """Non-streaming answers come from the engine whole (no deltas), yet TTFT and inter-token gaps count."""
+    before = httpx.get(server.url + "/metrics").text
+    client.completions.create(
+        model="tiny", prompt=["One", "Two"], max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    after = httpx.get(server.url + "/metrics").text
+    delta = {m: metric(after, m) - metric(before, m) for m in
+             ("shoal_time_to_first_token_seconds_count", "shoal_inter_token_latency_seconds_count")}  # fmt: skip
+    assert delta == {
+        "shoal_time_to_first_token_seconds_count": 2,
+        "shoal_inter_token_latency_seconds_count": 10,
+    }
+    assert metric(after, "shoal_server_waiting_sequences") == 0

@@ -69,8 +69,10 @@ class AsyncLLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        output_kind: OutputKind = OutputKind.DELTA,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields RequestOutput deltas: each completion holds only new text, token ids and logprobs."""
+        """Yields RequestOutput deltas: each completion holds only new text, token ids and logprobs. With
+        output_kind=STARTED_AND_FINAL: one output at the first token, then the complete one."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine is not running ({self._dead}); create a new AsyncLLM")
         params = params or SamplingParams()
@@ -80,7 +82,7 @@ class AsyncLLM:
         processed = self.engine.process_input(prompt, params)  # tokenized here, once, off the engine thread
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, processed, priority))
+        self._commands.put(("add", request_id, processed, priority, output_kind))
         finished = False
         try:
             while not finished:
@@ -152,10 +154,10 @@ class AsyncLLM:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, request_id, processed, priority = command
+        _, request_id, processed, priority, output_kind = command
         if request_id not in self._streams:  # cancelled before it was queued
             return
         try:
-            self.engine.add_request(processed, None, request_id, priority, OutputKind.DELTA)
+            self.engine.add_request(processed, None, request_id, priority, output_kind)
         except Exception as exc:
             self._streams[request_id].put(exc)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from shoal.engine.llm_engine import EngineStats
+from shoal.engine.request import OutputKind
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
 
@@ -26,9 +27,10 @@ class EngineClient(Protocol):
 
     def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
-        priority: int = 0,
+        priority: int = 0, output_kind: OutputKind = OutputKind.DELTA,
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """RequestOutput deltas until the request finishes."""
+        """RequestOutput deltas until the request finishes (or, STARTED_AND_FINAL: at the first token and at
+        the end, complete)."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

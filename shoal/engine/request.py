@@ -18,6 +18,7 @@ from shoal.sampling_params import SamplingParams
 
 class OutputKind(Enum):
     FINAL = "final"  # one output when the request finishes (offline generate)
+    STARTED_AND_FINAL = "started_and_final"  # one at its first token (no text yet), one complete at the end
     CUMULATIVE = "cumulative"  # everything so far, every step
     DELTA = "delta"  # only what is new since the last output (streaming)
 
@@ -56,6 +57,7 @@ class Request:
     samples: list[Sample] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    reported_start: bool = False  # STARTED_AND_FINAL: the first-token output was sent
 
     def new_sample(self, index: int, seq: Sequence) -> Sample:
         p = self.params
@@ -100,8 +102,7 @@ class Request:
         if sample.logprobs is not None:
             sample.logprobs.append(self._logprob_entry(result))
             sample.cumulative_logprob += result.logprob
-        needs_text = self.output_kind != OutputKind.FINAL or self.params.stop
-        stop_str = sample.detok.add(seq.output_token_ids) if needs_text else None
+        stop_str = None if self.decodes_at_end else sample.detok.add(seq.output_token_ids)
         p, token = self.params, result.token_id
         if stop_str is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_str
@@ -121,11 +122,20 @@ class Request:
             entry[result.token_id] = Logprob(result.logprob, result.rank, decode([result.token_id]))
         return entry
 
+    @property
+    def decodes_at_end(self) -> bool:
+        """Text is decoded once, at the end, unless it is streamed or stop strings must be watched for."""
+        return self.output_kind in (OutputKind.FINAL, OutputKind.STARTED_AND_FINAL) and not self.params.stop
+
     def make_output(self) -> RequestOutput | None:
         """What to report now under this request's output kind (None: nothing to report)."""
         finished = self.finished
         if self.output_kind == OutputKind.FINAL and not finished:
             return None
+        if self.output_kind == OutputKind.STARTED_AND_FINAL and not finished:
+            if self.reported_start or self.first_token_time is None:
+                return None
+            self.reported_start = True
         outputs = [c for c in (self._completion(s) for s in self.samples) if c is not None]
         if not outputs and not finished:
             return None

@@ -198,7 +198,7 @@ async def _generate(request: Request, url: str) -> Response:
     request_id = new_request_id(prepared)
     ticket = state.admission.admit(len(prepared.prompts))
     state.metrics.waiting.set(state.admission.waiting)
-    timing = RequestTiming(state.metrics, arrival, ticket.release_one)
+    timing = RequestTiming(state.metrics, arrival, ticket.release_one, cumulative=not body.stream)
 
     def finish(status: int) -> None:
         ticket.close()

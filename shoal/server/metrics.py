@@ -78,15 +78,26 @@ class ServerMetrics:
 class RequestTiming:
     """Observes one request's stream: TTFT per prompt, inter-token gaps, and when each prompt starts."""
 
-    def __init__(self, metrics: ServerMetrics, arrival: float, on_first_token: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        arrival: float,
+        on_first_token: Callable[[], None],
+        cumulative: bool = False,
+    ) -> None:
+        """cumulative: outputs hold every token so far (non-streaming requests), not only new ones."""
         self.metrics = metrics
         self.arrival = arrival
         self.on_first_token = on_first_token
+        self.cumulative = cumulative
         self.last: dict[int, float] = {}
+        self.seen: dict[int, int] = {}  # tokens reported so far, per prompt
 
     def on_output(self, prompt_index: int, out: RequestOutput) -> None:
-        new_tokens = max((len(c.token_ids) for c in out.outputs), default=0)
-        if new_tokens == 0:
+        count = max((len(c.token_ids) for c in out.outputs), default=0)
+        new_tokens = count - self.seen.get(prompt_index, 0) if self.cumulative else count
+        self.seen[prompt_index] = count if self.cumulative else self.seen.get(prompt_index, 0) + count
+        if new_tokens <= 0:
             return
         now = time.perf_counter()
         last = self.last.get(prompt_index)

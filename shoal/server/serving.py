@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from shoal.engine.protocol import EngineClient
+from shoal.engine.request import OutputKind
 from shoal.errors import InvalidRequestError, ShoalError
 from shoal.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from shoal.sampling_params import SamplingParams
@@ -231,15 +232,25 @@ class OpenAIServing:
     # ------------------------------------------------------------ engine output -> OpenAI objects
 
     async def outputs(
-        self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
+        self,
+        prepared: Prepared,
+        request_id: str,
+        priority: int,
+        observer: OutputObserver | None = None,
+        kind: OutputKind = OutputKind.DELTA,
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Delta outputs of every prompt of the request, as (prompt index, output), merged as they come."""
+        """Outputs of every prompt of the request (deltas, or `kind`), as (prompt index, output), merged as
+        they come."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, prompt: str | list[int]) -> None:
             try:
                 stream = self.engine.generate(
-                    prompt, prepared.params, request_id=f"{request_id}-{i}", priority=priority
+                    prompt,
+                    prepared.params,
+                    request_id=f"{request_id}-{i}",
+                    priority=priority,
+                    output_kind=kind,
                 )
                 async with aclosing(stream) as outs:
                     async for out in outs:
@@ -269,9 +280,11 @@ class OpenAIServing:
     async def complete(
         self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
     ) -> CompletionResponse | ChatCompletionResponse:
-        """Run a request to the end and answer with the whole response object."""
+        """Run a request to the end and answer with the whole response object. The engine reports each
+        prompt twice: at its first token (for admission and time-to-first-token) and complete at the end."""
         acc = _Accumulator(prepared)
-        async with aclosing(self.outputs(prepared, request_id, priority, observer)) as events:
+        kind = OutputKind.STARTED_AND_FINAL
+        async with aclosing(self.outputs(prepared, request_id, priority, observer, kind)) as events:
             async for i, out in events:
                 acc.add(i, out)
         return acc.response(request_id, self.model_name)
@@ -316,23 +329,23 @@ class _ChoiceState:
 class _Usage:
     def __init__(self) -> None:
         self.prompt_tokens: dict[int, int] = {}
-        self.completion_tokens = 0
+        self.completion_tokens: dict[tuple[int, int], int] = {}  # per (prompt, sample)
 
-    def add(self, prompt_index: int, out: RequestOutput) -> None:
+    def add(self, prompt_index: int, out: RequestOutput, cumulative: bool = False) -> None:
         self.prompt_tokens[prompt_index] = len(out.prompt_token_ids)
-        self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+        for c in out.outputs:
+            key = (prompt_index, c.index)
+            self.completion_tokens[key] = (0 if cumulative else self.completion_tokens.get(key, 0)) + len(
+                c.token_ids
+            )
 
     def usage(self) -> Usage:
-        prompt = sum(self.prompt_tokens.values())
-        return Usage(
-            prompt_tokens=prompt,
-            completion_tokens=self.completion_tokens,
-            total_tokens=prompt + self.completion_tokens,
-        )
+        prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class _Accumulator:
-    """Collects delta outputs into the final response."""
+    """Keeps each choice's latest complete output (STARTED_AND_FINAL outputs are cumulative)."""
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
@@ -341,13 +354,11 @@ class _Accumulator:
         self.usage = _Usage()
 
     def add(self, i: int, out: RequestOutput) -> None:
-        self.usage.add(i, out)
+        self.usage.add(i, out, cumulative=True)
         for c in out.outputs:
             state = self.choices[self.prepared.choice_index(i, c.index)]
-            state.text.append(c.text)
-            state.token_ids.extend(c.token_ids)
-            state.logprobs.extend(c.logprobs or [])
-            state.finish_reason = c.finish_reason or state.finish_reason
+            state.text, state.token_ids, state.logprobs = [c.text], list(c.token_ids), list(c.logprobs or [])
+            state.finish_reason = c.finish_reason
 
     def response(self, request_id: str, model: str) -> CompletionResponse | ChatCompletionResponse:
         p = self.prepared
