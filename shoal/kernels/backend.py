@@ -140,7 +140,7 @@ class CpuBackend(Backend):
     def rms_norm(self, x, weight, eps):
         return cpu.rms_norm_c(self.lib, x.contiguous(), weight, eps)
 
-    def prepare_layer(self, layer) -> cpu.LayerPlan:
+    def prepare_layer(self, layer):
         weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
         qk = [layer.q_norm, layer.k_norm] if layer.cfg.qk_norm else [None, None]
         return cpu.plan_layer(

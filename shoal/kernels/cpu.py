@@ -218,22 +218,16 @@ def silu_mul_c(lib, gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@dataclass(eq=False)
-class LayerPlan:
-    """One decoder layer as layer.c reads it (the tensors it points to are kept alive by the model)."""
-
-    struct: _LayerStruct
-    hidden: int
-
-
-def plan_layer(weights: list[PackedWeight], norms: list[torch.Tensor | None], cfg, window: int) -> LayerPlan:
-    """weights: qkv, o, gate_up, down; norms: input, post-attention, q, k (the last two None but for Qwen3)."""
-    struct = _LayerStruct(
+def plan_layer(
+    weights: list[PackedWeight], norms: list[torch.Tensor | None], cfg, window: int
+) -> _LayerStruct:
+    """One decoder layer as layer.c reads it (the tensors it points to are kept alive by the model).
+    weights: qkv, o, gate_up, down; norms: input, post-attention, q, k (the last two None but for Qwen3)."""
+    return _LayerStruct(
         *(w.struct for w in weights),
         *(None if t is None else t.data_ptr() for t in norms),
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, window, cfg.rms_norm_eps, cfg.head_dim**-0.5,
     )  # fmt: skip
-    return LayerPlan(struct, weights[1].n)
 
 
 def step_struct(
@@ -246,11 +240,13 @@ def step_struct(
     )  # fmt: skip
 
 
-def decoder_layer(lib, plan: LayerPlan, x: torch.Tensor, step: _StepStruct, k_cache, v_cache) -> torch.Tensor:
+def decoder_layer(
+    lib, plan: _LayerStruct, x: torch.Tensor, step: _StepStruct, k_cache, v_cache
+) -> torch.Tensor:
     """layer.c's whole decoder layer on x [T, hidden] (contiguous float32), in place; returns x."""
-    scratch = torch.empty(lib.decoder_layer_scratch(ctypes.byref(plan.struct), x.shape[0]))
+    scratch = torch.empty(lib.decoder_layer_scratch(ctypes.byref(plan), x.shape[0]))
     lib.decoder_layer_f32(
-        ctypes.byref(plan.struct), x.data_ptr(), ctypes.byref(step), k_cache.data_ptr(), v_cache.data_ptr(),
+        ctypes.byref(plan), x.data_ptr(), ctypes.byref(step), k_cache.data_ptr(), v_cache.data_ptr(),
         scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return x

@@ -45,9 +45,6 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         return dequantize(self.data, self.ggml_type).reshape(self.shape)
 
-    def take_rows(self, order: np.ndarray) -> QuantizedTensor:
-        return QuantizedTensor(self.data[order], self.ggml_type, self.shape)
-
 
 @dataclass
 class IntWeights:

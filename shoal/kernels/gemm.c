@@ -149,14 +149,6 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
 }
 
 #define UNROLL _Pragma("GCC unroll 16")
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 2048
-#endif
-#if defined(__AVX2__) || defined(__AVX512F__)
-#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
-#else
-#define PREFETCH(p) ((void)0)
-#endif
 
 /* One k step for all R rows: ACC[r][u] += x[r][I] * W[u]. */
 #define FMA_ROWS(ACC, R, U, W, I)                                                                \
@@ -231,10 +223,7 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i += 2) {                                       \
                 pv even[U], odd[U];                                                                          \
-                UNROLL for (int u = 0; u < U; u++) {                                                         \
-                    if ((i & 7) == 0) PREFETCH(base + (u * half + i / 2) * PANEL + PREFETCH_AHEAD);          \
-                    pv_q4(base + (u * half + i / 2) * PANEL, &even[u], &odd[u]);                             \
-                }                                                                                            \
+                UNROLL for (int u = 0; u < U; u++) pv_q4(base + (u * half + i / 2) * PANEL, &even[u], &odd[u]); \
                 FMA_ROWS(b, R, U, even, i)                                                                      \
                 FMA_ROWS(b, R, U, odd, i + 1)                                                                   \
             }                                                                                                \

@@ -31,10 +31,8 @@ int64_t decoder_layer_scratch(const struct decoder_layer *L, int64_t rows) {
 void decoder_layer_f32(const struct decoder_layer *L, float *x, const struct step *s, void *k_cache, void *v_cache,
                        float *scratch, int num_threads) {
     const int64_t t = s->rows, hidden = L->o.n, inter = L->down.k, D = L->head_dim;
-    const int64_t widest = hidden > inter ? hidden : inter;
     float *h = scratch, *qkv = h + t * hidden, *attn = qkv + t * L->qkv.n, *gate_up = attn + t * L->num_heads * D;
     float *act = gate_up + t * 2 * inter, *xsum = act + t * inter;
-    (void)widest;
 #pragma omp parallel num_threads(num_threads)
     {
         rms_norm_body(x, t, hidden, L->input_norm, L->eps, h);

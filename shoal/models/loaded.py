@@ -36,7 +36,6 @@ class LoadedModel:
     config: ModelConfig
     name: str
     backend: Backend
-    quantization: str
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +98,6 @@ def load_model(
     weights = {name: convert(w, quantization) if len(w.shape) == 2 else w for name, w in ckpt.weights.items()}
     module = CausalLM(ckpt.config, weights, backend)
     name = os.path.basename(os.path.normpath(ckpt.path))
-    model = LoadedModel(module, ckpt.tokenizer, ckpt.config, name, backend, quantization)
+    model = LoadedModel(module, ckpt.tokenizer, ckpt.config, name, backend)
     logger.info("loaded %s: %s", name, model.describe_weights())
     return model
