@@ -27,7 +27,7 @@ from shoal.engine.request import sample_seed
 from shoal.errors import DisposedError, InvalidRequestError, ShoalError
 from shoal.models.loaded import LoadedModel
 from shoal.runner.sampler import SampleRequest, sample_row
-from shoal.sampling_params import SamplingParams
+from shoal.sampling_params import MAX_SEED, SamplingParams, check_seed
 
 STATE_FORMAT = "shoal.conversation/1"
 
@@ -132,7 +132,7 @@ class Conversation:
         """
         self._check()
         self._num_forks += 1
-        child_seed = sample_seed(self.seed, self._num_forks) if seed is None else seed
+        child_seed = sample_seed(self.seed, self._num_forks) if seed is None else check_seed(seed)
         child = self.executor._new_conversation(list(self.seq.token_ids), child_seed)
         self.executor.block_manager.fork(self.seq, child.seq)
         child.logits = None if self.logits is None else self.logits.clone()
@@ -195,7 +195,8 @@ class BatchedExecutor:
     # -- conversations ------------------------------------------------------------------------------
     def create(self, seed: int | None = None) -> Conversation:
         """A new, empty conversation whose sampling generator is seeded with `seed` (random when None)."""
-        return self._new_conversation([], random.SystemRandom().randrange(1 << 63) if seed is None else seed)
+        seed = random.SystemRandom().randrange(MAX_SEED) if seed is None else check_seed(seed)
+        return self._new_conversation([], seed)
 
     def _new_conversation(self, token_ids: list[int], seed: int) -> Conversation:
         seq = Sequence(f"conv-{next(self._ids)}", token_ids, len(token_ids), SamplingParams())
@@ -304,17 +305,21 @@ class BatchedExecutor:
                 f"the saved conversation comes from a model of another shape ({metadata.get('model')!r}); "
                 f"load it into an executor of that model"
             )
-        tensors = load_tensors(bytes(data))
+        tensors = _read_tensors(data)
         tokens = tensors["token_ids"].tolist()
         self.check_tokens([], tokens)
-        computed = int(metadata["num_computed_tokens"])
+        computed, seed = _metadata_int(metadata, "num_computed_tokens"), _metadata_int(metadata, "seed")
+        if not 0 <= computed <= len(tokens) or any(
+            f"layers.{i}.k" not in tensors for i in range(self.model.config.num_layers if computed else 0)
+        ):
+            raise InvalidRequestError("the saved conversation's KV cache is incomplete; save it again")
         bm = self.block_manager
         if bm.blocks_needed(computed) > bm.num_free_blocks:
             raise ShoalError(
                 f"loading needs {bm.blocks_needed(computed)} free KV blocks, {bm.num_free_blocks} are free: "
                 "dispose some conversations first"
             )
-        conv = self._new_conversation(tokens, int(metadata["seed"]))
+        conv = self._new_conversation(tokens, check_seed(seed))
         conv.generator.set_state(tensors["rng_state"])
         conv.logits = tensors.get("logits")
         self._write_kv(conv.seq, computed, tensors)
@@ -331,6 +336,26 @@ class BatchedExecutor:
         self.core.runner.write_kv(seq.block_table, layers)
         seq.num_computed_tokens = computed
         bm.register_computed(seq)
+
+
+def _metadata_int(metadata: dict[str, str], key: str) -> int:
+    try:
+        return int(metadata[key])
+    except (KeyError, ValueError):
+        raise InvalidRequestError(f"the saved conversation has no valid {key!r}; save it again") from None
+
+
+def _read_tensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_tensors(bytes(data))
+    except Exception as e:  # safetensors raises its own error type for a truncated or corrupt buffer
+        raise InvalidRequestError(
+            f"cannot read the saved conversation ({e}); it is truncated or damaged: save it again"
+        ) from e
+    missing = {"token_ids", "rng_state"} - set(tensors)
+    if missing:
+        raise InvalidRequestError(f"the saved conversation lacks {sorted(missing)}; save it again")
+    return tensors
 
 
 def _read_metadata(data: bytes | bytearray) -> dict[str, str]:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.request import OutputKind
+from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
@@ -85,6 +86,10 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise InvalidRequestError(
+            f"prompts must be a string, a list of token ids or a list of those, got {type(prompts).__name__}"
+        )
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]
@@ -99,6 +104,10 @@ def _as_params_list(
     if isinstance(params, SamplingParams):
         return [params] * count
     params = list(params)
+    if not all(isinstance(p, SamplingParams) for p in params):
+        raise InvalidRequestError("sampling_params must be a SamplingParams or a list of them")
     if len(params) != count:
-        raise ValueError(f"got {len(params)} SamplingParams for {count} prompts; give one, or one per prompt")
+        raise InvalidRequestError(
+            f"got {len(params)} SamplingParams for {count} prompts; give one, or one per prompt"
+        )
     return params

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.errors import InvalidRequestError
+
+MAX_SEED = 1 << 63  # seeds are in [0, MAX_SEED)
+_MAX_COUNT = 1 << 31  # the largest token count, top_k or n anyone can mean
+MIN_TEMPERATURE = 0.01  # below it (and above 0) logits / temperature can overflow float32
+MAX_TEMPERATURE = 100.0
+PENALTY_RANGE = (0.01, 100.0)  # repetition_penalty multiplies or divides logits
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+_INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs")
 
 
 @dataclass
@@ -34,6 +52,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -42,14 +61,49 @@ class SamplingParams:
             self.top_k = 0
         self._validate()
 
+    def _check_types(self) -> None:
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None or name not in ("max_tokens", "logprobs"):
+                setattr(self, name, _as_int(name, value))
+        if self.seed is not None:
+            self.seed = check_seed(self.seed)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stops is not None and (
+            not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops)
+        ):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        for s in stops or []:
+            check_text(s, "a stop string")
+        ids = self.stop_token_ids
+        if ids is not None and (not isinstance(ids, list | tuple) or not all(_is_int(t) for t in ids)):
+            raise InvalidRequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
+
     def _validate(self) -> None:
+        low, high = PENALTY_RANGE
         checks = [
-            (self.n >= 1, f"n must be at least 1, got {self.n}"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 means greedy), got {self.temperature}"),
+            (1 <= self.n <= _MAX_COUNT, f"n must be at least 1, got {self.n}"),
+            (
+                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
+                f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
+                f"got {self.temperature}",
+            ),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}"),
+            (0 <= self.top_k <= _MAX_COUNT, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (
+                low <= self.repetition_penalty <= high,
+                f"repetition_penalty must be between {low} and {high} (1 means none), "
+                f"got {self.repetition_penalty}",
+            ),
             (
                 -2 <= self.presence_penalty <= 2,
                 f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
@@ -59,15 +113,14 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                self.max_tokens is None or self.max_tokens >= 1,
+                self.max_tokens is None or 1 <= self.max_tokens <= _MAX_COUNT,
                 f"max_tokens must be at least 1, got {self.max_tokens}",
             ),
-            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (0 <= self.min_tokens <= _MAX_COUNT, f"min_tokens must be >= 0, got {self.min_tokens}"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -76,3 +129,36 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_seed(seed: Any) -> int:
+    """A seed as the engine takes it: an integer in [0, 2**63). Raises InvalidRequestError."""
+    if not _is_int(seed) or not 0 <= seed < MAX_SEED:
+        raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
+def check_text(text: str, what: str) -> str:
+    """`text`, if it can be encoded as UTF-8 (a lone surrogate such as '\\ud800' cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start : e.end].encode("unicode_escape").decode()
+        raise InvalidRequestError(
+            f"{what} is not valid Unicode: {bad!r} at character {e.start} is a lone surrogate; send valid UTF-8 text"
+        ) from None
+    return text
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if not _is_int(value):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    return int(value)

@@ -18,7 +18,7 @@ from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
 from shoal.runner.sampler import sample, sample_row
-from shoal.sampling_params import SamplingParams
+from shoal.sampling_params import SamplingParams, check_text
 
 logger = logging.getLogger("shoal")
 
@@ -70,10 +70,25 @@ class LLMEngine:
     # -- admission ----------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            check_text(prompt, "the prompt")
+            self._check_length_before_tokenizing(prompt)
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        if not isinstance(prompt, list | tuple) or not all(isinstance(t, int) for t in prompt):
-            raise InvalidRequestError("a prompt must be a string or a list of token ids (integers)")
+        if not isinstance(prompt, list | tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise InvalidRequestError(
+                f"a prompt must be a string or a list of token ids (integers), got {type(prompt).__name__}"
+            )
         return None, list(prompt)
+
+    def _check_length_before_tokenizing(self, text: str) -> None:
+        """Refuse a prompt that cannot fit the context whatever its tokens, without tokenizing it."""
+        fewest_tokens = len(text) // (2 * self.model.max_token_chars)  # 2x margin for normalizers
+        if fewest_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(text)} characters, at least {fewest_tokens} tokens, but the context "
+                f"(max_model_len) is {self.max_model_len}: shorten the prompt"
+            )
 
     def process_input(self, prompt: str | list[int], params: SamplingParams | None = None) -> ProcessedInput:
         """Tokenize, check and fill in defaults, once per request. Raises InvalidRequestError."""

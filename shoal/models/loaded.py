@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -61,6 +62,12 @@ class LoadedModel:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: a prompt of c characters has at least
+        c / max_token_chars tokens, which bounds its length before it is tokenized."""
+        return max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Renders with the model's template; transformers renders it in a sandboxed Jinja environment."""
