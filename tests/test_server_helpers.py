@@ -20,7 +20,7 @@ import uvicorn
 from tiny_models import make_tiny_hf_model
 
 from shoal import AsyncLLM
-from shoal.server.app import ServerConfig, build_app
+from shoal.server.app import ServerConfig, build_app, make_server
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_OPTIONS = {"kv_cache_memory": 32 << 20, "max_num_seqs": 16}
@@ -76,8 +76,7 @@ class ServerThread:
     async def _main(self) -> None:
         engine = AsyncLLM(model=self.model, **self.engine_options)
         self.app = build_app(engine, self.config)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        self.server = make_server(self.app, "127.0.0.1", self.port, log_level="warning")
         await self.server.serve()
 
     @property

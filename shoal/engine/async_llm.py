@@ -79,12 +79,13 @@ class AsyncLLM:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        processed = self.engine.process_input(prompt, params)  # tokenized here, once, off the engine thread
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, processed, priority, output_kind))
         finished = False
         try:
+            # Tokenized once, on a worker thread: neither the engine thread nor the event loop waits for it.
+            processed = await asyncio.to_thread(self.engine.process_input, prompt, params)
+            self._commands.put(("add", request_id, processed, priority, output_kind))
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

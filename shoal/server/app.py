@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,6 +23,7 @@ from shoal.errors import EngineDeadError, InvalidRequestError
 from shoal.server.batch_routes import batch_routes
 from shoal.server.batch_store import BatchStore
 from shoal.server.batch_worker import BatchWorker
+from shoal.server.http import BodyLimit, LimitedH11Protocol, ShoalServer
 from shoal.server.metrics import RequestTiming, ServerMetrics
 from shoal.server.protocol import (
     ModelCard,
@@ -31,6 +34,7 @@ from shoal.server.serving import (
     OpenAIServing,
     error_body,
     new_request_id,
+    parse_json,
     parse_request,
 )
 from shoal.server.state import (
@@ -41,30 +45,39 @@ from shoal.server.state import (
     ServerState,
     check_api_key,
     get_state,
-    read_json,
     refuse_if_draining,
 )
 
 T = TypeVar("T")
+log = logging.getLogger("shoal.server")
 
 
-def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastAPI:
-    """The server app. It owns `engine`: the engine is shut down with the app."""
+def build_app(
+    engine: EngineClient, config: ServerConfig | None = None, store: BatchStore | None = None
+) -> FastAPI:
+    """The server app. It owns `engine` (and `store`): they are shut down with the app. Without a store, one
+    is opened on config.data_dir (taking its lock) when that is set. Serve it with make_server(), which
+    starts the Batch API worker once the port is bound."""
     config = config or ServerConfig()
     serving = OpenAIServing(engine, config.model_names, config.max_n)
     state = ServerState(
         engine, config, serving, ServerMetrics(engine), Admission(config.max_waiting, config.retry_after_s)
     )
-    if config.data_dir is not None:
-        state.store = BatchStore(config.data_dir)
+    if store is None and config.data_dir is not None:
+        store = BatchStore(config.data_dir)
+    if store is not None:
+        state.store = store
         state.worker = BatchWorker(
-            state.store, serving, config.batch_priority, config.batch_concurrency, config.batch_checkpoint_s
+            store,
+            serving,
+            config.batch_priority,
+            config.batch_concurrency,
+            config.batch_checkpoint_s,
+            config.max_line_bytes,
         )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.worker is not None:
-            state.worker.start()
         try:
             yield
         finally:
@@ -76,11 +89,27 @@ def build_app(engine: EngineClient, config: ServerConfig | None = None) -> FastA
 
     app = FastAPI(title="shoal", lifespan=lifespan)
     app.state.shoal = state
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes, exempt=("/v1/files",))
     _add_error_handlers(app)
     app.include_router(_public_routes())
     app.include_router(_generation_routes(), dependencies=[Depends(check_api_key)])
     app.include_router(batch_routes(), dependencies=[Depends(check_api_key)])
     return app
+
+
+def make_server(app: FastAPI, host: str, port: int, **uvicorn_options: Any) -> ShoalServer:
+    """The uvicorn server for a build_app() app: the header limit of its config, the Batch API worker
+    started once the port is bound, and SIGTERM draining."""
+    state: ServerState = app.state.shoal
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=LimitedH11Protocol,
+        h11_max_incomplete_event_size=state.config.max_header_bytes,
+        **uvicorn_options,
+    )
+    return ShoalServer(config, on_bound=state.start_background, on_exit=state.begin_drain)
 
 
 # ---------------------------------------------------------------- errors
@@ -192,43 +221,57 @@ def _generation_routes() -> APIRouter:
 async def _generate(request: Request, url: str) -> Response:
     state = get_state(request)
     arrival = time.perf_counter()
-    refuse_if_draining(state)
-    body = parse_request(url, await read_json(request))
-    prepared = state.serving.prepare(body)
-    request_id = new_request_id(prepared)
-    ticket = state.admission.admit(len(prepared.prompts))
+    try:
+        refuse_if_draining(state)
+        body = await asyncio.to_thread(parse_request, url, parse_json(await request.body()))
+        ticket = state.admission.admit(body.num_prompts, body.n)
+    except (APIError, InvalidRequestError) as e:
+        state.metrics.requests.labels(url, str(getattr(e, "status", 400))).inc()
+        raise
     state.metrics.waiting.set(state.admission.waiting)
-    timing = RequestTiming(state.metrics, arrival, ticket.release_one, cumulative=not body.stream)
+    status = 500
 
-    def finish(status: int) -> None:
+    def finish(code: int) -> None:
         ticket.close()
         state.metrics.waiting.set(state.admission.waiting)
-        state.metrics.requests.labels(url, str(status)).inc()
+        state.metrics.requests.labels(url, str(code)).inc()
         state.metrics.e2e.observe(time.perf_counter() - arrival)
 
+    streaming = False
     try:
+        prepared = await state.serving.prepare(body)
+        request_id = new_request_id(prepared)
+        timing = RequestTiming(state.metrics, arrival, ticket.release_prompt, cumulative=not body.stream)
         if body.stream:
             events = state.serving.stream(prepared, request_id, body.priority, timing)
             first = await _until_disconnect(request, anext(events))
+            streaming = True
             return StreamingResponse(_sse(first, events, state, finish), media_type="text/event-stream")
         response = await _until_disconnect(
             request, state.serving.complete(prepared, request_id, body.priority, timing)
         )
-        finish(200)
+        status = 200
         return JSONResponse(response.model_dump())
     except ClientGone:
         state.metrics.aborted.inc()
-        finish(499)
+        status = 499
         return Response(status_code=499)
     except InvalidRequestError:
-        finish(400)
+        status = 400
         raise
-    except BaseException:
-        finish(500)
+    except EngineDeadError:
         raise
+    except Exception:  # answered here, not re-raised, so the client's connection stays usable
+        log.exception("internal error on %s", url)
+        return _error(500, "internal error; the server log has the details", "server_error")
+    finally:
+        if not streaming:
+            finish(status)
 
 
-async def _sse(first: str, events: AsyncIterator[str], state: ServerState, finish: Any) -> AsyncIterator[str]:
+async def _sse(
+    first: str, events: AsyncIterator[str], state: ServerState, finish: Callable[[int], None]
+) -> AsyncIterator[str]:
     completed = False
     try:
         yield first

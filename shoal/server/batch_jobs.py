@@ -10,6 +10,7 @@ server's Batch API worker.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
@@ -22,7 +23,14 @@ from tqdm import tqdm
 
 from shoal.errors import EngineDeadError, InvalidRequestError
 from shoal.server.protocol import random_id
-from shoal.server.serving import REQUEST_TYPES, OpenAIServing, error_body, new_request_id, parse_request
+from shoal.server.serving import (
+    REQUEST_TYPES,
+    OpenAIServing,
+    error_body,
+    new_request_id,
+    parse_json,
+    parse_request,
+)
 
 
 @dataclass
@@ -70,9 +78,27 @@ def is_success(record: dict[str, Any]) -> bool:
     return record.get("error") is None and response.get("status_code") == 200
 
 
-def count_lines(path: Path) -> int:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return sum(1 for line in f if line.strip())
+DEFAULT_MAX_LINE_BYTES = 8 << 20
+
+
+def read_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) for each line, with None for a line longer than max_bytes, which is skipped
+    without being held in memory: memory stays bounded by max_bytes whatever the file holds."""
+    with open(path, "rb") as f:
+        for line_no in itertools.count(1):
+            raw = f.readline(max_bytes + 1)
+            if not raw:
+                return
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1 << 20)
+                yield line_no, None
+            else:
+                yield line_no, raw.decode("utf-8", errors="replace")
+
+
+def count_lines(path: Path, max_bytes: int = DEFAULT_MAX_LINE_BYTES) -> int:
+    return sum(1 for _, text in read_lines(path, max_bytes) if text is None or text.strip())
 
 
 def drop_torn_tail(path: Path) -> None:
@@ -148,13 +174,17 @@ def response_record(custom_id: str, status: int, request_id: str, body: dict[str
 
 
 def check_line(
-    line_no: int, text: str, endpoint: str | None
+    line_no: int, text: str | None, endpoint: str | None, max_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(parsed line, None) for a well-formed line, (whatever parsed, error record) otherwise."""
+    """(parsed line, None) for a well-formed line, (whatever parsed, error record) otherwise. `text` is None
+    for a line longer than max_bytes."""
+    if text is None:
+        message = f"line {line_no} is longer than the limit of {max_bytes} bytes (--max-line-bytes); split it"
+        return None, line_error(line_no, None, "line_too_long", message)
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, line_error(line_no, None, "invalid_json", f"line {line_no} is not valid JSON: {e}")
+        obj = parse_json(text)
+    except InvalidRequestError as e:
+        return None, line_error(line_no, None, "invalid_json", f"line {line_no}: {e}")
     if not isinstance(obj, dict):
         return None, line_error(line_no, None, "invalid_request", f"line {line_no} must be a JSON object")
     cid = obj.get("custom_id")
@@ -190,6 +220,7 @@ class BatchRun:
     priority: int = 0  # added to each line's own priority
     concurrency: int = 64
     checkpoint_s: float = 1.0
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     on_progress: Callable[[Progress], None] | None = None
     progress: Progress = field(default_factory=Progress)
 
@@ -199,8 +230,11 @@ class BatchRun:
         self.progress.skipped = done.completed + done.failed
         self._last_sync = time.monotonic()
         tasks: set[asyncio.Task] = set()
+        lines = self._pending_lines(done)
         try:
-            for line_no, obj, error in self._pending_lines(done):
+            # Each line is read and parsed on a worker thread: a long one must not stall the event loop.
+            while (item := await asyncio.to_thread(next, lines, None)) is not None:
+                line_no, obj, error = item
                 if error is not None:
                     self._finish(error)
                     continue
@@ -220,24 +254,23 @@ class BatchRun:
 
     def _pending_lines(self, done: DoneSet) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None]]:
         seen: set[str] = set()
-        with open(self.input_path, encoding="utf-8", errors="replace") as f:
-            for line_no, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                obj, error = check_line(line_no, text, self.endpoint)
-                if error is None and obj["custom_id"] in seen:
-                    error = line_error(
-                        line_no,
-                        obj["custom_id"],
-                        "duplicate_custom_id",
-                        f"line {line_no}: custom_id {obj['custom_id']!r} was already used",
-                    )
-                if error is None:
-                    seen.add(obj["custom_id"])
-                    if obj["custom_id"] not in done.custom_ids:
-                        yield line_no, obj, None
-                elif line_no not in done.lines:
-                    yield line_no, obj or {}, error
+        for line_no, text in read_lines(self.input_path, self.max_line_bytes):
+            if text is not None and not text.strip():
+                continue
+            obj, error = check_line(line_no, text, self.endpoint, self.max_line_bytes)
+            if error is None and obj["custom_id"] in seen:
+                error = line_error(
+                    line_no,
+                    obj["custom_id"],
+                    "duplicate_custom_id",
+                    f"line {line_no}: custom_id {obj['custom_id']!r} was already used",
+                )
+            if error is None:
+                seen.add(obj["custom_id"])
+                if obj["custom_id"] not in done.custom_ids:
+                    yield line_no, obj, None
+            elif line_no not in done.lines:
+                yield line_no, obj or {}, error
 
     async def _generate(self, line_no: int, obj: dict[str, Any]) -> None:
         cid = obj["custom_id"]
@@ -246,7 +279,7 @@ class BatchRun:
             request = parse_request(obj["url"], obj["body"])
             if request.stream:
                 raise InvalidRequestError("stream is not supported in batch lines; remove it")
-            prepared = self.serving.prepare(request)
+            prepared = await self.serving.prepare(request)
             request_id = new_request_id(prepared)
             response = await self.serving.complete(prepared, request_id, self.priority + request.priority)
         except EngineDeadError:
@@ -295,12 +328,13 @@ async def run_file(
     error_path: Path | None = None,
     concurrency: int = 64,
     show_progress: bool = True,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> Progress:
     """`shoal batch`: answer every line of input_path into output_path (errors too, unless error_path is given)."""
     output = JsonlWriter(output_path)
     errors = JsonlWriter(error_path) if error_path else output
     done = scan_done([output.path, errors.path])
-    total = count_lines(input_path)
+    total = count_lines(input_path, max_line_bytes)
     bar = tqdm(
         total=total,
         initial=done.completed + done.failed,
@@ -313,7 +347,15 @@ async def run_file(
         bar.set_postfix_str(f"{progress.tokens_per_s:.1f} tok/s, {progress.failed} failed", refresh=False)
         bar.update(progress.done - bar.n)
 
-    run = BatchRun(serving, input_path, output, errors, concurrency=concurrency, on_progress=update)
+    run = BatchRun(
+        serving,
+        input_path,
+        output,
+        errors,
+        concurrency=concurrency,
+        max_line_bytes=max_line_bytes,
+        on_progress=update,
+    )
     run.progress.total = total
     try:
         return await run.run(done)

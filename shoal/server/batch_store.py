@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
+from typing import BinaryIO
 
+from shoal.errors import ShoalError
 from shoal.server.protocol import FINAL_STATUSES, Batch, FileObject
 
 _SCHEMA = """
@@ -15,11 +19,44 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 
 
+class DataDirInUseError(ShoalError):
+    """Another server holds the data dir."""
+
+
+class DataDirLock:
+    """An exclusive lock on a data dir for as long as it is held (released by close() or at process exit,
+    even kill -9). The lock file names the holder's PID."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / "server.lock"
+        self.file: BinaryIO = open(path, "a+b")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().decode(errors="replace").strip() or "unknown"
+            self.file.close()
+            raise DataDirInUseError(
+                f"the data dir {data_dir} is in use by another shoal server (PID {holder}); stop that server, "
+                "or give this one its own --data-dir"
+            ) from None
+        self.file.truncate(0)
+        self.file.write(f"{os.getpid()}\n".encode())
+        self.file.flush()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()  # closing the descriptor releases the lock
+
+
 class BatchStore:
-    """Every object is one JSON row; writes are single autocommitted statements."""
+    """Every object is one JSON row; writes are single autocommitted statements. Holds the data dir's lock
+    for its life, so only one server at a time runs the batches stored there."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
+        self.lock = DataDirLock(self.data_dir)
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.data_dir / "shoal.db", isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -35,6 +72,7 @@ class BatchStore:
 
     def close(self) -> None:
         self.db.close()
+        self.lock.close()
 
     # ------------------------------------------------------------ files
 

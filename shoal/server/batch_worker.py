@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.errors import EngineDeadError
-from shoal.server.batch_jobs import BatchRun, DoneSet, JsonlWriter, Progress, count_lines, scan_done
+from shoal.server.batch_jobs import (
+    DEFAULT_MAX_LINE_BYTES,
+    BatchRun,
+    DoneSet,
+    JsonlWriter,
+    Progress,
+    count_lines,
+    scan_done,
+)
 from shoal.server.batch_store import BatchStore
 from shoal.server.protocol import Batch, BatchError, BatchErrors, FileObject, now
 from shoal.server.serving import OpenAIServing
@@ -29,6 +37,7 @@ class BatchWorker:
     priority: int = 10  # added to every line's priority; interactive requests default to 0
     concurrency: int = 32  # lines in flight
     checkpoint_s: float = 1.0
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _task: asyncio.Task | None = field(default=None, init=False)
     _current: tuple[str, asyncio.Task] | None = field(default=None, init=False)
@@ -82,7 +91,7 @@ class BatchWorker:
         found = self.store.get_file(batch.input_file_id)
         if found is None or not found[1].exists():
             return self._fail(batch, "missing_file", f"input file {batch.input_file_id} does not exist")
-        total = await asyncio.to_thread(count_lines, found[1])
+        total = await asyncio.to_thread(count_lines, found[1], self.max_line_bytes)
         if total == 0:
             return self._fail(batch, "empty_file", "the input file has no lines")
         return self._update(batch.id, status="in_progress", in_progress_at=now(), total=total)
@@ -99,7 +108,7 @@ class BatchWorker:
             )  # big files: off the event loop
             run = BatchRun(
                 self.serving, found[1], output, errors, endpoint=batch.endpoint, priority=self.priority,
-                concurrency=self.concurrency, checkpoint_s=self.checkpoint_s,
+                concurrency=self.concurrency, checkpoint_s=self.checkpoint_s, max_line_bytes=self.max_line_bytes,
                 on_progress=lambda p: self._save_counts(batch.id, p),
             )  # fmt: skip
             return await self._execute(batch, run, done)

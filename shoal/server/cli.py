@@ -9,14 +9,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
-
-import uvicorn
 
 from shoal.cli_args import add_engine_arguments, engine_options_from_args
 from shoal.engine.protocol import EngineClient
 from shoal.errors import ShoalError
+from shoal.server.batch_jobs import DEFAULT_MAX_LINE_BYTES
+from shoal.server.state import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_REQUEST_BYTES, ServerConfig
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "shoal"
 
@@ -36,6 +35,7 @@ def register(subparsers: Any) -> None:
     )
     batch.add_argument("--concurrency", type=int, default=64, help="lines in flight (default 64)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_line_limit_argument(batch)
     add_engine_arguments(batch)
     batch.set_defaults(func=batch_command)
 
@@ -67,29 +67,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
     )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"larger request bodies get 413; file uploads are not limited (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    parser.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        help=f"larger request headers get 431 (default {DEFAULT_MAX_HEADER_BYTES})",
+    )
+    add_line_limit_argument(parser)
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's graceful shutdown, with the app told first so it refuses new work at once."""
-
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-        super().__init__(config)
-        self.on_exit = on_exit
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: Any = None) -> None:
-        self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.on_exit)
-        super().handle_exit(sig, frame)
+def add_line_limit_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=DEFAULT_MAX_LINE_BYTES,
+        help="batch input lines longer than this fail alone with code line_too_long "
+        f"(default {DEFAULT_MAX_LINE_BYTES})",
+    )
 
 
-def server_config(args: argparse.Namespace) -> Any:
-    from shoal.server.app import ServerConfig
-
+def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         model_names=(args.model,) if args.model else (),
         api_key=args.api_key or None,
@@ -97,28 +100,35 @@ def server_config(args: argparse.Namespace) -> Any:
         max_n=args.max_n,
         data_dir=args.data_dir,
         batch_concurrency=args.batch_concurrency,
+        max_request_bytes=args.max_request_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_line_bytes=args.max_line_bytes,
     )
-
-
-def make_server(engine: EngineClient, args: argparse.Namespace) -> DrainingServer:
-    from shoal.server.app import build_app
-
-    app = build_app(engine, server_config(args))
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=_log_level(args),
-        timeout_graceful_shutdown=int(args.drain_timeout),
-        access_log=_log_level(args) == "debug",
-    )
-    return DrainingServer(config, on_exit=app.state.shoal.begin_drain)
 
 
 async def serve(engine_factory: Callable[[], EngineClient], args: argparse.Namespace) -> None:
-    """Load the engine, then serve until SIGINT/SIGTERM (which drain in-flight requests first)."""
-    engine = engine_factory()
-    await make_server(engine, args).serve()
+    """Lock the data dir (before anything else, so a second server on it stops at once), load the engine,
+    bind the port, then start the Batch API worker; serve until SIGINT/SIGTERM, which drain first."""
+    from shoal.server.app import build_app, make_server
+    from shoal.server.batch_store import BatchStore
+
+    store = BatchStore(args.data_dir)
+    try:
+        engine = engine_factory()
+    except BaseException:
+        store.close()
+        raise
+    app = build_app(engine, server_config(args), store)
+    level = _log_level(args)
+    server = make_server(
+        app,
+        args.host,
+        args.port,
+        log_level=level,
+        timeout_graceful_shutdown=int(args.drain_timeout),
+        access_log=level == "debug",
+    )
+    await server.serve()
 
 
 def _load_engine(args: argparse.Namespace) -> Callable[[], EngineClient]:
@@ -160,6 +170,7 @@ async def _batch(args: argparse.Namespace) -> Any:
             args.error_file,
             args.concurrency,
             show_progress=not args.no_progress,
+            max_line_bytes=args.max_line_bytes,
         )
     finally:
         await engine.shutdown()

@@ -58,17 +58,33 @@ class _GenerationRequest(_Body):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
+
+    @property
+    def num_prompts(self) -> int:
+        single = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
+        return 1 if single else len(self.prompt)
+
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class ContentPart(BaseModel):
+    # Only text parts are served; other kinds are refused by name when the request is prepared.
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     # Extra keys (name, tool_calls, ...) are passed through to the chat template.
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -80,6 +96,10 @@ class ChatCompletionRequest(_GenerationRequest):
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.messages) if self.messages and isinstance(self.messages[0], list) else 1
 
 
 # ---------------------------------------------------------------- responses

@@ -53,6 +53,9 @@ _SHAPE_HINTS = {
 }
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
 class ModelNotFoundError(InvalidRequestError):
     """The request names a model this server does not serve."""
 
@@ -77,21 +80,47 @@ class Prepared:
 
 def validation_message(error: ValidationError) -> str:
     """A short, human message for a pydantic error: which field, what was wrong, what is expected."""
-    parts: list[str] = []
-    seen: set[str] = set()
+    by_field: dict[str, list[dict[str, Any]]] = {}
     for err in error.errors():
-        name = str(err["loc"][0]) if err["loc"] else "body"
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in _SHAPE_HINTS and len(err["loc"]) > 1:
-            parts.append(f"'{name}' must be {_SHAPE_HINTS[name]}")
-        elif err["type"] == "missing":
-            parts.append(f"'{name}' is required")
-        else:
-            where = ".".join(str(p) for p in err["loc"])
-            parts.append(f"'{where}': {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})")
-    return "invalid request: " + "; ".join(parts)
+        by_field.setdefault(str(err["loc"][0]) if err["loc"] else "body", []).append(err)
+    return "invalid request: " + "; ".join(_field_message(name, errs) for name, errs in by_field.items())
+
+
+def _field_message(name: str, errors: list[dict[str, Any]]) -> str:
+    err = max(errors, key=lambda e: len(_value_path(e["loc"])))  # the most specific one
+    path = _value_path(err["loc"])
+    if name in _SHAPE_HINTS and len(err["loc"]) > 1:
+        hint = f"'{name}' must be {_SHAPE_HINTS[name]}"
+        return f"{_described(path, err)}; {hint}" if name == "messages" and len(path) > 2 else hint
+    if err["type"] == "missing":
+        return f"'{name}' is required"
+    return _described(path, err)
+
+
+def _value_path(loc: tuple) -> list[str | int]:
+    """loc without pydantic's union-branch tags ('str', 'list[ChatMessage]', ...)."""
+    return [p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+
+
+def _described(path: list[str | int], err: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in path)
+    return f"'{where}': {err['msg']} (got {json.dumps(err.get('input'), default=str)[:80]})"
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Standard JSON only: NaN and Infinity, which Python's json accepts, are refused."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"the request body is not valid JSON ({e}); send a JSON object") from e
+    except RecursionError:
+        raise InvalidRequestError(
+            "the request body is nested too deeply; send a flatter JSON object"
+        ) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequestError(f"{name} is not valid JSON (numbers must be finite); send a finite number")
 
 
 def parse_request(url: str, body: Any) -> GenerationRequest:
@@ -133,7 +162,12 @@ class OpenAIServing:
 
     # ------------------------------------------------------------ request -> engine work
 
-    def prepare(self, request: GenerationRequest) -> Prepared:
+    async def prepare(self, request: GenerationRequest) -> Prepared:
+        """Validate and render a request, on a worker thread: chat templates and long prompts take time
+        that must not stall the event loop (and every other client with it)."""
+        return await asyncio.to_thread(self._prepare, request)
+
+    def _prepare(self, request: GenerationRequest) -> Prepared:
         names = {self.model_name, *self.model_names}
         if request.model is not None and request.model not in names:
             raise ModelNotFoundError(
@@ -208,7 +242,9 @@ class OpenAIServing:
             self._render_chat(conv, request.add_generation_prompt) for conv in conversations
         ]  # type: ignore[arg-type]
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        max_tokens = (
+            request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
+        )
         return Prepared(request, prompts, self._sampling_params(request, max_tokens, logprobs), CHAT)
 
     def _render_chat(self, conversation: list, add_generation_prompt: bool) -> str:
@@ -216,11 +252,9 @@ class OpenAIServing:
         for m in conversation:
             message = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
-                kinds = {part.get("type") for part in m.content}
-                _unsupported(
-                    kinds - {"text"}, f"only text content parts are supported, got {sorted(map(str, kinds))}"
-                )
-                message["content"] = "".join(part.get("text", "") for part in m.content)
+                kinds = {part.type for part in m.content}
+                _unsupported(kinds - {"text"}, f"only text content parts are supported, got {sorted(kinds)}")
+                message["content"] = "".join(part.text or "" for part in m.content)
             messages.append(message)
         try:
             return self.engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)

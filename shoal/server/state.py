@@ -4,7 +4,6 @@ worker), the API key check, and the API's own errors."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -14,13 +13,16 @@ from typing import Any
 from fastapi import Request
 
 from shoal.engine.protocol import EngineClient
-from shoal.errors import InvalidRequestError
+from shoal.server.batch_jobs import DEFAULT_MAX_LINE_BYTES
 from shoal.server.batch_store import BatchStore
 from shoal.server.batch_worker import BatchWorker
 from shoal.server.metrics import ServerMetrics
-from shoal.server.serving import OpenAIServing
+from shoal.server.serving import OpenAIServing, parse_json
 
 log = logging.getLogger("shoal.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
 
 
 @dataclass
@@ -34,6 +36,9 @@ class ServerConfig:
     batch_concurrency: int = 32
     batch_checkpoint_s: float = 1.0
     retry_after_s: int = 1
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413 (file uploads excepted)
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # larger request headers get 431
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # Batch API input lines; longer ones fail alone
 
 
 class APIError(Exception):
@@ -55,31 +60,44 @@ class ClientGone(Exception):
 
 @dataclass
 class Admission:
-    """Counts interactive requests that wait for their first token, to refuse work past max_waiting."""
+    """Counts the interactive sequences (prompts x n) admitted but without a first token, to refuse work past
+    max_waiting: a request larger than max_waiting on its own is a 400, one that does not fit now a 503."""
 
     max_waiting: int
     retry_after_s: int = 1
     waiting: int = 0
 
-    def admit(self, count: int) -> Ticket:
-        if self.waiting >= self.max_waiting:
-            message = f"the server is at capacity ({self.waiting} requests waiting); retry shortly"
+    def admit(self, prompts: int, n: int) -> Ticket:
+        count = prompts * n
+        if count > self.max_waiting:
+            raise APIError(
+                400,
+                f"this request asks for {count} sequences ({prompts} prompts x n={n}) but the server admits at "
+                f"most {self.max_waiting} at a time (--max-waiting): send fewer prompts per request, or a lower n",
+                code="too_many_sequences",
+            )
+        if self.waiting + count > self.max_waiting:
+            message = (
+                f"the server is at capacity ({self.waiting} of {self.max_waiting} sequences waiting for a first "
+                f"token, this request needs {count}); retry shortly"
+            )
             raise APIError(
                 503, message, "server_error", "overloaded", {"Retry-After": str(self.retry_after_s)}
             )
         self.waiting += count
-        return Ticket(self, count)
+        return Ticket(self, count, n)
 
 
 @dataclass
 class Ticket:
     admission: Admission
     remaining: int
+    per_prompt: int  # sequences released at each prompt's first token
 
-    def release_one(self) -> None:
-        if self.remaining > 0:
-            self.remaining -= 1
-            self.admission.waiting -= 1
+    def release_prompt(self) -> None:
+        released = min(self.per_prompt, self.remaining)
+        self.remaining -= released
+        self.admission.waiting -= released
 
     def close(self) -> None:
         self.admission.waiting -= self.remaining
@@ -97,6 +115,11 @@ class ServerState:
     worker: BatchWorker | None = None
     draining: bool = False
     _tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def start_background(self) -> None:
+        """Start the Batch API worker; called once the server's port is bound."""
+        if self.worker is not None:
+            self.worker.start()
 
     def begin_drain(self) -> None:
         """SIGTERM: refuse new work and stop batch work (it resumes on restart); in-flight requests finish."""
@@ -135,8 +158,4 @@ def refuse_if_draining(state: ServerState) -> None:
 
 
 async def read_json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"the request body is not valid JSON ({e}); send a JSON object") from e
+    return parse_json(await request.body())
