@@ -42,8 +42,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         return list(args.prompts)
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            return _parse_lines(f)
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return _parse_lines(f)
+        except OSError as e:
+            raise ShoalError(f"cannot read --file {args.file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ShoalError(f"--file {args.file} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
     from_stdin = [] if sys.stdin is None or sys.stdin.isatty() else _parse_lines(sys.stdin)
     return from_stdin or list(EXAMPLE_PROMPTS)
 
@@ -61,8 +66,8 @@ def _parse_lines(lines: Iterable[str]) -> list[str]:
                 raise ShoalError(
                     f"line {number}: not valid JSON ({e}); use one prompt per line or JSONL"
                 ) from e
-            if "prompt" not in record:
-                raise ShoalError(f'line {number}: a JSONL line needs a "prompt" field')
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ShoalError(f'line {number}: a JSONL line needs a "prompt" field holding a string')
             prompts.append(record["prompt"])
         else:
             prompts.append(line)

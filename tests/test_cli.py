@@ -64,3 +64,31 @@ def test_no_prompts_anywhere_runs_the_built_in_examples(model_args):
     result = run_cli(model_args, stdin="")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == EXAMPLE_PROMPTS
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        (lambda d: ["--file", str(d / "missing.txt")], "cannot read --file"),
+        (lambda d: ["--file", str(_write(d / "five.jsonl", '{"prompt": 5}\n'))], "holding a string"),
+        (lambda d: ["--file", str(_write(d / "latin1.txt", b"caf\xe9\n"))], "is not UTF-8 text"),
+        (lambda d: ["--temperature", "1e-300", "hi"], "temperature must be 0 (greedy) or between"),
+    ],
+)
+def test_bad_prompt_files_and_flags_are_clear_errors(model_args, tmp_path, capsys, setup, words):
+    from shoal.cli import main
+
+    assert main([*_QUIET, "generate", *model_args, *setup(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+
+
+_QUIET = ["--log-level", "WARNING"]
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
