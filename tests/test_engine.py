@@ -201,7 +201,7 @@ def test_bad_token_ids_and_empty_prompts_are_refused(llm):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"temperature": -0.5}, r"temperature must be 0 \(greedy\) or between 0.01 and 100"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"max_tokens": 0}, "max_tokens must be at least 1"),
