@@ -14,7 +14,7 @@ from shoal.executor import BatchedExecutor, Conversation, DecodeResult
 from shoal.llm import LLM
 from shoal.models.loaded import LoadedModel, load_model
 from shoal.outputs import CompletionOutput, Logprob, RequestOutput
-from shoal.sampling_params import SamplingParams
+from shoal.sampling_params import SamplingParams, StructuredOutputsParams
 from shoal.sessions import ChatSession, Context, ContextSequence
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "ModelLoadError",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "ShoalError",
     "load_model",
 ]

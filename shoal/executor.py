@@ -27,7 +27,7 @@ from shoal.engine.request import sample_seed
 from shoal.errors import DisposedError, InvalidRequestError, ShoalError
 from shoal.models.loaded import LoadedModel
 from shoal.runner.sampler import SampleRequest, sample_row
-from shoal.sampling_params import MAX_SEED, SamplingParams, check_seed
+from shoal.sampling_params import MAX_SEED, SamplingParams, StructuredOutputsParams, check_seed
 
 STATE_FORMAT = "shoal.conversation/1"
 
@@ -52,6 +52,9 @@ class Conversation:
     logits: torch.Tensor | None = None  # [vocab] float32 after the last token was computed
     disposed: bool = False
     _num_forks: int = 0
+    _guide: tuple[StructuredOutputsParams, Any] | None = (
+        None  # the structured output being sampled, its matcher
+    )
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -102,8 +105,10 @@ class Conversation:
     def sample(self, params: SamplingParams | None = None) -> int:
         """Pick the next token from this conversation's logits with its own generator, and queue it.
 
-        params: temperature, top_k, top_p, min_p and penalties (which see every token of the conversation);
-        None means greedy. The generator is seeded at create()/fork(); SamplingParams.seed is not used.
+        params: temperature, top_k, top_p, min_p and penalties (which see every token of the conversation),
+        logit_bias and structured_outputs (which constrain the tokens this method samples, from the first
+        call with that spec on; once its grammar is complete only EOS is allowed); None means greedy. The
+        generator is seeded at create()/fork(); SamplingParams.seed is not used.
         """
         self._check()
         if self.logits is None:
@@ -120,9 +125,21 @@ class Conversation:
         params = params or SamplingParams(temperature=0.0)
         ids = self.seq.token_ids
         request = SampleRequest(params, None if params.greedy else self.generator, ids, ids, [])
+        matcher = self._matcher(params.structured_outputs)
+        if matcher is not None:
+            (request.allowed,) = self.executor.core.masks.masks([matcher])
         token = sample_row(self.logits.clone(), request).token_id
+        if matcher is not None and not matcher.consume_token(token):
+            raise ShoalError(f"the structured output refused token {token}: {matcher.get_error()}")
         self.prompt([token])
         return token
+
+    def _matcher(self, spec: StructuredOutputsParams | None) -> Any:
+        if spec is None:
+            return None
+        if self._guide is None or self._guide[0] != spec:
+            self._guide = (spec, self.executor.core.grammars.compile(spec))
+        return self._guide[1]
 
     def fork(self, seed: int | None = None) -> Conversation:
         """A child sharing every KV block of this conversation (copy on write) and a copy of its logits.
@@ -136,6 +153,8 @@ class Conversation:
         child = self.executor._new_conversation(list(self.seq.token_ids), child_seed)
         self.executor.block_manager.fork(self.seq, child.seq)
         child.logits = None if self.logits is None else self.logits.clone()
+        if self._guide is not None:
+            child._guide = (self._guide[0], self._guide[1].deep_copy())
         return child
 
     def rewind(self, num_tokens: int) -> None:
@@ -260,9 +279,9 @@ class BatchedExecutor:
             scheduled.append((conv.seq, n))
             owners.append(conv)
             budget -= n
-        logits, rows = self.core.forward(scheduled, self.block_manager.take_copies())
-        for row, index in enumerate(rows):
-            owners[index].logits = logits[row].clone()
+        step = self.core.forward(scheduled, self.block_manager.take_copies())
+        for row, index in enumerate(step.owners):
+            owners[index].logits = step.logits[row].clone()
 
     # -- save / load --------------------------------------------------------------------------------
     def _shape_metadata(self) -> dict[str, str]:

@@ -46,6 +46,10 @@ class LLM:
         ]
         return self._run(ids, use_tqdm)
 
+    def get_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (as vLLM's LLM.get_tokenizer())."""
+        return self.model.tokenizer
+
     def chat(
         self,
         messages: list[Message] | list[list[Message]],

@@ -43,3 +43,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None  # set when this request failed inside the engine; other requests go on
     metrics: dict[str, float] = field(default_factory=dict)
+    # With SamplingParams(prompt_logprobs=k): one entry per prompt token (None for the first), each holding
+    # that token and the top k. In streaming (delta) outputs it comes once, with the first output.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

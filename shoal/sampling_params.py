@@ -22,7 +22,58 @@ _FLOAT_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
 )
-_INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs")
+_INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs")
+_OPTIONAL_INT_FIELDS = ("max_tokens", "logprobs", "prompt_logprobs")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's names); set exactly one. json: a JSON schema (dict or JSON text);
+    json_object: any JSON object; regex: a regular expression; choice: one of these strings; grammar: a
+    Lark grammar (llguidance's syntax) or a GBNF one (llama.cpp's, recognised by '::=')."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured outputs take exactly one of json, regex, choice, grammar or json_object, "
+                f"got {given or 'none'}"
+            )
+        if self.json is not None and not isinstance(self.json, dict | str):
+            raise InvalidRequestError(
+                f"structured outputs json must be a JSON schema object, got {self.json!r}"
+            )
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidRequestError(f"structured outputs {name} must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, list | tuple)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise InvalidRequestError(
+                "structured outputs choice must be a non-empty list of non-empty strings"
+            )
+
+    @property
+    def kind(self) -> str:
+        if self.json is not None:
+            return "JSON schema"
+        return (
+            "JSON object"
+            if self.json_object
+            else "regex"
+            if self.regex is not None
+            else ("choice" if self.choice is not None else "grammar")
+        )
 
 
 @dataclass
@@ -50,6 +101,9 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # top-N per prompt token (the first token has none)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -69,7 +123,7 @@ class SamplingParams:
             setattr(self, name, float(value))
         for name in _INT_FIELDS:
             value = getattr(self, name)
-            if value is not None or name not in ("max_tokens", "logprobs"):
+            if value is not None or name not in _OPTIONAL_INT_FIELDS:
                 setattr(self, name, _as_int(name, value))
         if self.seed is not None:
             self.seed = check_seed(self.seed)
@@ -83,6 +137,12 @@ class SamplingParams:
             raise InvalidRequestError(f"stop must be a string or a list of strings, got {self.stop!r}")
         for s in stops or []:
             check_text(s, "a stop string")
+        if self.logit_bias is not None:
+            self.logit_bias = _as_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams")
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, list | tuple) or not all(_is_int(t) for t in ids)):
             raise InvalidRequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
@@ -121,6 +181,10 @@ class SamplingParams:
                 self.logprobs is None or 0 <= self.logprobs <= 20,
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -148,6 +212,20 @@ def check_text(text: str, what: str) -> str:
             f"{what} is not valid Unicode: {bad!r} at character {e.start} is a lone surrogate; send valid UTF-8 text"
         ) from None
     return text
+
+
+def _as_logit_bias(bias: Any) -> dict[int, float]:
+    if not isinstance(bias, dict):
+        raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {bias!r}")
+    result: dict[int, float] = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+        if not _is_int(token) or token < 0:
+            raise InvalidRequestError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+        result[int(token)] = float(value)
+    return result
 
 
 def _is_int(value: Any) -> bool:

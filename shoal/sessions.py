@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import threading
 import time
 import uuid
@@ -17,10 +18,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pydantic
+
 from shoal.engine.async_llm import AsyncLLM
+from shoal.engine.structured_output import strict_schema
 from shoal.errors import DisposedError, InvalidRequestError, NoSequenceAvailableError, ShoalError
 from shoal.models.loaded import LoadedModel
-from shoal.sampling_params import SamplingParams
+from shoal.sampling_params import SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 TokenCallback = Callable[[str], Awaitable[None] | None]
@@ -253,21 +257,27 @@ class ChatSession:
         max_tokens: int | None = None,
         temperature: float = 0.0,
         on_token: TokenCallback | None = None,
+        response_format: type[pydantic.BaseModel] | dict[str, Any] | None = None,
         **sampling: Any,
-    ) -> str:
+    ) -> Any:
         """Ask `text` as the user; returns the answer. Greedy by default; max_tokens None runs to the end of
         the turn (or the context); other SamplingParams fields (top_p, top_k, seed, stop, ...) as keywords.
+
+        response_format: a pydantic model class (the answer is constrained to its JSON schema and returned
+        as an instance of it) or a JSON schema dict (returned as the parsed JSON).
 
         When the conversation would not leave room for the answer (max_tokens, or MIN_ANSWER_ROOM tokens
         when it is None) in the context, the oldest exchanges are dropped, the system prompt kept (a context
         shift; `num_shifted_messages` counts them)."""
+        if response_format is not None:
+            sampling["structured_outputs"] = StructuredOutputsParams(json=_schema_of(response_format))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling)
         messages, tokens = self._fit([*self.messages, {"role": "user", "content": text}], max_tokens)
         turn = await self.sequence.evaluate(tokens, params, on_token)
         self.num_shifted_messages += len(self.messages) + 1 - len(messages)
         self.messages = [*messages, {"role": "assistant", "content": turn.text}]
         self.last_turn = turn
-        return turn.text
+        return turn.text if response_format is None else _parse_answer(response_format, turn)
 
     def _fit(
         self, messages: list[dict[str, str]], max_tokens: int | None
@@ -312,3 +322,21 @@ class ChatSession:
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.sequence.clear_history()
         self.last_turn = None
+
+
+def _schema_of(response_format: type[pydantic.BaseModel] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(response_format, dict):
+        return response_format
+    if isinstance(response_format, type) and issubclass(response_format, pydantic.BaseModel):
+        return strict_schema(response_format.model_json_schema())
+    raise InvalidRequestError(
+        f"response_format must be a pydantic model class or a JSON schema dict, got {response_format!r}"
+    )
+
+
+def _parse_answer(response_format: type[pydantic.BaseModel] | dict[str, Any], turn: Turn) -> Any:
+    if turn.finish_reason == "length":
+        raise ShoalError(f"the answer was cut at max_tokens before its JSON was complete: {turn.text!r}")
+    if isinstance(response_format, dict):
+        return json.loads(turn.text)
+    return response_format.model_validate_json(turn.text)

@@ -73,8 +73,8 @@ class BlockManager:
         At least one token is always left to compute, so the last position yields logits.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt position computed
         for h, tokens in self._block_hashes(seq.token_ids, (seq.num_tokens - 1) // self.block_size):
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].tokens != tokens:

@@ -13,8 +13,9 @@ from shoal.config import EngineConfig
 from shoal.core.block_manager import BlockManager
 from shoal.core.scheduler import Scheduler
 from shoal.core.sequence import Sequence
+from shoal.engine.structured_output import GrammarCompiler, MaskFiller
 from shoal.models.loaded import LoadedModel, load_model
-from shoal.runner.model_runner import ModelRunner
+from shoal.runner.model_runner import ModelRunner, StepLogits
 
 logger = logging.getLogger("shoal")
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -41,6 +42,9 @@ class EngineCore:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        vocab = model.config.vocab_size
+        self.grammars = GrammarCompiler(model.tokenizer, vocab, model.eos_token_ids)
+        self.masks = MaskFiller(vocab)
         logger.info(
             "%s; KV cache: %.2f GiB of %s, %d blocks of %d tokens (%d tokens)",
             model.describe_weights(),
@@ -56,11 +60,11 @@ class EngineCore:
         config = EngineConfig.from_options(options)
         return cls(resolve_model(model, config), config)
 
-    def forward(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]):
-        """One forward pass over the scheduled tokens; their KV is then computed. Returns (logits, owners):
-        logits [R, vocab] of the sequences that reached their last token, and each row's index in scheduled."""
-        logits, owners = self.runner.run(scheduled, copies)
+    def forward(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]) -> StepLogits:
+        """One forward pass over the scheduled tokens; their KV is then computed. Returns the logits of the
+        sequences that reached their last token (and of prompts that want logprobs)."""
+        step = self.runner.run(scheduled, copies)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.register_computed(seq)
-        return logits, owners
+        return step

@@ -17,7 +17,7 @@ from shoal.engine.request import OutputKind, Request
 from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
-from shoal.runner.sampler import sample, sample_row
+from shoal.runner.sampler import SampleRequest, sample, sample_row
 from shoal.sampling_params import SamplingParams, check_text
 
 logger = logging.getLogger("shoal")
@@ -30,6 +30,7 @@ class ProcessedInput:
     text: str | None
     token_ids: list[int]
     params: SamplingParams
+    matcher: Any = None  # the compiled structured output, at its start
 
 
 @dataclass
@@ -93,7 +94,9 @@ class LLMEngine:
     def process_input(self, prompt: str | list[int], params: SamplingParams | None = None) -> ProcessedInput:
         """Tokenize, check and fill in defaults, once per request. Raises InvalidRequestError."""
         text, ids = self.tokenize(prompt)
-        return ProcessedInput(text, ids, self.validate(ids, params or SamplingParams()))
+        params = self.validate(ids, params or SamplingParams())
+        spec = params.structured_outputs
+        return ProcessedInput(text, ids, params, self.core.grammars.compile(spec) if spec else None)
 
     def add_request(
         self,
@@ -122,6 +125,7 @@ class LLMEngine:
             self.tokenizer,
             set() if params.ignore_eos else self.model.eos_token_ids,
             seed,
+            matcher=prompt.matcher,
         )
         seq = Sequence(f"{request_id}#0", list(ids), len(ids), params, priority)
         req.new_sample(0, seq)
@@ -133,6 +137,10 @@ class LLMEngine:
     def validate(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a tokenized request; returns params with max_tokens filled in. Raises InvalidRequestError."""
         vocab = self.model.config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(
+                f"logit_bias token ids must be below the vocabulary size {vocab}, got {max(params.logit_bias)}"
+            )
         if not ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         if min(ids) < 0 or max(ids) >= vocab:
@@ -190,7 +198,10 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
-        logits, owners = self.core.forward(plan.scheduled, plan.copies)
+        step = self.core.forward(plan.scheduled, plan.copies)
+        logits, owners = step.logits, step.owners
+        for index, (first, rows) in step.prompt.items():
+            self._record_prompt_logprobs(plan.scheduled[index][0], first, rows)
         for seq, n in plan.scheduled:
             if seq.num_output_tokens == 0 and seq.num_computed_tokens <= seq.num_prompt_tokens:
                 self.prompt_tokens_total += n
@@ -221,9 +232,31 @@ class LLMEngine:
                     self._seq_owner.pop(s.seq, None)
         return outputs
 
+    def _record_prompt_logprobs(self, seq: Sequence, first: int, rows: torch.Tensor) -> None:
+        owner = self._seq_owner.get(seq)
+        if owner is None or owner[1] != 0:
+            return
+        req = owner[0]
+        logprobs = torch.log_softmax(rows, dim=-1)
+        k = req.params.prompt_logprobs or 0
+        ids = seq.token_ids
+        req.add_prompt_logprobs(
+            first, [req.entry(ids[first + j], logprobs[j], k) for j in range(rows.shape[0])]
+        )
+
+    def _sample_requests(self, targets: list[tuple[Request, int]]) -> list[SampleRequest]:
+        """Each row's sampling request; the rows of structured outputs get their masks, filled together."""
+        requests = [req.sample_request(req.samples[i]) for req, i in targets]
+        constrained = [k for k, (req, i) in enumerate(targets) if req.samples[i].matcher is not None]
+        if constrained:
+            masks = self.core.masks.masks([targets[k][0].samples[targets[k][1]].matcher for k in constrained])
+            for row, k in enumerate(constrained):
+                requests[k].allowed = masks[row]
+        return requests
+
     def _sample(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> list:
         """Sample every row; if that fails, row by row so one bad request cannot sink the others."""
-        requests = [req.sample_request(req.samples[i]) for req, i in targets]
+        requests = self._sample_requests(targets)
         try:
             return sample(logits, requests)
         except Exception:
@@ -268,7 +301,8 @@ class LLMEngine:
             self.scheduler.add_running(child)
             req.new_sample(index, child)
             self._seq_owner[child] = (req, index)
-            self._record(req, index, sample_row(logits_row.clone(), req.sample_request(req.samples[index])))
+            (request,) = self._sample_requests([(req, index)])
+            self._record(req, index, sample_row(logits_row.clone(), request))
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -38,6 +38,7 @@ class Sample:
     generator: torch.Generator | None
     logprobs: list[TokenLogprobs] | None
     cumulative_logprob: float | None
+    matcher: Any = None  # the structured output's state (an llguidance matcher), None when unconstrained
     sent_tokens: int = 0
     sent_chars: int = 0
     reported_finish: bool = False
@@ -58,6 +59,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     reported_start: bool = False  # STARTED_AND_FINAL: the first-token output was sent
+    matcher: Any = None  # a fresh structured-output matcher; each sample constrains a copy of it
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token; the first is None
+    sent_prompt_logprobs: bool = False
 
     def new_sample(self, index: int, seq: Sequence) -> Sample:
         p = self.params
@@ -74,6 +78,7 @@ class Request:
             generator,
             [] if p.logprobs is not None else None,
             0.0 if p.logprobs is not None else None,
+            self.matcher.deep_copy() if self.matcher is not None else None,
         )
         self.samples.append(sample)
         return sample
@@ -93,6 +98,24 @@ class Request:
             self.params, sample.generator, self.prompt_token_ids, seq.output_token_ids, blocked
         )
 
+    def entry(self, token_id: int, logprobs_row: torch.Tensor, k: int) -> TokenLogprobs:
+        """token id -> Logprob for `token_id` and the top k of a log-softmax row."""
+        decode = self.tokenizer.decode
+        top = torch.topk(logprobs_row, k) if k else None
+        result = (
+            {
+                tid: Logprob(lp, rank + 1, decode([tid]))
+                for rank, (tid, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            }
+            if top is not None
+            else {}
+        )
+        if token_id not in result:
+            value = logprobs_row[token_id]
+            rank = int((logprobs_row > value).sum()) + 1
+            result[token_id] = Logprob(float(value), rank, decode([token_id]))
+        return result
+
     def record(self, sample: Sample, result: SampleResult) -> None:
         """Append a sampled token and its logprobs; decide whether the sample is done."""
         seq = sample.seq
@@ -110,8 +133,26 @@ class Request:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids and seq.num_output_tokens > p.min_tokens - 1:
             seq.finish_reason, seq.stop_reason = "stop", token
+        elif sample.matcher is not None and self._grammar_done(sample.matcher, token):
+            seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens:
             seq.finish_reason = "length"
+
+    @staticmethod
+    def _grammar_done(matcher: Any, token: int) -> bool:
+        """Feed the token to the structured output; True once its grammar is complete."""
+        if not matcher.consume_token(token):
+            raise RuntimeError(f"the structured output refused token {token}: {matcher.get_error()}")
+        return matcher.is_stopped()
+
+    def add_prompt_logprobs(self, first: int, entries: list[TokenLogprobs]) -> None:
+        """Logprobs of prompt tokens first, first+1, ...; positions already recorded (a recomputed prompt
+        after preemption) are not recorded twice."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+        skip = len(self.prompt_logprobs) - first
+        if skip >= 0:
+            self.prompt_logprobs.extend(entries[skip:])
 
     def _logprob_entry(self, result: SampleResult) -> TokenLogprobs:
         decode = self.tokenizer.decode
@@ -143,6 +184,11 @@ class Request:
         metrics = {"arrival_time": self.arrival_time}
         if self.first_token_time is not None:
             metrics["first_token_time"] = self.first_token_time
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not (
+            self.output_kind == OutputKind.DELTA and self.sent_prompt_logprobs
+        ):
+            prompt_logprobs, self.sent_prompt_logprobs = list(self.prompt_logprobs), True
         return RequestOutput(
             self.request_id,
             self.prompt,
@@ -151,6 +197,7 @@ class Request:
             finished,
             num_cached_tokens=first.num_cached_tokens if first else 0,
             metrics=metrics,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _completion(self, s: Sample) -> CompletionOutput | None:

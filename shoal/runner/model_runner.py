@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +40,23 @@ class StepBatch:
     logit_rows: list[int]  # rows whose hidden state gives a next-token distribution
     logit_owners: list[int]  # for each of those rows, its sequence's index in the scheduled list
     num_rows: int  # real (unpadded) token rows
+    prompt_spans: list[PromptSpan] = field(default_factory=list)  # rows of prompts that want logprobs
+
+
+@dataclass
+class PromptSpan:
+    """Rows rows[0]..rows[-1] predict prompt tokens first, first+1, ... of scheduled[index]."""
+
+    index: int
+    first: int
+    rows: list[int]
+
+
+@dataclass
+class StepLogits:
+    logits: torch.Tensor  # [R, vocab] float32 CPU: the next-token rows
+    owners: list[int]  # each row's index in the scheduled list
+    prompt: dict[int, tuple[int, torch.Tensor]]  # scheduled index -> (first prompt token, its rows' logits)
 
 
 class ModelRunner:
@@ -115,6 +132,7 @@ class ModelRunner:
         slices: list[ScheduledSlice] = []
         logit_rows: list[int] = []
         logit_owners: list[int] = []
+        spans: list[PromptSpan] = []
         for index, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             span = range(start, start + n)
@@ -125,26 +143,36 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 logit_rows.append(len(ids) - 1)
                 logit_owners.append(index)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens - 1:
+                end = min(start + n, seq.num_prompt_tokens - 1)  # row p predicts token p + 1
+                first_row = len(ids) - n
+                spans.append(PromptSpan(index, start + 1, list(range(first_row, first_row + end - start))))
         num_rows = len(ids)
         pad = self.backend.rows_for(num_rows) - num_rows
         meta = self.backend.attention_metadata(slices, slots, num_rows + pad, self.scratch_block, bs)
         ids += [0] * pad
         positions += [0] * pad
-        return StepBatch(self._tensor(ids), self._tensor(positions), meta, logit_rows, logit_owners, num_rows)
+        return StepBatch(
+            self._tensor(ids), self._tensor(positions), meta, logit_rows, logit_owners, num_rows, spans
+        )
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def run(
-        self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """One forward pass. Returns logits [R, vocab] (float32, CPU) for the rows in logit_rows order,
-        and the indexes into `scheduled` that those rows belong to."""
+    def run(self, scheduled: list[tuple[Sequence, int]], copies: list[tuple[int, int]]) -> StepLogits:
+        """One forward pass: the next-token logits of the sequences that reached their last token, and the
+        logits of every prompt position of sequences that asked for prompt logprobs."""
         self.copy_blocks(copies)
         batch = self.build(scheduled)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self.logits(hidden[batch.logit_rows]), batch.logit_owners
+        rows = batch.logit_rows + [r for span in batch.prompt_spans for r in span.rows]
+        logits = self.logits(hidden[rows])
+        prompt, at = {}, len(batch.logit_rows)
+        for span in batch.prompt_spans:
+            prompt[span.index] = (span.first, logits[at : at + len(span.rows)])
+            at += len(span.rows)
+        return StepLogits(logits[: len(batch.logit_rows)], batch.logit_owners, prompt)
 
     def logits(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits of hidden rows, padded as the back end needs (the padding rows are dropped)."""

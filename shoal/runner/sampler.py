@@ -17,6 +17,7 @@ class SampleRequest:
     prompt_ids: list[int]
     output_ids: list[int]
     block_eos: list[int]  # token ids forbidden because min_tokens is not reached yet
+    allowed: torch.Tensor | None = None  # [vocab] bool: the tokens a structured output allows next
 
 
 @dataclass
@@ -27,7 +28,7 @@ class SampleResult:
     top_logprobs: list[tuple[int, float]] | None  # (token id, logprob), best first
 
 
-def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+def adjust_logits(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     p = req.params
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(
@@ -38,8 +39,13 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     if (p.presence_penalty or p.frequency_penalty) and req.output_ids:
         ids, counts = torch.tensor(req.output_ids, device=logits.device).unique(return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     if req.block_eos:
         logits[req.block_eos] = float("-inf")
+    if req.allowed is not None:
+        logits.masked_fill_(~req.allowed, float("-inf"))
     return logits
 
 
@@ -90,7 +96,7 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> SampleResult:
     """logits: [vocab] float32, this sequence's own row."""
     p = req.params
     raw = logits
-    logits = apply_penalties(logits.clone(), req) if _needs_penalties(req) else logits
+    logits = adjust_logits(logits.clone(), req) if _adjusts_logits(req) else logits
     if p.greedy:
         token = int(torch.argmax(logits))
     else:
@@ -106,13 +112,15 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> SampleResult:
     return SampleResult(token, float(logprobs[token]), rank, top_list)
 
 
-def _needs_penalties(req: SampleRequest) -> bool:
+def _adjusts_logits(req: SampleRequest) -> bool:
     p = req.params
     return (
         p.repetition_penalty != 1.0
         or bool(p.presence_penalty)
         or bool(p.frequency_penalty)
         or bool(req.block_eos)
+        or bool(p.logit_bias)
+        or req.allowed is not None
     )
 
 
@@ -123,7 +131,7 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[SampleRe
     plain = [
         i
         for i, r in enumerate(requests)
-        if r.params.greedy and not _needs_penalties(r) and r.params.logprobs is None
+        if r.params.greedy and not _adjusts_logits(r) and r.params.logprobs is None
     ]
     if plain:
         rows = logits if len(plain) == len(requests) else logits[plain]
