@@ -74,7 +74,7 @@ def test_malformed_json_and_bad_chat(server):
         server.url + "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
     )
-    assert resp.status_code == 400 and "tools are not supported" in error_of(resp)["message"]
+    assert resp.status_code == 400 and "'tools.0.function' is required" in error_of(resp)["message"]
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
 
 

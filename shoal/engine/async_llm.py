@@ -56,8 +56,13 @@ class AsyncLLM:
         self._thread.start()
 
     # -- public API ---------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        return self.engine.model.apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        return self.engine.model.apply_chat_template(messages, add_generation_prompt, tools)
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a request without queueing it; raises InvalidRequestError."""

@@ -18,7 +18,10 @@ class EngineClient(Protocol):
     tokenizer: Any
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str: ...
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

@@ -59,12 +59,12 @@ def strict_schema(schema: Any) -> Any:
 
 
 # One way to write the JSON (json.dumps' separators, no other whitespace): models cannot wander in whitespace.
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _from_schema(schema: Any) -> str:
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_STYLE)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
     except ValueError as e:
         raise InvalidRequestError(f"the JSON schema is not valid: {e}") from None
 

@@ -69,14 +69,19 @@ class LoadedModel:
         c / max_token_chars tokens, which bounds its length before it is tokenized."""
         return max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Renders with the model's template; transformers renders it in a sandboxed Jinja environment."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError(
                 f"model {self.name!r} has no chat template; use generate() with plain prompts"
             )
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
 

@@ -26,14 +26,19 @@ from shoal.server.batch_worker import BatchWorker
 from shoal.server.http import BodyLimit, LimitedH11Protocol, ShoalServer
 from shoal.server.metrics import RequestTiming, ServerMetrics
 from shoal.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from shoal.server.serving import (
     ModelNotFoundError,
     OpenAIServing,
     error_body,
     new_request_id,
+    parse_body,
     parse_json,
     parse_request,
 )
@@ -214,6 +219,16 @@ def _generation_routes() -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, "/v1/chat/completions")
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request) -> TokenizeResponse:
+        body = parse_body(TokenizeRequest, parse_json(await request.body()))
+        return await asyncio.to_thread(get_state(request).serving.tokenize, body)
+
+    @router.post("/detokenize")
+    async def detokenize(request: Request) -> DetokenizeResponse:
+        body = parse_body(DetokenizeRequest, parse_json(await request.body()))
+        return await asyncio.to_thread(get_state(request).serving.detokenize, body)
 
     return router
 

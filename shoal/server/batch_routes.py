@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ValidationError
 
 from shoal.errors import InvalidRequestError
 from shoal.server.batch_store import BatchStore
@@ -23,7 +21,7 @@ from shoal.server.protocol import (
     now,
     random_id,
 )
-from shoal.server.serving import validation_message
+from shoal.server.serving import parse_body
 from shoal.server.state import APIError, get_state, read_json, refuse_if_draining
 
 
@@ -83,7 +81,7 @@ def batch_routes() -> APIRouter:
     async def create_batch(request: Request) -> Batch:
         state, store = get_state(request), store_of(request)
         refuse_if_draining(state)
-        body = _validate(BatchCreateRequest, await read_json(request))
+        body = parse_body(BatchCreateRequest, await read_json(request))
         file, _ = _find_file(store, body.input_file_id, status=400)
         if file.purpose != "batch":
             raise InvalidRequestError(
@@ -129,13 +127,6 @@ def batch_routes() -> APIRouter:
         return batch
 
     return router
-
-
-def _validate(model: type[BaseModel], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        raise InvalidRequestError(validation_message(e)) from e
 
 
 def _find_file(store: BatchStore, file_id: str, status: int = 404) -> tuple[FileObject, Path]:

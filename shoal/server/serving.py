@@ -8,18 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from shoal.engine.protocol import EngineClient
 from shoal.engine.request import OutputKind
 from shoal.errors import InvalidRequestError, ShoalError
 from shoal.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from shoal.sampling_params import SamplingParams
+from shoal.sampling_params import SamplingParams, StructuredOutputsParams, check_text
 from shoal.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -33,15 +33,28 @@ from shoal.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
+    FunctionCallDelta,
+    NamedToolChoice,
+    PromptLogprob,
+    PromptLogprobs,
+    ResponseFormat,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     random_id,
 )
+from shoal.server.tools import ToolCallStream, ToolPlan, parse_calls, template_format
 
 GenerationRequest = CompletionRequest | ChatCompletionRequest
+B = TypeVar("B", bound=BaseModel)
 REQUEST_TYPES: dict[str, type[GenerationRequest]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
@@ -73,6 +86,8 @@ class Prepared:
     params: SamplingParams
     route: _Route
     echo: list[str] | None = None  # completions echo: text to put before each prompt's choices
+    tools: ToolPlan | None = None  # chat with tools: answers are parsed into tool calls
+    decode: Callable[[list[int]], str] | None = None  # completions: the tokenizer's, for echoed tokens
 
     def choice_index(self, prompt_index: int, sample_index: int) -> int:
         return prompt_index * self.params.n + sample_index
@@ -93,7 +108,7 @@ def _field_message(name: str, errors: list[dict[str, Any]]) -> str:
         hint = f"'{name}' must be {_SHAPE_HINTS[name]}"
         return f"{_described(path, err)}; {hint}" if name == "messages" and len(path) > 2 else hint
     if err["type"] == "missing":
-        return f"'{name}' is required"
+        return f"'{'.'.join(str(p) for p in path)}' is required"
     return _described(path, err)
 
 
@@ -127,10 +142,15 @@ def parse_request(url: str, body: Any) -> GenerationRequest:
     """Validate a JSON body for `url` (a generation route) into its request model."""
     if url not in REQUEST_TYPES:
         raise InvalidRequestError(f"url must be one of {list(REQUEST_TYPES)}, got {url!r}")
+    return parse_body(REQUEST_TYPES[url], body)
+
+
+def parse_body(model: type[B], body: Any) -> B:
+    """A JSON body validated into `model`; InvalidRequestError saying what is wrong otherwise."""
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     try:
-        return REQUEST_TYPES[url].model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         raise InvalidRequestError(validation_message(e)) from e
 
@@ -141,6 +161,42 @@ def error_body(message: str, kind: str = "invalid_request_error", code: str | No
 
 def _drop_none(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _choice_name(choice: Any) -> str:
+    return choice if isinstance(choice, str) else choice.function.name
+
+
+def _structured_outputs(
+    request: GenerationRequest, response_format: ResponseFormat | None
+) -> StructuredOutputsParams | None:
+    """The one structured-output spec of a request, from response_format, structured_outputs or vLLM's
+    older guided_* fields; more than one of them is an error."""
+    given: list[tuple[str, dict[str, Any]]] = []
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif response_format.json_schema is None:
+            raise InvalidRequestError("response_format json_schema needs a json_schema: {name, schema}")
+        else:
+            given.append(("response_format", {"json": response_format.json_schema.schema_}))
+    if request.structured_outputs is not None:
+        fields = request.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        given.append(("structured_outputs", {k: v for k, v in fields.items() if v is not False}))
+    legacy = {
+        "json": request.guided_json,
+        "regex": request.guided_regex,
+        "choice": request.guided_choice,
+        "grammar": request.guided_grammar,
+    }
+    given += [(f"guided_{k}", {k: v}) for k, v in legacy.items() if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidRequestError(
+            f"send one way of structuring the output, got {[name for name, _ in given]}"
+        )
+    return StructuredOutputsParams(**given[0][1])
 
 
 def _unsupported(condition: Any, message: str) -> None:
@@ -168,20 +224,25 @@ class OpenAIServing:
         return await asyncio.to_thread(self._prepare, request)
 
     def _prepare(self, request: GenerationRequest) -> Prepared:
-        names = {self.model_name, *self.model_names}
-        if request.model is not None and request.model not in names:
-            raise ModelNotFoundError(
-                f"model {request.model!r} does not exist; this server serves {sorted(names)}"
-            )
+        self.check_model(request.model)
         if not 1 <= request.n <= self.max_n:
             raise InvalidRequestError(f"n must be between 1 and {self.max_n}, got {request.n}")
-        _unsupported(request.logit_bias, "logit_bias is not supported; remove it")
         if isinstance(request, ChatCompletionRequest):
             return self._prepare_chat(request)
         return self._prepare_completion(request)
 
+    def check_model(self, model: str | None) -> None:
+        names = {self.model_name, *self.model_names}
+        if model is not None and model not in names:
+            raise ModelNotFoundError(f"model {model!r} does not exist; this server serves {sorted(names)}")
+
     def _sampling_params(
-        self, request: GenerationRequest, max_tokens: int | None, logprobs: int | None
+        self,
+        request: GenerationRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        structured: StructuredOutputsParams | None,
+        prompt_logprobs: int | None,
     ) -> SamplingParams:
         return SamplingParams(
             n=request.n,
@@ -194,6 +255,9 @@ class OpenAIServing:
             ignore_eos=request.ignore_eos,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            logit_bias=request.logit_bias or None,
+            structured_outputs=structured,
+            prompt_logprobs=prompt_logprobs,
             **_drop_none(
                 temperature=request.temperature,
                 top_p=request.top_p,
@@ -208,10 +272,6 @@ class OpenAIServing:
     def _prepare_completion(self, request: CompletionRequest) -> Prepared:
         _unsupported(request.suffix, "suffix is not supported; remove it")
         _unsupported(request.best_of not in (None, request.n), "best_of is not supported; use n")
-        _unsupported(
-            request.echo and request.logprobs is not None,
-            "echo with logprobs is not supported (prompt logprobs are not computed); drop one of them",
-        )
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompts: list[str | list[int]] = [prompt]  # type: ignore[list-item]
@@ -219,18 +279,21 @@ class OpenAIServing:
             prompts = list(prompt)  # type: ignore[arg-type]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise InvalidRequestError("prompt must not be empty")
-        params = self._sampling_params(request, request.max_tokens, request.logprobs)
+        prompt_logprobs = request.prompt_logprobs
+        if request.echo and request.logprobs is not None:  # the echoed prompt's tokens carry logprobs too
+            prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
+        structured = _structured_outputs(request, None)
+        params = self._sampling_params(
+            request, request.max_tokens, request.logprobs, structured, prompt_logprobs
+        )
         echo = (
             [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in prompts]
             if request.echo
             else None
         )
-        return Prepared(request, prompts, params, COMPLETIONS, echo)
+        return Prepared(request, prompts, params, COMPLETIONS, echo, decode=self.engine.tokenizer.decode)
 
     def _prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
-        _unsupported(request.tools, "tools are not supported; remove them")
-        fmt = (request.response_format or {}).get("type", "text")
-        _unsupported(fmt != "text", f"response_format {fmt!r} is not supported; only 'text'")
         _unsupported(
             request.top_logprobs is not None and not request.logprobs, "top_logprobs needs logprobs: true"
         )
@@ -238,16 +301,40 @@ class OpenAIServing:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         if not conversations or any(not conv for conv in conversations):
             raise InvalidRequestError("messages must not be empty")
+        tools = self._tool_plan(request)
         prompts: list[str | list[int]] = [
-            self._render_chat(conv, request.add_generation_prompt) for conv in conversations
+            self._render_chat(conv, request.add_generation_prompt, tools) for conv in conversations
         ]  # type: ignore[arg-type]
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = (
             request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         )
-        return Prepared(request, prompts, self._sampling_params(request, max_tokens, logprobs), CHAT)
+        structured = _structured_outputs(request, request.response_format)
+        if tools is not None:
+            _unsupported(
+                structured, "tools together with response_format or structured_outputs is not supported"
+            )
+            structured = StructuredOutputsParams(grammar=tools.grammar())
+        params = self._sampling_params(request, max_tokens, logprobs, structured, request.prompt_logprobs)
+        return Prepared(request, prompts, params, CHAT, tools=tools)
 
-    def _render_chat(self, conversation: list, add_generation_prompt: bool) -> str:
+    def _tool_plan(self, request: ChatCompletionRequest) -> ToolPlan | None:
+        choice = request.tool_choice or ("auto" if request.tools else "none")
+        if choice == "none":
+            return None
+        if not request.tools:
+            raise InvalidRequestError(
+                f"tool_choice {_choice_name(choice)!r} needs tools; send tools or drop it"
+            )
+        names = [t.function.name for t in request.tools]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequestError(
+                f"tool_choice names the function {choice.function.name!r}, which is not among the tools {names}"
+            )
+        fmt, renders = template_format(getattr(self.engine.tokenizer, "chat_template", None))
+        return ToolPlan(request.tools, choice, request.parallel_tool_calls, fmt, renders)
+
+    def _render_chat(self, conversation: list, add_generation_prompt: bool, tools: ToolPlan | None) -> str:
         messages = []
         for m in conversation:
             message = m.model_dump(exclude_none=True)
@@ -256,12 +343,38 @@ class OpenAIServing:
                 _unsupported(kinds - {"text"}, f"only text content parts are supported, got {sorted(kinds)}")
                 message["content"] = "".join(part.text or "" for part in m.content)
             messages.append(message)
+        if tools is not None:
+            messages = tools.messages(messages)
         try:
-            return self.engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            return self.engine.apply_chat_template(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools.template_tools() if tools else None,
+            )
         except ShoalError:
             raise
         except Exception as e:  # a template's raise_exception() or a malformed message
             raise InvalidRequestError(f"the chat template rejected these messages: {e}") from e
+
+    def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        self.check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise InvalidRequestError("send exactly one of prompt or messages")
+        if request.messages is not None:
+            text = self._render_chat(request.messages, request.add_generation_prompt, None)
+            special = bool(request.add_special_tokens)
+        else:
+            text, special = request.prompt or "", request.add_special_tokens is not False
+        check_text(text, "the prompt")
+        tokens = self.engine.tokenizer.encode(text, add_special_tokens=special)
+        return TokenizeResponse(count=len(tokens), max_model_len=self.engine.max_model_len, tokens=tokens)
+
+    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(request.model)
+        vocab = len(self.engine.tokenizer)
+        if any(not 0 <= t < vocab for t in request.tokens):
+            raise InvalidRequestError(f"tokens must be token ids in [0, {vocab})")
+        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(request.tokens))
 
     # ------------------------------------------------------------ engine output -> OpenAI objects
 
@@ -358,6 +471,14 @@ class _ChoiceState:
     finish_reason: str | None = None
     started: bool = False
     text_offset: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    tool_stream: ToolCallStream | None = None
+
+    def take_prompt(self, out: RequestOutput) -> None:
+        self.prompt_token_ids = out.prompt_token_ids
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
 
 
 class _Usage:
@@ -393,11 +514,17 @@ class _Accumulator:
             state = self.choices[self.prepared.choice_index(i, c.index)]
             state.text, state.token_ids, state.logprobs = [c.text], list(c.token_ids), list(c.logprobs or [])
             state.finish_reason = c.finish_reason
+            state.take_prompt(out)
 
     def response(self, request_id: str, model: str) -> CompletionResponse | ChatCompletionResponse:
         p = self.prepared
         choices = [p.route.final_choice(p, k, state) for k, state in enumerate(self.choices)]
-        return p.route.response(id=request_id, model=model, choices=choices, usage=self.usage.usage())
+        extra = {}
+        if p.route is CHAT and p.params.prompt_logprobs is not None and self.choices:
+            extra["prompt_logprobs"] = _prompt_logprobs(self.choices[0].prompt_logprobs)
+        return p.route.response(
+            id=request_id, model=model, choices=choices, usage=self.usage.usage(), **extra
+        )
 
 
 class _Chunker:
@@ -413,7 +540,7 @@ class _Chunker:
 
     def chunk(self, i: int, out: RequestOutput) -> str | None:
         self.usage.add(i, out)
-        choices = [c for c in (self._choice(i, o) for o in out.outputs) if c is not None]
+        choices = [c for c in (self._choice(i, out, o) for o in out.outputs) if c is not None]
         if not choices:
             return None
         chunk = self.prepared.route.chunk(
@@ -421,11 +548,15 @@ class _Chunker:
         )
         return chunk.model_dump_json()
 
-    def _choice(self, i: int, o: CompletionOutput) -> CompletionChoice | ChatChunkChoice | None:
+    def _choice(
+        self, i: int, out: RequestOutput, o: CompletionOutput
+    ) -> CompletionChoice | ChatChunkChoice | None:
         k = self.prepared.choice_index(i, o.index)
         state = self.choices[k]
         if state.started and not (o.text or o.token_ids or o.finish_reason):
             return None
+        if not state.started:
+            state.take_prompt(out)
         choice = self.prepared.route.delta_choice(self.prepared, i, k, state, o)
         state.started = True
         return choice
@@ -454,37 +585,90 @@ class _CompletionsRoute(_Route):
 
     def final_choice(self, p: Prepared, k: int, s: _ChoiceState) -> CompletionChoice:
         prefix = p.echo[k // p.params.n] if p.echo else ""
-        logprobs = _completion_logprobs(s.token_ids, s.logprobs, p.params.logprobs, 0)
+        pairs = _echoed(p, s) + list(zip(s.token_ids, s.logprobs, strict=False))
         return CompletionChoice(
-            index=k, text=prefix + "".join(s.text), logprobs=logprobs, finish_reason=s.finish_reason
+            index=k,
+            text=prefix + "".join(s.text),
+            logprobs=_completion_logprobs(pairs, p.params.logprobs, 0, p.decode),
+            finish_reason=s.finish_reason,
+            prompt_logprobs=self._prompt_logprobs(p, s),
         )
 
     def delta_choice(
         self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput
     ) -> CompletionChoice:
-        text = o.text if state.started or not p.echo else p.echo[i] + o.text
-        logprobs = _completion_logprobs(o.token_ids, o.logprobs or [], p.params.logprobs, state.text_offset)
+        first = not state.started
+        text = o.text if not first or not p.echo else p.echo[i] + o.text
+        pairs = (_echoed(p, state) if first else []) + list(zip(o.token_ids, o.logprobs or [], strict=False))
+        logprobs = _completion_logprobs(pairs, p.params.logprobs, state.text_offset, p.decode)
         state.text_offset += len(text)
-        return CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=o.finish_reason)
+        return CompletionChoice(
+            index=k,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=o.finish_reason,
+            prompt_logprobs=self._prompt_logprobs(p, state) if first else None,
+        )
+
+    @staticmethod
+    def _prompt_logprobs(p: Prepared, s: _ChoiceState) -> PromptLogprobs | None:
+        return _prompt_logprobs(s.prompt_logprobs) if p.request.prompt_logprobs is not None else None
+
+
+def _echoed(p: Prepared, s: _ChoiceState) -> list[tuple[int, TokenLogprobs | None]]:
+    """With echo and logprobs, the prompt's tokens come first in logprobs (the first one has none)."""
+    if not p.echo or p.params.logprobs is None or s.prompt_logprobs is None:
+        return []
+    return list(zip(s.prompt_token_ids, s.prompt_logprobs, strict=False))
+
+
+def _prompt_logprobs(entries: list[TokenLogprobs | None] | None) -> PromptLogprobs | None:
+    if entries is None:
+        return None
+    return [
+        None
+        if e is None
+        else {
+            t: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            for t, lp in e.items()
+        }
+        for e in entries
+    ]
 
 
 class _ChatRoute(_Route):
     id_prefix, response, chunk = "chatcmpl-", ChatCompletionResponse, ChatCompletionChunk
 
     def final_choice(self, p: Prepared, k: int, s: _ChoiceState) -> ChatChoice:
+        content: str | None = "".join(s.text)
+        calls: list[ToolCall] = []
+        if p.tools is not None:
+            content, calls = parse_calls(content or "", p.tools.format)
         return ChatChoice(
             index=k,
-            message=ChatResponseMessage(content="".join(s.text)),
+            message=ChatResponseMessage(content=content, tool_calls=calls or None),
             logprobs=_chat_logprobs(s.token_ids, s.logprobs, p.params.logprobs),
-            finish_reason=s.finish_reason,
+            finish_reason="tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason,
         )
 
     def delta_choice(
         self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput
     ) -> ChatChunkChoice:
-        delta = ChatDelta(role=None if state.started else "assistant", content=o.text)
+        content, calls, finish = o.text, None, o.finish_reason
+        if p.tools is not None:
+            stream = state.tool_stream = state.tool_stream or ToolCallStream(p.tools.format)
+            content, new = stream.add(o.text, finished=o.finish_reason is not None)
+            calls = [_call_delta(index, call) for index, call in new] or None
+            if stream.calls and finish == "stop":
+                finish = "tool_calls"
+        delta = ChatDelta(role=None if state.started else "assistant", content=content, tool_calls=calls)
         logprobs = _chat_logprobs(o.token_ids, o.logprobs or [], p.params.logprobs)
-        return ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=o.finish_reason)
+        return ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=finish)
+
+
+def _call_delta(index: int, call: ToolCall) -> ToolCallDelta:
+    function = FunctionCallDelta(name=call.function.name, arguments=call.function.arguments)
+    return ToolCallDelta(index=index, id=call.id, type="function", function=function)
 
 
 COMPLETIONS, CHAT = _CompletionsRoute(), _ChatRoute()
@@ -495,18 +679,23 @@ def _ranked(entry: TokenLogprobs, k: int) -> list[tuple[int, Any]]:
 
 
 def _completion_logprobs(
-    token_ids: list[int], logprobs: list[TokenLogprobs], k: int | None, offset: int
+    pairs: list[tuple[int, TokenLogprobs | None]],
+    k: int | None,
+    offset: int,
+    decode: Callable[[list[int]], str] | None,
 ) -> CompletionLogprobs | None:
+    """OpenAI's completions logprobs of (token id, its entry) pairs; an entry is None for the first prompt
+    token, which has no logprob."""
     if k is None:
         return None
     result = CompletionLogprobs()
-    for tid, entry in zip(token_ids, logprobs, strict=False):
-        chosen = entry.get(tid)
-        token = chosen.decoded_token if chosen else ""
+    for tid, entry in pairs:
+        chosen = entry.get(tid) if entry is not None else None
+        token = chosen.decoded_token if chosen else decode([tid]) if decode else ""
         result.tokens.append(token)
         result.token_logprobs.append(chosen.logprob if chosen else None)
         result.top_logprobs.append(
-            {lp.decoded_token: lp.logprob for _, lp in _ranked(entry, k)} if k else None
+            {lp.decoded_token: lp.logprob for _, lp in _ranked(entry, k)} if k and entry is not None else None
         )
         result.text_offset.append(offset)
         offset += len(token)
