@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +32,18 @@ class ProcessedInput:
     token_ids: list[int]
     params: SamplingParams
     matcher: Any = None  # the compiled structured output, at its start
+
+
+@dataclass
+class PendingMasks:
+    """Structured-output masks being filled on a worker thread, one row per sequence."""
+
+    seqs: list[Sequence]
+    future: Future
+
+    def result(self) -> dict[Sequence, torch.Tensor]:
+        masks = self.future.result()
+        return {seq: masks[row] for row, seq in enumerate(self.seqs)}
 
 
 @dataclass
@@ -198,6 +211,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return outputs
+        masks = self._start_masks(plan.scheduled)  # filled while the forward pass runs
         step = self.core.forward(plan.scheduled, plan.copies)
         logits, owners = step.logits, step.owners
         for index, (first, rows) in step.prompt.items():
@@ -207,7 +221,7 @@ class LLMEngine:
                 self.prompt_tokens_total += n
         touched: dict[str, Request] = {}
         targets = [self._seq_owner[plan.scheduled[i][0]] for i in owners]
-        results = self._sample(logits, targets)
+        results = self._sample(logits, targets, masks)
         for row, ((req, i), result) in enumerate(zip(targets, results, strict=True)):
             if req.request_id not in self.requests:
                 continue  # failed earlier in this step
@@ -244,19 +258,51 @@ class LLMEngine:
             first, [req.entry(ids[first + j], logprobs[j], k) for j in range(rows.shape[0])]
         )
 
-    def _sample_requests(self, targets: list[tuple[Request, int]]) -> list[SampleRequest]:
-        """Each row's sampling request; the rows of structured outputs get their masks, filled together."""
+    def _start_masks(self, scheduled: list[tuple[Sequence, int]]) -> PendingMasks | None:
+        """Start filling the masks of the constrained sequences that sample after this step's forward pass
+        (those whose last token it computes): a mask depends only on tokens already sampled."""
+        seqs = [
+            seq
+            for seq, n in scheduled
+            if seq.num_computed_tokens + n == seq.num_tokens and self._matcher(seq) is not None
+        ]
+        if not seqs:
+            return None
+        return PendingMasks(seqs, self.core.masks.start([self._matcher(seq) for seq in seqs]))
+
+    def _matcher(self, seq: Sequence) -> Any:
+        owner = self._seq_owner.get(seq)
+        return owner[0].samples[owner[1]].matcher if owner is not None else None
+
+    def _sample_requests(
+        self, targets: list[tuple[Request, int]], pending: PendingMasks | None = None
+    ) -> list[SampleRequest]:
+        """Each row's sampling request; the rows of structured outputs get their masks (filled together)."""
         requests = [req.sample_request(req.samples[i]) for req, i in targets]
-        constrained = [k for k, (req, i) in enumerate(targets) if req.samples[i].matcher is not None]
-        if constrained:
-            masks = self.core.masks.masks([targets[k][0].samples[targets[k][1]].matcher for k in constrained])
-            for row, k in enumerate(constrained):
-                requests[k].allowed = masks[row]
+        ready = pending.result() if pending is not None else {}
+        missing = [
+            k
+            for k, (req, i) in enumerate(targets)
+            if req.samples[i].matcher is not None and req.samples[i].seq not in ready
+        ]
+        filled = (
+            self.core.masks.masks([targets[k][0].samples[targets[k][1]].matcher for k in missing])
+            if missing
+            else None
+        )
+        for k, (req, i) in enumerate(targets):
+            seq = req.samples[i].seq
+            if seq in ready:
+                requests[k].allowed = ready[seq]
+        for row, k in enumerate(missing):
+            requests[k].allowed = filled[row]
         return requests
 
-    def _sample(self, logits: torch.Tensor, targets: list[tuple[Request, int]]) -> list:
+    def _sample(
+        self, logits: torch.Tensor, targets: list[tuple[Request, int]], masks: PendingMasks | None = None
+    ) -> list:
         """Sample every row; if that fails, row by row so one bad request cannot sink the others."""
-        requests = self._sample_requests(targets)
+        requests = self._sample_requests(targets, masks)
         try:
             return sample(logits, requests)
         except Exception:

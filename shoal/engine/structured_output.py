@@ -9,6 +9,7 @@ import functools
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,11 @@ class MaskFiller:
     def __post_init__(self) -> None:
         self.executor = llguidance.LLExecutor()
         self._bits = torch.arange(32, dtype=torch.int32)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-masks")
+
+    def start(self, matchers: list[llguidance.LLMatcher]) -> Future:
+        """masks() on a worker thread (llguidance releases the GIL), to overlap a forward pass."""
+        return self._thread.submit(self.masks, matchers)
 
     def masks(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
         """[len(matchers), vocab] bool: True where the token is allowed next."""
