@@ -190,3 +190,24 @@ def test_a_chat_session_returns_a_parsed_object(model):
 
 def test_get_tokenizer(llm, model):
     assert llm.get_tokenizer() is model.tokenizer
+
+
+def test_masks_filled_alongside_the_forward_pass_give_the_same_tokens(model):
+    from shoal.engine.structured_output import MaskFiller
+
+    def run(spare: int) -> list[list[int]]:
+        llm = shoal.LLM(model, kv_cache_memory=32 << 20)
+        llm.engine.core.masks = MaskFiller(model.config.vocab_size, spare_threads=spare)
+        assert llm.engine.core.masks.overlaps == (spare > 0)
+        params = [
+            SamplingParams(
+                temperature=1.0,
+                seed=s,
+                max_tokens=80,
+                structured_outputs=StructuredOutputsParams(json=SCHEMA),
+            )
+            for s in range(4)
+        ]
+        return [o.outputs[0].token_ids for o in llm.generate(["A box:"] * 4, params, use_tqdm=False)]
+
+    assert run(0) == run(1)

@@ -5,6 +5,7 @@ the caller) both stand on it."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         vocab = model.config.vocab_size
         self.grammars = GrammarCompiler(model.tokenizer, vocab, model.eos_token_ids)
-        self.masks = MaskFiller(vocab)
+        self.masks = MaskFiller(vocab, spare_threads=max((os.cpu_count() or 1) - torch.get_num_threads(), 0))
         logger.info(
             "%s; KV cache: %.2f GiB of %s, %d blocks of %d tokens (%d tokens)",
             model.describe_weights(),

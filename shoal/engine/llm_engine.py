@@ -260,7 +260,10 @@ class LLMEngine:
 
     def _start_masks(self, scheduled: list[tuple[Sequence, int]]) -> PendingMasks | None:
         """Start filling the masks of the constrained sequences that sample after this step's forward pass
-        (those whose last token it computes): a mask depends only on tokens already sampled."""
+        (those whose last token it computes), when there are cores to do it alongside: a mask depends only
+        on tokens already sampled."""
+        if not self.core.masks.overlaps:
+            return None
         seqs = [
             seq
             for seq, n in scheduled

@@ -16,6 +16,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
@@ -113,24 +114,38 @@ class GrammarCompiler:
 
 @dataclass
 class MaskFiller:
-    """Fills the allowed-token masks of a step's constrained rows in one parallel call."""
+    """Fills the allowed-token masks of a step's constrained rows.
+
+    With cores to spare beyond the forward pass's threads, llguidance's thread pool fills them all at once
+    on a worker thread while the forward pass runs. Without (every core runs the forward pass), they are
+    filled one after the other on the engine thread once it is done: a pool competing with the forward pass
+    for the cores slows the whole batch more than the masks cost (measured on 2 cores: batch throughput
+    0.86 of unconstrained with the pool, 0.90 without)."""
 
     vocab_size: int
+    spare_threads: int = 0
 
     def __post_init__(self) -> None:
-        self.executor = llguidance.LLExecutor()
-        self._bits = torch.arange(32, dtype=torch.int32)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-masks")
+        self.overlaps = self.spare_threads > 0
+        self._executor = llguidance.LLExecutor(num_threads=self.spare_threads) if self.overlaps else None
+        self._thread = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoal-masks") if self.overlaps else None
+        )
 
     def start(self, matchers: list[llguidance.LLMatcher]) -> Future:
-        """masks() on a worker thread (llguidance releases the GIL), to overlap a forward pass."""
+        """masks() on the worker thread (llguidance releases the GIL), to overlap a forward pass."""
+        assert self._thread is not None, "start() needs spare threads"
         return self._thread.submit(self.masks, matchers)
 
     def masks(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
         """[len(matchers), vocab] bool: True where the token is allowed next."""
         bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(
-            self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask
-        )
-        allowed = (bitmask.unsqueeze(2) >> self._bits) & 1
-        return allowed.reshape(len(matchers), -1)[:, : self.vocab_size].bool()
+        if self._executor is not None:
+            llguidance.torch.fill_next_token_bitmask_par(
+                self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask
+            )
+        else:
+            for i, matcher in enumerate(matchers):
+                llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, : self.vocab_size].view(np.bool_))
