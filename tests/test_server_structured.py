@@ -229,25 +229,65 @@ def test_a_tool_result_sent_back_is_answered(client):
     assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
 
 
-def test_auto_tool_choice_parses_calls_the_model_writes(server, client):
-    # Force the model's own text to be a call through logit_bias-free means: a named regex via structured
-    # output is not allowed with tools, so drive the parser with a completion that writes the format.
-    from shoal.server.tools import HERMES, ToolCallStream, parse_calls
+CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}
+WRITTEN = {
+    "hermes": f"Let me check.<tool_call>\n{json.dumps(CALL)}\n</tool_call>",
+    "llama3": json.dumps({"name": "get_weather", "parameters": CALL["arguments"]}),
+}
 
-    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
-    content, calls = parse_calls(text, HERMES)
-    assert content == "Let me check." and calls[0].function.name == "get_weather"
-    check_weather(calls[0].function.arguments)
-    stream, sent, got = ToolCallStream(HERMES), [], []
+
+@pytest.mark.parametrize("fmt_name", sorted(WRITTEN))
+def test_each_family_format_is_parsed_whole_and_streamed(fmt_name):
+    from shoal.server.tools import FORMATS, ToolCallStream, parse_calls
+
+    fmt, text = FORMATS[fmt_name], WRITTEN[fmt_name]
+    content, calls = parse_calls(text, fmt)
+    assert content == (None if fmt_name == "llama3" else "Let me check.")
+    (call,) = calls
+    assert call.function.name == "get_weather"
+    check_weather(call.function.arguments)
+    stream, sent, got = ToolCallStream(fmt), [], []
     for i in range(0, len(text), 5):
         piece, new = stream.add(text[i : i + 5], finished=i + 5 >= len(text))
         sent.append(piece)
         got += new
-    assert "".join(sent) == "Let me check." and [c.function.arguments for _, c in got] == [
-        calls[0].function.arguments
+    assert "".join(sent) == (content or "") and [c.function.arguments for _, c in got] == [
+        call.function.arguments
     ]
+    assert parse_calls("Just text, no call.", fmt) == ("Just text, no call.", [])
+
+
+@pytest.mark.parametrize("fmt_name", ["hermes", "llama3"])
+def test_auto_constrains_only_once_a_call_has_started(fmt_name):
+    import llguidance
+    import llguidance.hf
+    from tiny_models import make_tiny_tokenizer
+
+    from shoal.server.protocol import Tool
+    from shoal.server.tools import FORMATS, ToolPlan
+
+    hf = make_tiny_tokenizer()
+    tokenizer = llguidance.hf.from_tokenizer(hf)
+    fmt = FORMATS[fmt_name]
+
+    def accepts(choice: str, text: str) -> bool:
+        plan = ToolPlan([Tool.model_validate(WEATHER)], choice, True, fmt, False)
+        matcher = llguidance.LLMatcher(tokenizer, plan.grammar(), log_level=0)
+        ids = hf.encode(text, add_special_tokens=False)
+        return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+    good = WRITTEN[fmt_name].replace("Let me check.", "")
+    bad = good.replace("get_weather", "get_nothing")
+    assert accepts("auto", good) and accepts("required", good)
+    assert accepts("auto", "Hello there, no call needed.") and not accepts("required", "Hello there")
+    assert not accepts("auto", bad) and not accepts("required", bad)
+    if fmt.begin:  # text, then a call that goes wrong: refused once the call has begun
+        assert accepts("auto", "Sure. " + good) and not accepts("auto", "Sure. " + bad)
+
+
+def test_auto_tool_choice_answers_with_text_or_calls(client):
     chat = client.chat.completions.create(model="tiny-llama", messages=ASK, tools=[WEATHER], max_tokens=16)
-    assert chat.choices[0].finish_reason in ("stop", "length", "tool_calls")  # free text allowed with auto
+    assert chat.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 def test_logit_bias_plus_100_forces_and_minus_100_removes(client):

@@ -1,10 +1,9 @@
 """Tool calling: which call format a model writes (from its chat template), how the tools reach the prompt,
 the grammar that constrains calls, and parsing the output back into OpenAI tool calls, whole or streamed.
 
-Formats: Hermes / Qwen2.5 (`<tool_call>{"name", "arguments"}</tool_call>`), Llama 3.x (a bare JSON
-`{"name", "parameters"}` object, maybe after `<|python_tag|>`), Mistral (`[TOOL_CALLS] [{"name",
-"arguments"}, ...]`). A template that does not render tools gets them in a system message, with the Hermes
-format asked for (the generic fallback).
+Formats: Hermes / Qwen2.5 (`<tool_call>{"name", "arguments"}</tool_call>`) and Llama 3.x (a bare JSON
+`{"name", "parameters"}` object). A template that does not render tools gets them in a system message, with
+the Hermes format asked for (the generic fallback).
 """
 
 from __future__ import annotations
@@ -24,12 +23,11 @@ class ToolFormat:
     end: str  # what closes one
     arguments_key: str  # "arguments" or "parameters"
     separator: str = "\n"  # between parallel calls
-    listed: bool = False  # Mistral: all calls in one JSON list after `begin`
 
 
 HERMES = ToolFormat("hermes", "<tool_call>\n", "\n</tool_call>", "arguments")
 LLAMA3 = ToolFormat("llama3", "", "", "parameters", separator="; ")
-MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", "", "arguments", listed=True)
+FORMATS = {f.name: f for f in (HERMES, LLAMA3)}
 
 FALLBACK_PROMPT = """You can call these tools (JSON schemas of their parameters):
 {tools}
@@ -45,8 +43,6 @@ def template_format(template: str | None) -> tuple[ToolFormat, bool]:
     """(the call format, whether the template renders tools itself)."""
     text = template or ""
     renders_tools = "tools" in text
-    if "[TOOL_CALLS]" in text:
-        return MISTRAL, renders_tools
     if "<|python_tag|>" in text or ("<|start_header_id|>" in text and renders_tools):
         return LLAMA3, renders_tools
     return HERMES, renders_tools
@@ -108,14 +104,8 @@ class ToolPlan:
         """A Lark grammar (llguidance's): with a forced choice, one call (or several) from the first token;
         with auto, free text until a call begins, then only a well-formed call."""
         fmt = self.format
-        if fmt.listed:
-            calls = {"type": "array", "items": self.call_schema(), "minItems": 1}
-            if not self.parallel:
-                calls["maxItems"] = 1
-            body = f"%json {json.dumps(calls)}"
-        else:
-            more = f" ({json.dumps(fmt.separator)} call)*" if self.parallel else ""
-            body = f"%json {json.dumps(self.call_schema())} {_literal(fmt.end)}{more}"
+        more = f" ({json.dumps(fmt.separator)} call)*" if self.parallel else ""
+        body = f"%json {json.dumps(self.call_schema())} {_literal(fmt.end)}{more}"
         lines = [f"call: {_literal(fmt.begin)} %json {json.dumps(self.call_schema())} {_literal(fmt.end)}"]
         if self.forced:
             lines.insert(0, f"start: {_literal(fmt.begin)} {body}")
@@ -206,31 +196,23 @@ def _decode_calls(text: str, fmt: ToolFormat) -> list[ToolCall]:
     decoder = json.JSONDecoder()
     objects: list[Any] = []
     rest = text.replace("<|python_tag|>", "", 1)
-    if fmt.listed:
-        rest = rest.split(fmt.begin, 1)[-1].strip()
+    marker = fmt.begin.strip()
+    while True:
+        rest = rest.lstrip().lstrip(";").lstrip()
+        if marker:
+            if not rest.startswith(marker):
+                break
+            rest = rest[len(marker) :].lstrip()
         try:
-            value, _ = decoder.raw_decode(rest)
+            value, end = decoder.raw_decode(rest)
         except json.JSONDecodeError:
-            return []
-        objects = value if isinstance(value, list) else [value]
-    else:
-        marker = fmt.begin.strip()
-        while True:
-            rest = rest.lstrip().lstrip(";").lstrip()
-            if marker:
-                if not rest.startswith(marker):
-                    break
-                rest = rest[len(marker) :].lstrip()
-            try:
-                value, end = decoder.raw_decode(rest)
-            except json.JSONDecodeError:
-                break
-            objects.append(value)
-            rest = rest[end:].lstrip()
-            if fmt.end.strip() and rest.startswith(fmt.end.strip()):
-                rest = rest[len(fmt.end.strip()) :]
-            if not rest.strip():
-                break
+            break
+        objects.append(value)
+        rest = rest[end:].lstrip()
+        if fmt.end.strip() and rest.startswith(fmt.end.strip()):
+            rest = rest[len(fmt.end.strip()) :]
+        if not rest.strip():
+            break
     return [c for c in (_as_call(o, fmt) for o in objects) if c is not None]
 
 
@@ -277,7 +259,7 @@ class ToolCallStream:
         return content, new
 
     def _complete_count(self, decoded: list[ToolCall]) -> int:
-        if self.fmt.listed or not self.fmt.end.strip():
+        if not self.fmt.end.strip():
             return 0  # complete only when the answer ends
         return min(len(decoded), self.text.count(self.fmt.end.strip()))
 
