@@ -290,36 +290,19 @@ def test_auto_tool_choice_answers_with_text_or_calls(client):
     assert chat.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
-def test_logit_bias_plus_100_forces_and_minus_100_removes(client):
-    greedy = client.completions.create(
-        model="tiny-llama", prompt="The quick brown", max_tokens=1, temperature=0, logprobs=0
-    )
-    token = greedy.choices[0].logprobs.tokens[0]
-    forced = client.completions.create(
-        model="tiny-llama",
-        prompt="The quick brown",
-        max_tokens=3,
-        temperature=0,
-        logit_bias={"42": 100},
-        logprobs=0,
-    )
-    tokenized = httpx.post(
-        client.base_url.join("/tokenize").__str__(),
-        json={"prompt": forced.choices[0].text, "add_special_tokens": False},
-    ).json()
-    assert tokenized["tokens"] == [42, 42, 42]
-    ids = httpx.post(
-        str(client.base_url.join("/tokenize")), json={"prompt": token, "add_special_tokens": False}
-    ).json()["tokens"]
-    removed = client.completions.create(
-        model="tiny-llama",
-        prompt="The quick brown",
-        max_tokens=1,
-        temperature=0,
-        logit_bias={str(ids[0]): -100},
-        logprobs=0,
-    )
-    assert removed.choices[0].logprobs.tokens[0] != token
+def test_logit_bias_plus_100_forces_and_minus_100_removes(server, client):
+    def first_tokens(count: int, **extra) -> list[str]:
+        done = client.completions.create(
+            model="tiny-llama", prompt="The quick brown", max_tokens=count, temperature=0, logprobs=0, **extra
+        )
+        return done.choices[0].logprobs.tokens
+
+    forty_two = httpx.post(server.url + "/detokenize", json={"tokens": [42]}).json()["prompt"]
+    assert first_tokens(3, logit_bias={"42": 100}) == [forty_two] * 3
+    (greedy,) = first_tokens(1)
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": greedy, "add_special_tokens": False}).json()
+    assert ids["count"] == 1
+    assert first_tokens(1, logit_bias={str(ids["tokens"][0]): -100}) != [greedy]
 
 
 def test_echo_with_logprobs_matches_transformers(client, model):
