@@ -15,7 +15,7 @@ import pytest
 from test_server_helpers import REPO, batch_lines, make_model, read_jsonl, wait_until, write_jsonl
 
 from shoal import AsyncLLM
-from shoal.server.batch_jobs import drop_torn_tail, run_file, scan_done
+from shoal.server.batch_jobs import drop_torn_tail, local_answerer, run_file, scan_done
 from shoal.server.serving import OpenAIServing
 
 
@@ -29,7 +29,12 @@ def run_offline(model: str, input_path: Path, output: Path, errors: Path | None 
         engine = AsyncLLM(model=model, kv_cache_memory=32 << 20)
         try:
             return await run_file(
-                OpenAIServing(engine), input_path, output, errors, concurrency=8, show_progress=False
+                local_answerer(OpenAIServing(engine)),
+                input_path,
+                output,
+                errors,
+                concurrency=8,
+                show_progress=False,
             )
         finally:
             await engine.shutdown()

@@ -10,11 +10,12 @@ server's Batch API worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -205,14 +206,44 @@ def check_line(
     return obj, None
 
 
+# Answers one well-formed batch line with its output record: (line, priority added to the line's own).
+LineAnswerer = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
+
+
+async def answer_line(serving: OpenAIServing, obj: dict[str, Any], priority: int = 0) -> dict[str, Any]:
+    """The output record of one well-formed line, run on `serving`'s engine. A line's own failure is its
+    record (400, or 500 for an internal error); only EngineDeadError is raised."""
+    cid = obj["custom_id"]
+    request_id = random_id("batch-req-")
+    try:
+        request = parse_request(obj["url"], obj["body"])
+        if request.stream:
+            raise InvalidRequestError("stream is not supported in batch lines; remove it")
+        prepared = await serving.prepare(request)
+        request_id = new_request_id(prepared)
+        response = await serving.complete(prepared, request_id, priority + request.priority)
+    except EngineDeadError:
+        raise
+    except InvalidRequestError as e:
+        return response_record(cid, 400, request_id, error_body(str(e)))
+    except Exception as e:  # one line's failure must not stop the batch
+        return response_record(cid, 500, request_id, error_body(f"internal error: {e!r}", "server_error"))
+    return response_record(cid, 200, request_id, response.model_dump())
+
+
+def local_answerer(serving: OpenAIServing) -> LineAnswerer:
+    return functools.partial(answer_line, serving)
+
+
 @dataclass
 class BatchRun:
-    """Runs every not-yet-answered line of `input_path` through the engine, `concurrency` lines at a time.
+    """Runs every not-yet-answered line of `input_path` through `answer` (this process's engine, or a pool
+    of replicas), `concurrency` lines at a time; only this object writes the output.
 
     Cancel the task running run() to stop: lines in flight are aborted and left for the next run.
     """
 
-    serving: OpenAIServing
+    answer: LineAnswerer
     input_path: Path
     output: JsonlWriter
     errors: JsonlWriter  # may be the same writer as output
@@ -273,29 +304,12 @@ class BatchRun:
                 yield line_no, obj or {}, error
 
     async def _generate(self, line_no: int, obj: dict[str, Any]) -> None:
-        cid = obj["custom_id"]
-        request_id = random_id("batch-req-")
-        try:
-            request = parse_request(obj["url"], obj["body"])
-            if request.stream:
-                raise InvalidRequestError("stream is not supported in batch lines; remove it")
-            prepared = await self.serving.prepare(request)
-            request_id = new_request_id(prepared)
-            response = await self.serving.complete(prepared, request_id, self.priority + request.priority)
-        except EngineDeadError:
-            raise
-        except InvalidRequestError as e:
-            self._finish(response_record(cid, 400, request_id, error_body(str(e))))
-            return
-        except Exception as e:  # one line's failure must not stop the batch
-            self._finish(
-                response_record(cid, 500, request_id, error_body(f"internal error: {e!r}", "server_error"))
-            )
-            return
-        usage = response.usage
-        self.progress.prompt_tokens += usage.prompt_tokens if usage else 0
-        self.progress.completion_tokens += usage.completion_tokens if usage else 0
-        self._finish(response_record(cid, 200, request_id, response.model_dump()))
+        record = await self.answer(obj, self.priority)
+        if is_success(record):
+            usage = record["response"]["body"].get("usage") or {}
+            self.progress.prompt_tokens += usage.get("prompt_tokens", 0)
+            self.progress.completion_tokens += usage.get("completion_tokens", 0)
+        self._finish(record)
 
     def _finish(self, record: dict[str, Any]) -> None:
         ok = is_success(record)
@@ -322,7 +336,7 @@ def _reraise(finished: set[asyncio.Task]) -> None:
 
 
 async def run_file(
-    serving: OpenAIServing,
+    answer: LineAnswerer,
     input_path: Path,
     output_path: Path,
     error_path: Path | None = None,
@@ -348,7 +362,7 @@ async def run_file(
         bar.update(progress.done - bar.n)
 
     run = BatchRun(
-        serving,
+        answer,
         input_path,
         output,
         errors,

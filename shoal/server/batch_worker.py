@@ -21,6 +21,7 @@ from shoal.server.batch_jobs import (
     JsonlWriter,
     Progress,
     count_lines,
+    local_answerer,
     scan_done,
 )
 from shoal.server.batch_store import BatchStore
@@ -107,7 +108,7 @@ class BatchWorker:
                 scan_done, [output.path, errors.path]
             )  # big files: off the event loop
             run = BatchRun(
-                self.serving, found[1], output, errors, endpoint=batch.endpoint, priority=self.priority,
+                local_answerer(self.serving), found[1], output, errors, endpoint=batch.endpoint, priority=self.priority,
                 concurrency=self.concurrency, checkpoint_s=self.checkpoint_s, max_line_bytes=self.max_line_bytes,
                 on_progress=lambda p: self._save_counts(batch.id, p),
             )  # fmt: skip

@@ -36,6 +36,7 @@ def register(subparsers: Any) -> None:
     batch.add_argument("--concurrency", type=int, default=64, help="lines in flight (default 64)")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_line_limit_argument(batch)
+    add_ray_arguments(batch)
     add_engine_arguments(batch)
     batch.set_defaults(func=batch_command)
 
@@ -80,6 +81,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"larger request headers get 431 (default {DEFAULT_MAX_HEADER_BYTES})",
     )
     add_line_limit_argument(parser)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray (pip install 'shoal[ray]')")
+    group.add_argument(
+        "--ray",
+        metavar="ADDRESS|local",
+        default=None,
+        help="run on a Ray cluster at ADDRESS ('auto' for the one this machine joined), or 'local' to start one here",
+    )
+    group.add_argument(
+        "--replicas", type=int, default=1, help="engines (Ray actors), each with its own weights"
+    )
+    # --num-threads (an engine option) is each replica's torch threads and CPUs; default 1 with --ray
 
 
 def add_line_limit_argument(parser: argparse.ArgumentParser) -> None:
@@ -157,14 +172,19 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 async def _batch(args: argparse.Namespace) -> Any:
-    from shoal.server.batch_jobs import run_file
+    from shoal.server.batch_jobs import local_answerer, run_file
     from shoal.server.serving import OpenAIServing
 
-    engine = _load_engine(args)()
+    names = (args.model,) if args.model else ()
+    if args.ray:
+        pool = _replica_pool(args, names)
+        answer, stop = pool.answer, _async(pool.stop)
+    else:
+        engine = _load_engine(args)()
+        answer, stop = local_answerer(OpenAIServing(engine, names)), engine.shutdown
     try:
-        serving = OpenAIServing(engine, (args.model,) if args.model else ())
         return await run_file(
-            serving,
+            answer,
             args.input,
             args.output,
             args.error_file,
@@ -173,7 +193,24 @@ async def _batch(args: argparse.Namespace) -> Any:
             max_line_bytes=args.max_line_bytes,
         )
     finally:
-        await engine.shutdown()
+        await stop()
+
+
+def _replica_pool(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
+    from shoal.ray import ReplicaPool, connect
+
+    threads = args.num_threads or 1
+    connect(args.ray, num_cpus=None)
+    options = {k: v for k, v in engine_options_from_args(args).items() if k != "num_threads"}
+    print(f"starting {args.replicas} replicas of {threads} thread(s) on Ray ({args.ray})", file=sys.stderr)
+    return ReplicaPool(args.model, options, args.replicas, threads, names).start()
+
+
+def _async(function: Callable[[], None]) -> Callable[[], Any]:
+    async def call() -> None:
+        function()
+
+    return call
 
 
 def batch_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,156 @@
+"""shoal on a local Ray instance (2 CPUs): `shoal batch --ray` answers every line exactly once with the same
+text as one process, even when a replica dies mid-job; the Ray Data processor gives LLM.generate's rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from test_server_helpers import REPO, batch_lines, make_model, read_jsonl, write_jsonl
+
+import shoal
+
+ray = pytest.importorskip("ray")
+
+ENGINE = {"kv_cache_memory": 32 << 20}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("model"), context=4096)
+
+
+def mixed_lines(count: int, max_tokens: int = 8) -> list[dict]:
+    """Greedy and seeded lines, chat and completions."""
+    lines = batch_lines(count // 2, max_tokens) + batch_lines(
+        count - count // 2, max_tokens, "/v1/chat/completions"
+    )
+    for i, line in enumerate(lines):
+        line["custom_id"] = f"line-{i}"
+        if i % 3 == 1:
+            line["body"].update(temperature=0.9, seed=100 + i)
+    return lines
+
+
+def run_batch(model: str, source, output, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "shoal.server.cli", "batch", str(source), "-o", str(output), "--model", model,
+        "--kv-cache-memory", "32MB", "--no-progress", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def texts(path) -> dict[str, str]:
+    records = read_jsonl(path)
+    ids = [r["custom_id"] for r in records]
+    assert len(ids) == len(set(ids)), "a line was written twice"
+    return {r["custom_id"]: _text(r) for r in records}
+
+
+def _text(record: dict) -> str:
+    choice = record["response"]["body"]["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def test_shoal_batch_on_ray_matches_one_process(model, tmp_path):
+    lines = mixed_lines(24)
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    single = run_batch(model, source, tmp_path / "single.jsonl")
+    assert single.returncode == 0, single.stderr[-2000:]
+    spread = run_batch(
+        model, source, tmp_path / "ray.jsonl", "--ray", "local", "--replicas", "2", "--num-threads", "1"
+    )
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    assert "24/24 lines answered: 24 ok" in spread.stderr
+    reference = texts(tmp_path / "single.jsonl")
+    assert sorted(reference) == sorted(line["custom_id"] for line in lines)
+    assert texts(tmp_path / "ray.jsonl") == reference
+    again = run_batch(model, source, tmp_path / "ray.jsonl", "--ray", "local", "--replicas", "1")
+    assert again.returncode == 0 and "(24 by an earlier run)" in again.stderr  # resumable: nothing redone
+    assert len(read_jsonl(tmp_path / "ray.jsonl")) == 24
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from shoal.ray import connect
+
+    connect("local", num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def test_a_killed_replica_loses_no_line_and_writes_none_twice(model, tmp_path, local_ray):
+    from shoal.ray import ReplicaPool
+    from shoal.server.batch_jobs import local_answerer, run_file
+    from shoal.server.serving import OpenAIServing
+
+    lines = mixed_lines(40, max_tokens=40)
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+
+    async def reference() -> None:
+        engine = shoal.AsyncLLM(model, **ENGINE)
+        try:
+            await run_file(
+                local_answerer(OpenAIServing(engine)), source, tmp_path / "single.jsonl", show_progress=False
+            )
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(reference())
+    pool = ReplicaPool(model, ENGINE, replicas=2, num_threads=1).start()
+    victim = pool.actors[0]
+    first_pid = ray.get(victim.ready.remote())
+
+    def kill_when_busy() -> None:
+        deadline = time.monotonic() + 60
+        while pool.in_flight[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        ray.kill(victim, no_restart=False)  # Ray restarts it; the lines it held run again
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    try:
+        progress = asyncio.run(
+            run_file(pool.answer, source, tmp_path / "ray.jsonl", concurrency=16, show_progress=False)
+        )
+    finally:
+        killer.join()
+        stats = pool.stats()
+        pool.stop()
+    assert progress.completed == 40
+    assert texts(tmp_path / "ray.jsonl") == texts(tmp_path / "single.jsonl")
+    assert stats[0]["pid"] != first_pid  # it did die, and Ray restarted it
+
+
+def test_the_ray_data_processor_gives_llm_generate_rows(model, local_ray):
+    from shoal.ray import build_processor
+
+    prompts = [f"Row {i}: the quick brown fox" for i in range(64)]
+    rows = [
+        {"custom_id": f"r{i}", "prompt": p, "seed": i, "temperature": 0.8 if i % 2 else 0.0}
+        for i, p in enumerate(prompts)
+    ]
+    rows[5] = {"custom_id": "r5", "prompt": "x", "temperature": -1.0, "seed": 5}  # a bad row
+    processor = build_processor(model, ENGINE, {"max_tokens": 6}, replicas=2, num_threads=1, batch_size=16)
+    got = {r["custom_id"]: r for r in processor(ray.data.from_items(rows)).take_all()}
+    assert (
+        len(got) == 64 and "temperature must be" in got["r5"]["error"] and got["r5"]["generated_text"] is None
+    )
+    llm = shoal.LLM(model, **ENGINE)
+    for i, row in enumerate(rows):
+        if i == 5:
+            continue
+        params = shoal.SamplingParams(max_tokens=6, seed=row["seed"], temperature=row["temperature"])
+        (out,) = llm.generate(row["prompt"], params, use_tqdm=False)
+        result = got[row["custom_id"]]
+        assert result["generated_text"] == out.outputs[0].text and result["error"] is None
+        assert result["num_generated_tokens"] == len(out.outputs[0].token_ids)
+        assert result["num_input_tokens"] == len(out.prompt_token_ids)
+        assert result["finish_reason"] == out.outputs[0].finish_reason
