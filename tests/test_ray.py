@@ -10,10 +10,22 @@ import sys
 import threading
 import time
 
+import httpx
+import openai
 import pytest
-from test_server_helpers import REPO, batch_lines, make_model, read_jsonl, write_jsonl
+from test_server_helpers import (
+    REPO,
+    ServerThread,
+    batch_lines,
+    free_port,
+    make_model,
+    read_jsonl,
+    wait_until,
+    write_jsonl,
+)
 
 import shoal
+from shoal.server.app import ServerConfig
 
 ray = pytest.importorskip("ray")
 
@@ -74,6 +86,61 @@ def test_shoal_batch_on_ray_matches_one_process(model, tmp_path):
     again = run_batch(model, source, tmp_path / "ray.jsonl", "--ray", "local", "--replicas", "1")
     assert again.returncode == 0 and "(24 by an earlier run)" in again.stderr  # resumable: nothing redone
     assert len(read_jsonl(tmp_path / "ray.jsonl")) == 24
+
+
+def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model, tmp_path):
+    port = free_port()
+    command = [
+        sys.executable, "-m", "shoal.server.cli", "serve", "--model", model, "--ray", "local", "--replicas", "2",
+        "--num-threads", "1", "--port", str(port), "--kv-cache-memory", "32MB",
+    ]  # fmt: skip
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(url, server), timeout=240, interval=1)
+        with ServerThread(model, ServerConfig(), **ENGINE) as single:
+            for base in (url, single.url):
+                client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+                chat = client.chat.completions.create(
+                    model="tiny-llama",
+                    messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=8,
+                    temperature=0.9,
+                    seed=3,
+                )
+                streamed = "".join(
+                    c.choices[0].delta.content or ""
+                    for c in client.chat.completions.create(
+                        model="tiny-llama", messages=[{"role": "user", "content": "Hey"}], max_tokens=8, seed=4,
+                        temperature=0.9, stream=True,
+                    )
+                    if c.choices
+                )  # fmt: skip
+                answers = (chat.choices[0].message.content, streamed)
+                if base == url:
+                    spread = answers
+            assert spread == answers  # the same seeded answers as a single-process server
+        replicas = {
+            httpx.post(url + "/v1/completions", json={"prompt": f"hi {i}", "max_tokens": 2}).headers[
+                "x-shoal-replica"
+            ]
+            for i in range(16)
+        }
+        assert len(replicas) == 2, replicas
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        log.close()
+
+
+def _healthy(url: str, server: subprocess.Popen) -> bool:
+    if server.poll() is not None:
+        raise RuntimeError(f"shoal serve --ray exited with {server.returncode}")
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="module")

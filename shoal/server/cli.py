@@ -25,6 +25,11 @@ def register(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a Batch API")
     add_engine_arguments(serve)
     add_serve_arguments(serve)
+    add_ray_arguments(serve)
+    serve.add_argument(
+        "--min-replicas", type=int, default=None, help="with --ray: autoscale down to this many"
+    )
+    serve.add_argument("--max-replicas", type=int, default=None, help="with --ray: autoscale up to this many")
     serve.set_defaults(func=serve_command)
 
     batch = subparsers.add_parser("batch", help="answer a JSONL file of OpenAI batch lines, resumably")
@@ -162,6 +167,9 @@ def _log_level(args: argparse.Namespace) -> str:
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=_log_level(args).upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.ray:
+            _ray_server(args).run()
+            return 0
         asyncio.run(serve(_load_engine(args), args))
     except ShoalError as e:
         print(f"shoal serve: {e}", file=sys.stderr)
@@ -194,6 +202,22 @@ async def _batch(args: argparse.Namespace) -> Any:
         )
     finally:
         await stop()
+
+
+def _ray_server(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from shoal.ray import connect
+    from shoal.ray.serving import RayServer
+
+    connect(args.ray)
+    options = {k: v for k, v in engine_options_from_args(args).items() if k != "num_threads"}
+    config = replace(server_config(args), data_dir=None)  # the Batch API is not served by replicas
+    print("shoal serve --ray: the Batch API is not served over Ray; use `shoal batch --ray`", file=sys.stderr)
+    return RayServer(
+        args.model, options, config, args.host, args.port, args.replicas, args.num_threads or 1,
+        args.min_replicas, args.max_replicas,
+    )  # fmt: skip
 
 
 def _replica_pool(args: argparse.Namespace, names: tuple[str, ...]) -> Any:
