@@ -157,7 +157,7 @@ def test_a_killed_replica_loses_no_line_and_writes_none_twice(model, tmp_path, l
     from shoal.server.batch_jobs import local_answerer, run_file
     from shoal.server.serving import OpenAIServing
 
-    lines = mixed_lines(40, max_tokens=40)
+    lines = mixed_lines(48, max_tokens=300)
     source = write_jsonl(tmp_path / "in.jsonl", lines)
 
     async def reference() -> None:
@@ -174,26 +174,31 @@ def test_a_killed_replica_loses_no_line_and_writes_none_twice(model, tmp_path, l
     victim = pool.actors[0]
     first_pid = ray.get(victim.ready.remote())
 
-    def kill_when_busy() -> None:
-        deadline = time.monotonic() + 60
-        while pool.in_flight[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.3)
-        ray.kill(victim, no_restart=False)  # Ray restarts it; the lines it held run again
+    output = tmp_path / "ray.jsonl"
+    held_at_kill: list[int] = []
+
+    def kill_when_busy() -> None:  # once some lines are written and the victim holds others
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            written = len(read_jsonl(output)) if output.exists() else 0
+            if written >= 3 and pool.in_flight[0] > 0:
+                held_at_kill.append(pool.in_flight[0])
+                ray.kill(victim, no_restart=False)  # Ray restarts it; the lines it held run again
+                return
+            time.sleep(0.005)
 
     killer = threading.Thread(target=kill_when_busy)
     killer.start()
     try:
-        progress = asyncio.run(
-            run_file(pool.answer, source, tmp_path / "ray.jsonl", concurrency=16, show_progress=False)
-        )
+        progress = asyncio.run(run_file(pool.answer, source, output, concurrency=16, show_progress=False))
     finally:
         killer.join()
         stats = pool.stats()
         pool.stop()
-    assert progress.completed == 40
-    assert texts(tmp_path / "ray.jsonl") == texts(tmp_path / "single.jsonl")
-    assert stats[0]["pid"] != first_pid  # it did die, and Ray restarted it
+    assert held_at_kill and held_at_kill[0] > 0  # it died holding lines...
+    assert stats[0]["pid"] != first_pid  # ...and Ray restarted it
+    assert progress.completed == 48
+    assert texts(output) == texts(tmp_path / "single.jsonl")
 
 
 def test_the_ray_data_processor_gives_llm_generate_rows(model, local_ray):
