@@ -1,5 +1,5 @@
 """The package's structure: no import cycle among shoal's modules (imports inside functions count), and
-every import points inward: front ends -> engine -> core and runner -> models -> kernels."""
+every import points inward: command line -> Ray -> front ends -> engine -> core and runner -> models -> kernels."""
 
 import ast
 from pathlib import Path
@@ -21,10 +21,11 @@ LAYERS = [  # innermost first; a module may import its own layer and the layers 
             "shoal.executor",
             "shoal.batch_generation",
             "shoal.server",
-            "shoal.cli",
             "shoal.cli_args",
         ),
     ),  # fmt: skip
+    ("Ray", ("shoal.ray",)),  # replicas of the front ends
+    ("command line", ("shoal.cli", "shoal.server.cli")),
     ("package", ("shoal",)),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from shoal.errors import ShoalError
@@ -36,6 +37,5 @@ def connect(address: str, num_cpus: int | None = None) -> Any:
 
 
 def _shoal_root() -> str:
-    import shoal
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(shoal.__file__)))
+    """The folder holding the shoal package."""
+    return str(Path(__file__).resolve().parents[2])
