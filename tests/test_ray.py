@@ -4,6 +4,7 @@ text as one process, even when a replica dies mid-job; the Ray Data processor gi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from test_server_helpers import (
     batch_lines,
     free_port,
     make_model,
+    metric,
     read_jsonl,
     wait_until,
     write_jsonl,
@@ -92,13 +94,14 @@ def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model,
     port = free_port()
     command = [
         sys.executable, "-m", "shoal.server.cli", "serve", "--model", model, "--ray", "local", "--replicas", "2",
-        "--num-threads", "1", "--port", str(port), "--kv-cache-memory", "32MB",
+        "--num-threads", "1", "--port", str(port), "--kv-cache-memory", "32MB", "--data-dir", str(tmp_path / "data"),
     ]  # fmt: skip
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _healthy(url, server), timeout=240, interval=1)
+        wait_until(lambda: httpx.get(url + "/v1/batches").status_code == 200, timeout=60)  # the driver's part
         with ServerThread(model, ServerConfig(), **ENGINE) as single:
             for base in (url, single.url):
                 client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
@@ -121,6 +124,26 @@ def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model,
                 if base == url:
                     spread = answers
             assert spread == answers  # the same seeded answers as a single-process server
+            # The Batch API: one writer (the driver), its lines answered by the replicas.
+            lines = [line for line in mixed_lines(12) if line["url"] == "/v1/completions"]
+            ray_client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+            upload = ray_client.files.create(file=("in.jsonl", data), purpose="batch")
+            batch = ray_client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
+            )
+            done = wait_until(
+                lambda: (b := ray_client.batches.retrieve(batch.id)).status == "completed" and b, timeout=120
+            )
+            output = tmp_path / "batch.jsonl"
+            output.write_text(ray_client.files.content(done.output_file_id).text)
+            expected = {
+                line["custom_id"]: httpx.post(single.url + line["url"], json=line["body"]).json()["choices"][
+                    0
+                ]["text"]
+                for line in lines
+            }
+            assert texts(output) == expected and done.request_counts.completed == len(lines)
         replicas = {
             httpx.post(url + "/v1/completions", json={"prompt": f"hi {i}", "max_tokens": 2}).headers[
                 "x-shoal-replica"
@@ -128,6 +151,15 @@ def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model,
             for i in range(16)
         }
         assert len(replicas) == 2, replicas
+        served: dict[str, float] = {}  # each replica's own count, from its /metrics
+        for _ in range(40):
+            scrape = httpx.get(url + "/metrics")
+            served[scrape.headers["x-shoal-replica"]] = metric(
+                scrape.text, 'shoal_requests_total{route="/v1/completions",status="200"}'
+            )
+            if len(served) == 2:
+                break
+        assert len(served) == 2 and all(count > 0 for count in served.values()), served
     finally:
         server.terminate()
         server.wait(timeout=120)

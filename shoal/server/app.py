@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.engine.protocol import EngineClient
 from shoal.errors import EngineDeadError, InvalidRequestError
+from shoal.server.batch_jobs import LineAnswerer, local_answerer
 from shoal.server.batch_routes import batch_routes
 from shoal.server.batch_store import BatchStore
 from shoal.server.batch_worker import BatchWorker
@@ -65,22 +66,45 @@ def build_app(
     starts the Batch API worker once the port is bound."""
     config = config or ServerConfig()
     serving = OpenAIServing(engine, config.model_names, config.max_n)
-    state = ServerState(
-        engine, config, serving, ServerMetrics(engine), Admission(config.max_waiting, config.retry_after_s)
-    )
     if store is None and config.data_dir is not None:
         store = BatchStore(config.data_dir)
+    state = _state(config, engine, serving, store, local_answerer(serving), engine.model_name)
+    app = _app(state)
+    app.include_router(_generation_routes(), dependencies=[Depends(check_api_key)])
+    return app
+
+
+def build_batch_app(
+    config: ServerConfig, store: BatchStore, answer: LineAnswerer, model_name: str
+) -> FastAPI:
+    """An app serving only the Batch API, its lines answered by `answer` (replicas elsewhere)."""
+    return _app(_state(config, None, None, store, answer, model_name))
+
+
+def _state(
+    config: ServerConfig,
+    engine: EngineClient | None,
+    serving: OpenAIServing | None,
+    store: BatchStore | None,
+    answer: LineAnswerer,
+    model_name: str,
+) -> ServerState:
+    admission = Admission(config.max_waiting, config.retry_after_s)
+    state = ServerState(engine, config, serving, ServerMetrics(engine), admission, model_name)
     if store is not None:
         state.store = store
         state.worker = BatchWorker(
             store,
-            serving,
+            answer,
             config.batch_priority,
             config.batch_concurrency,
             config.batch_checkpoint_s,
             config.max_line_bytes,
         )
+    return state
 
+
+def _app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -90,14 +114,14 @@ def build_app(
                 await state.worker.stop()
             if state.store is not None:
                 state.store.close()
-            await engine.shutdown()
+            if state.engine is not None:
+                await state.engine.shutdown()
 
     app = FastAPI(title="shoal", lifespan=lifespan)
     app.state.shoal = state
-    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes, exempt=("/v1/files",))
+    app.add_middleware(BodyLimit, max_bytes=state.config.max_request_bytes, exempt=("/v1/files",))
     _add_error_handlers(app)
     app.include_router(_public_routes())
-    app.include_router(_generation_routes(), dependencies=[Depends(check_api_key)])
     app.include_router(batch_routes(), dependencies=[Depends(check_api_key)])
     return app
 

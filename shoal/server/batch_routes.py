@@ -93,7 +93,7 @@ def batch_routes() -> APIRouter:
             input_file_id=body.input_file_id,
             completion_window=body.completion_window,
             metadata=body.metadata,
-            model=state.engine.model_name,
+            model=state.model_name,
             created_at=created,
             expires_at=created + 86_400,
         )

@@ -19,14 +19,13 @@ from shoal.server.batch_jobs import (
     BatchRun,
     DoneSet,
     JsonlWriter,
+    LineAnswerer,
     Progress,
     count_lines,
-    local_answerer,
     scan_done,
 )
 from shoal.server.batch_store import BatchStore
 from shoal.server.protocol import Batch, BatchError, BatchErrors, FileObject, now
-from shoal.server.serving import OpenAIServing
 
 log = logging.getLogger("shoal.server.batch")
 
@@ -34,7 +33,7 @@ log = logging.getLogger("shoal.server.batch")
 @dataclass
 class BatchWorker:
     store: BatchStore
-    serving: OpenAIServing
+    answer: LineAnswerer  # this process's engine, or replicas elsewhere
     priority: int = 10  # added to every line's priority; interactive requests default to 0
     concurrency: int = 32  # lines in flight
     checkpoint_s: float = 1.0
@@ -108,7 +107,7 @@ class BatchWorker:
                 scan_done, [output.path, errors.path]
             )  # big files: off the event loop
             run = BatchRun(
-                local_answerer(self.serving), found[1], output, errors, endpoint=batch.endpoint, priority=self.priority,
+                self.answer, found[1], output, errors, endpoint=batch.endpoint, priority=self.priority,
                 concurrency=self.concurrency, checkpoint_s=self.checkpoint_s, max_line_bytes=self.max_line_bytes,
                 on_progress=lambda p: self._save_counts(batch.id, p),
             )  # fmt: skip

@@ -205,17 +205,13 @@ async def _batch(args: argparse.Namespace) -> Any:
 
 
 def _ray_server(args: argparse.Namespace) -> Any:
-    from dataclasses import replace
-
     from shoal.ray import connect
     from shoal.ray.serving import RayServer
 
     connect(args.ray)
     options = {k: v for k, v in engine_options_from_args(args).items() if k != "num_threads"}
-    config = replace(server_config(args), data_dir=None)  # the Batch API is not served by replicas
-    print("shoal serve --ray: the Batch API is not served over Ray; use `shoal batch --ray`", file=sys.stderr)
     return RayServer(
-        args.model, options, config, args.host, args.port, args.replicas, args.num_threads or 1,
+        args.model, options, server_config(args), args.host, args.port, args.replicas, args.num_threads or 1,
         args.min_replicas, args.max_replicas,
     )  # fmt: skip
 

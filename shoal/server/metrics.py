@@ -45,9 +45,10 @@ class EngineCollector:
 class ServerMetrics:
     """One registry per app (no global state)."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient | None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
+        if engine is not None:
+            self.registry.register(EngineCollector(engine))
         r = self.registry
         self.ttft = Histogram(
             "shoal_time_to_first_token_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r

@@ -106,11 +106,12 @@ class Ticket:
 
 @dataclass
 class ServerState:
-    engine: EngineClient
+    engine: EngineClient | None  # None for an app that serves only the Batch API
     config: ServerConfig
-    serving: OpenAIServing
+    serving: OpenAIServing | None
     metrics: ServerMetrics
     admission: Admission
+    model_name: str  # what batch objects name as their model
     store: BatchStore | None = None
     worker: BatchWorker | None = None
     draining: bool = False
