@@ -18,7 +18,7 @@ from shoal.engine.request import OutputKind, Request
 from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
-from shoal.runner.sampler import SampleRequest, sample, sample_row
+from shoal.runner.sampler import SampleRequest, ranked, sample, sample_row
 from shoal.sampling_params import SamplingParams, check_text
 
 logger = logging.getLogger("shoal")
@@ -255,7 +255,7 @@ class LLMEngine:
         k = req.params.prompt_logprobs or 0
         ids = seq.token_ids
         req.add_prompt_logprobs(
-            first, [req.entry(ids[first + j], logprobs[j], k) for j in range(rows.shape[0])]
+            first, [req.logprob_entry(ranked(logprobs[j], ids[first + j], k)) for j in range(rows.shape[0])]
         )
 
     def _start_masks(self, scheduled: list[tuple[Sequence, int]]) -> PendingMasks | None:

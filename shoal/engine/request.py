@@ -98,24 +98,6 @@ class Request:
             self.params, sample.generator, self.prompt_token_ids, seq.output_token_ids, blocked
         )
 
-    def entry(self, token_id: int, logprobs_row: torch.Tensor, k: int) -> TokenLogprobs:
-        """token id -> Logprob for `token_id` and the top k of a log-softmax row."""
-        decode = self.tokenizer.decode
-        top = torch.topk(logprobs_row, k) if k else None
-        result = (
-            {
-                tid: Logprob(lp, rank + 1, decode([tid]))
-                for rank, (tid, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            }
-            if top is not None
-            else {}
-        )
-        if token_id not in result:
-            value = logprobs_row[token_id]
-            rank = int((logprobs_row > value).sum()) + 1
-            result[token_id] = Logprob(float(value), rank, decode([token_id]))
-        return result
-
     def record(self, sample: Sample, result: SampleResult) -> None:
         """Append a sampled token and its logprobs; decide whether the sample is done."""
         seq = sample.seq
@@ -123,7 +105,7 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         if sample.logprobs is not None:
-            sample.logprobs.append(self._logprob_entry(result))
+            sample.logprobs.append(self.logprob_entry(result))
             sample.cumulative_logprob += result.logprob
         stop_str = None if self.decodes_at_end else sample.detok.add(seq.output_token_ids)
         p, token = self.params, result.token_id
@@ -154,7 +136,8 @@ class Request:
         if skip >= 0:
             self.prompt_logprobs.extend(entries[skip:])
 
-    def _logprob_entry(self, result: SampleResult) -> TokenLogprobs:
+    def logprob_entry(self, result: SampleResult) -> TokenLogprobs:
+        """token id -> Logprob for the chosen token and the top ones (of a sampled or a prompt token)."""
         decode = self.tokenizer.decode
         entry = {
             tid: Logprob(lp, rank + 1, decode([tid])) for rank, (tid, lp) in enumerate(result.top_logprobs)

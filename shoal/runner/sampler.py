@@ -105,8 +105,12 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> SampleResult:
         token = index if ids is None else int(ids[index])
     if p.logprobs is None:
         return SampleResult(token, None, None, None)
-    logprobs = torch.log_softmax(raw, dim=-1)
-    top = torch.topk(logprobs, p.logprobs) if p.logprobs else None
+    return ranked(torch.log_softmax(raw, dim=-1), token, p.logprobs)
+
+
+def ranked(logprobs: torch.Tensor, token: int, k: int) -> SampleResult:
+    """`token`'s logprob and rank in a log-softmax row, with the row's top k."""
+    top = torch.topk(logprobs, k) if k else None
     top_list = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
     rank = int((logprobs > logprobs[token]).sum()) + 1
     return SampleResult(token, float(logprobs[token]), rank, top_list)
