@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
+from machine import write_json
 
 import shoal
 from shoal.sessions import ChatSession
@@ -114,10 +113,7 @@ def main() -> None:
         "speedup": speedup,
         "same_answers": same,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

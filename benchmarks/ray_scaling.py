@@ -18,14 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_isa, cpu_name, write_json
+
 from shoal.server.batch_jobs import local_answerer, run_file
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def write_lines(path: Path, count: int, max_tokens: int) -> Path:
@@ -92,7 +87,13 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="shoal-ray-bench-"))
     job = write_lines(folder / "job.jsonl", args.lines, args.max_tokens)
     tiny = write_lines(folder / "tiny.jsonl", args.overhead_lines, 1)
-    result: dict = {"cpu": cpu_name(), "cores": os.cpu_count(), "model": model, "lines": args.lines}
+    result: dict = {
+        "cpu": cpu_name(),
+        "isa": cpu_isa(),
+        "cores": os.cpu_count(),
+        "model": model,
+        "lines": args.lines,
+    }
     result["single_process_2_threads"] = local_job(model, job, folder, "local2", 2, 64)
     local_tiny = local_job(model, tiny, folder, "local-tiny", 1, 1)  # one line at a time: the per-row cost
 
@@ -116,7 +117,9 @@ def main() -> None:
     ray.shutdown()
 
     base = result["single_process_2_threads"]["tokens_per_s"]
-    print(f"CPU: {result['cpu']} ({result['cores']} cores); {args.lines} lines of {args.max_tokens} tokens")
+    print(
+        f"CPU: {result['cpu']} ({result['isa']}, {result['cores']} cores); {args.lines} lines of {args.max_tokens} tokens"
+    )
     print(f"single process, 2 threads: {base:7.1f} tokens/s")
     for replicas in (1, 2):
         run = result[f"ray_{replicas}_replicas_1_thread"]
@@ -128,10 +131,7 @@ def main() -> None:
     print(
         f"Ray instance start {result['ray_instance_start_s']:.1f} s; per-row cost {result['per_row_overhead_ms']:.2f} ms"
     )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

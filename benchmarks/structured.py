@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from machine import cpu_isa, cpu_name, write_json
 
 SCHEMA = {
     "type": "object",
@@ -26,13 +26,6 @@ SCHEMA = {
     "required": ["name", "age", "city", "hobbies"],
     "additionalProperties": False,
 }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 class MaskTimer:
@@ -108,6 +101,7 @@ def main() -> None:
     per_row_us = 1e6 * mask["seconds"] / max(mask["rows"], 1)
     result = {
         "cpu": cpu_name(),
+        "isa": cpu_isa(),
         "threads": torch.get_num_threads(),
         "model": model.name,
         "weights": model.describe_weights(),
@@ -121,7 +115,9 @@ def main() -> None:
     }
     overlap = "overlapping the forward pass" if llm.engine.core.masks.overlaps else "after the forward pass"
     result["masks_filled"] = overlap
-    print(f"CPU: {result['cpu']}, {result['threads']} threads; {model.describe_weights()}; masks {overlap}")
+    print(
+        f"CPU: {result['cpu']} ({result['isa']}), {result['threads']} threads; {model.describe_weights()}; masks {overlap}"
+    )
     print(
         f"json_schema:   {result_constrained['tokens_per_s']:8.1f} tokens/s ({result_constrained['seconds']:.1f} s)"
     )
@@ -130,10 +126,7 @@ def main() -> None:
         f"ratio {ratio:.3f} (target >= 0.85); masks {per_row_us:.0f} us per row per step ({mask['rows']} rows)"
     )
     print(f"{parsed}/{args.num_requests} constrained answers ended and parsed")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

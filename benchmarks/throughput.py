@@ -7,12 +7,12 @@ Prints tokens/s of both and their ratio, plus batch-1 decode tokens/s of both; w
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
+from machine import write_json
 
 
 def make_prompts(count: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
@@ -164,10 +164,7 @@ def main() -> None:
             f"ratio shoal / transformers: throughput {result['throughput_ratio']:.2f}x, "
             f"batch-1 decode {result['batch1_decode_ratio']:.2f}x"
         )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

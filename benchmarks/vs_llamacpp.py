@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -25,29 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_flags, cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 4, 16, 64)
 PROMPT, NEW_TOKENS = 32, 64
 BUILD_DIR = Path(os.environ.get("SHOAL_CACHE_DIR", Path.home() / ".cache" / "shoal")) / "llama.cpp"
 TOOLS = ("llama-batched-bench", "llama-quantize")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
 
 
 # ---- llama.cpp: find or build ----
