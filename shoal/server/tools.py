@@ -105,8 +105,13 @@ class ToolPlan:
         with auto, free text until a call begins, then only a well-formed call."""
         fmt = self.format
         more = f" ({json.dumps(fmt.separator)} call)*" if self.parallel else ""
-        body = f"%json {json.dumps(self.call_schema())} {_literal(fmt.end)}{more}"
-        lines = [f"call: {_literal(fmt.begin)} %json {json.dumps(self.call_schema())} {_literal(fmt.end)}"]
+        body = (
+            f"call_json {_literal(fmt.end)}{more}"  # the first call's opening is matched by the rule before
+        )
+        lines = [
+            f"call: {_literal(fmt.begin)} call_json {_literal(fmt.end)}",
+            f"call_json: %json {json.dumps(self.call_schema())}",
+        ]
         if self.forced:
             lines.insert(0, f"start: {_literal(fmt.begin)} {body}")
         elif fmt.begin:
