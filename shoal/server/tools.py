@@ -237,9 +237,7 @@ class ToolCallStream:
     fmt: ToolFormat
     text: str = ""
     sent_content: int = 0
-    calls_sent: int = 0
-    held: bool = False
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)  # the calls sent so far
 
     def add(self, delta: str, finished: bool) -> tuple[str, list[tuple[int, ToolCall]]]:
         """(content to send now, [(index, call)] complete and not yet sent)."""
@@ -252,21 +250,22 @@ class ToolCallStream:
             return content, []
         content = self.text[self.sent_content : start]
         self.sent_content = max(self.sent_content, start)
-        self.held = True
+        closed = self._closed_calls()
+        if not finished and closed <= len(self.calls):
+            return content, []  # no call has ended since the last delta: nothing to decode yet
         decoded = _decode_calls(self.text[start:], self.fmt)
-        complete = decoded if finished else decoded[: self._complete_count(decoded)]
-        new = [(i, c) for i, c in enumerate(complete) if i >= self.calls_sent]
+        complete = decoded if finished else decoded[:closed]
+        new = list(enumerate(complete))[len(self.calls) :]
         self.calls.extend(c for _, c in new)
-        self.calls_sent = max(self.calls_sent, len(complete))
         if finished and not decoded and self.sent_content < len(self.text):  # it was not a call after all
             content += self.text[self.sent_content :]
             self.sent_content = len(self.text)
         return content, new
 
-    def _complete_count(self, decoded: list[ToolCall]) -> int:
-        if not self.fmt.end.strip():
-            return 0  # complete only when the answer ends
-        return min(len(decoded), self.text.count(self.fmt.end.strip()))
+    def _closed_calls(self) -> int:
+        """Calls whose end marker has been written (formats without one end with the answer)."""
+        end = self.fmt.end.strip()
+        return self.text.count(end) if end else 0
 
     def _safe_end(self) -> int:
         """How much text can be sent: all but a tail that could be the start of a call marker."""
