@@ -281,24 +281,15 @@ class LLMEngine:
         self, targets: list[tuple[Request, int]], pending: PendingMasks | None = None
     ) -> list[SampleRequest]:
         """Each row's sampling request; the rows of structured outputs get their masks (filled together)."""
-        requests = [req.sample_request(req.samples[i]) for req, i in targets]
-        ready = pending.result() if pending is not None else {}
-        missing = [
-            k
-            for k, (req, i) in enumerate(targets)
-            if req.samples[i].matcher is not None and req.samples[i].seq not in ready
-        ]
-        filled = (
-            self.core.masks.masks([targets[k][0].samples[targets[k][1]].matcher for k in missing])
-            if missing
-            else None
-        )
-        for k, (req, i) in enumerate(targets):
-            seq = req.samples[i].seq
-            if seq in ready:
-                requests[k].allowed = ready[seq]
-        for row, k in enumerate(missing):
-            requests[k].allowed = filled[row]
+        samples = [req.samples[i] for req, i in targets]
+        requests = [req.sample_request(s) for (req, _), s in zip(targets, samples, strict=True)]
+        masks = pending.result() if pending is not None else {}
+        missing = [s for s in samples if s.matcher is not None and s.seq not in masks]
+        if missing:
+            filled = self.core.masks.masks([s.matcher for s in missing])
+            masks.update(zip([s.seq for s in missing], filled, strict=True))
+        for request, s in zip(requests, samples, strict=True):
+            request.allowed = masks.get(s.seq)
         return requests
 
     def _sample(
