@@ -100,7 +100,7 @@ class HttpAnswerer:
     async def answer(self, line: dict[str, Any], priority: int = 0) -> dict[str, Any]:
         import httpx
 
-        from shoal.server.batch_jobs import response_record
+        from shoal.server.batch_jobs import NO_STREAM, response_record
         from shoal.server.protocol import random_id
 
         cid, body = line["custom_id"], dict(line["body"])
@@ -109,7 +109,7 @@ class HttpAnswerer:
                 cid,
                 400,
                 random_id("batch-req-"),
-                error_body("stream is not supported in batch lines; remove it"),
+                error_body(NO_STREAM),
             )
         body["priority"] = (body.get("priority") if isinstance(body.get("priority"), int) else 0) + priority
         for attempt in range(self.retries):

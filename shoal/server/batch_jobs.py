@@ -80,6 +80,7 @@ def is_success(record: dict[str, Any]) -> bool:
 
 
 DEFAULT_MAX_LINE_BYTES = 8 << 20
+NO_STREAM = "stream is not supported in batch lines; remove it"
 
 
 def read_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str | None]]:
@@ -218,7 +219,7 @@ async def answer_line(serving: OpenAIServing, obj: dict[str, Any], priority: int
     try:
         request = parse_request(obj["url"], obj["body"])
         if request.stream:
-            raise InvalidRequestError("stream is not supported in batch lines; remove it")
+            raise InvalidRequestError(NO_STREAM)
         prepared = await serving.prepare(request)
         request_id = new_request_id(prepared)
         response = await serving.complete(prepared, request_id, priority + request.priority)
