@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from tqdm import tqdm
 
-from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.llm_engine import LLMEngine, ProcessedInput
 from shoal.engine.request import OutputKind
 from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
@@ -38,13 +39,8 @@ class LLM:
         """Results come back in input order. All prompts are validated before any is queued."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        priorities = list(priority) if priority is not None else [0] * len(prompts)
         inputs = [self.engine.process_input(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        ids = [
-            self.engine.add_request(i, None, None, prio, OutputKind.FINAL)
-            for i, prio in zip(inputs, priorities, strict=True)
-        ]
-        return self._run(ids, use_tqdm)
+        return self._run(inputs, priority, use_tqdm)
 
     def get_tokenizer(self) -> Any:
         """The model's Hugging Face tokenizer (as vLLM's LLM.get_tokenizer())."""
@@ -57,12 +53,26 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {role, content}) or a list of them, through the model's chat template."""
+        """One conversation (a list of {role, content}) or a list of them, through the model's chat template
+        (rendered to token ids once; each output's prompt is the rendered text)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.model.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        template = self.model.chat_template
+        texts = [template.render(c, add_generation_prompt) for c in conversations]
+        params = _as_params_list(sampling_params, len(texts))
+        inputs = [
+            replace(self.engine.process_input(template.encode_rendered(text), sp), text=text)
+            for text, sp in zip(texts, params, strict=True)
+        ]
+        return self._run(inputs, None, use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, inputs: list[ProcessedInput], priority: Sequence[int] | None, use_tqdm: bool
+    ) -> list[RequestOutput]:
+        priorities = list(priority) if priority is not None else [0] * len(inputs)
+        request_ids = [
+            self.engine.add_request(i, None, None, prio, OutputKind.FINAL)
+            for i, prio in zip(inputs, priorities, strict=True)
+        ]
         done: dict[str, RequestOutput] = {}
         mine = set(request_ids)
         bar = tqdm(

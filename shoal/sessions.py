@@ -314,8 +314,7 @@ class ChatSession:
             if rendered.startswith(history):
                 return tokenizer.encode(rendered[len(history) :], add_special_tokens=False)
             self.sequence.clear_history()
-        bos = tokenizer.bos_token
-        return tokenizer.encode(rendered, add_special_tokens=not (bos and rendered.startswith(bos)))
+        return self.model.chat_template.encode_rendered(rendered)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""

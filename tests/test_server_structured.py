@@ -172,6 +172,7 @@ def test_bad_schemas_and_conflicts_are_400(client):
         {"extra_body": {"structured_outputs": {"regex": "a(b"}}},
         {"extra_body": {"structured_outputs": {"regex": "a", "choice": ["b"]}}},
         {"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}},
+        {"tools": [WEATHER], "extra_body": {"structured_outputs": {"regex": "a+"}}},
         {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         {"tool_choice": "required"},
     ]
@@ -233,45 +234,54 @@ CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}
 WRITTEN = {
     "hermes": f"Let me check.<tool_call>\n{json.dumps(CALL)}\n</tool_call>",
     "llama3": json.dumps({"name": "get_weather", "parameters": CALL["arguments"]}),
+    "mistral": f"[TOOL_CALLS] [{json.dumps(CALL)}]",
 }
 
 
 @pytest.mark.parametrize("fmt_name", sorted(WRITTEN))
-def test_each_family_format_is_parsed_whole_and_streamed(fmt_name):
-    from shoal.server.tools import FORMATS, ToolCallStream, parse_calls
+def test_each_format_in_text_is_parsed_whole_and_streamed(fmt_name):
+    """Markers written as text (a tokenizer without them as tokens): parsed from the decoded ids."""
+    from tiny_models import make_tiny_tokenizer
 
-    fmt, text = FORMATS[fmt_name], WRITTEN[fmt_name]
-    content, calls = parse_calls(text, fmt)
-    assert content == (None if fmt_name == "llama3" else "Let me check.")
+    from shoal.server.tools import FORMATS, ToolCallStream, ToolParser, ToolSyntax
+
+    hf = make_tiny_tokenizer()
+    parser = ToolParser(ToolSyntax(FORMATS[fmt_name], renders_tools=False), hf)
+    text = WRITTEN[fmt_name]
+    ids = hf.encode(text, add_special_tokens=False)
+    content, calls = parser.parse(ids)
+    assert content == ("Let me check." if fmt_name == "hermes" else None)
     (call,) = calls
     assert call.function.name == "get_weather"
     check_weather(call.function.arguments)
-    stream, sent, got = ToolCallStream(fmt), [], []
-    for i in range(0, len(text), 5):
-        piece, new = stream.add(text[i : i + 5], finished=i + 5 >= len(text))
-        sent.append(piece)
+    stream, sent, got = ToolCallStream(parser), [], []
+    for i, token in enumerate(ids):
+        piece = hf.decode(ids[: i + 1]).removeprefix(hf.decode(ids[:i]))
+        new_content, new = stream.add(piece, [token], finished=i == len(ids) - 1)
+        sent.append(new_content)
         got += new
     assert "".join(sent) == (content or "") and [c.function.arguments for _, c in got] == [
         call.function.arguments
     ]
-    assert parse_calls("Just text, no call.", fmt) == ("Just text, no call.", [])
+    plain = hf.encode("Just text, no call.", add_special_tokens=False)
+    assert parser.parse(plain) == ("Just text, no call.", [])
 
 
-@pytest.mark.parametrize("fmt_name", ["hermes", "llama3"])
+@pytest.mark.parametrize("fmt_name", ["hermes", "llama3", "mistral"])
 def test_auto_constrains_only_once_a_call_has_started(fmt_name):
     import llguidance
     import llguidance.hf
     from tiny_models import make_tiny_tokenizer
 
     from shoal.server.protocol import Tool
-    from shoal.server.tools import FORMATS, ToolPlan
+    from shoal.server.tools import FORMATS, ToolPlan, ToolSyntax
 
     hf = make_tiny_tokenizer()
     tokenizer = llguidance.hf.from_tokenizer(hf)
-    fmt = FORMATS[fmt_name]
+    syntax = ToolSyntax(FORMATS[fmt_name], renders_tools=False)
 
     def accepts(choice: str, text: str) -> bool:
-        plan = ToolPlan([Tool.model_validate(WEATHER)], choice, True, fmt, False)
+        plan = ToolPlan([Tool.model_validate(WEATHER)], choice, True, syntax)
         matcher = llguidance.LLMatcher(tokenizer, plan.grammar(), log_level=0)
         ids = hf.encode(text, add_special_tokens=False)
         return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
@@ -281,7 +291,7 @@ def test_auto_constrains_only_once_a_call_has_started(fmt_name):
     assert accepts("auto", good) and accepts("required", good)
     assert accepts("auto", "Hello there, no call needed.") and not accepts("required", "Hello there")
     assert not accepts("auto", bad) and not accepts("required", bad)
-    if fmt.begin:  # text, then a call that goes wrong: refused once the call has begun
+    if not FORMATS[fmt_name].bare:  # text, then a call that goes wrong: refused once the call has begun
         assert accepts("auto", "Sure. " + good) and not accepts("auto", "Sure. " + bad)
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -53,6 +54,17 @@ _VARIANTS: dict[str, dict] = {
 }
 
 
+def _pre_tokenizer(qwen: bool) -> pre_tokenizers.PreTokenizer:
+    if not qwen:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 def make_tiny_tokenizer(qwen: bool = False, vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few sentences, with ChatML special tokens.
 
@@ -60,14 +72,7 @@ def make_tiny_tokenizer(qwen: bool = False, vocab_size: int = 400) -> PreTrained
     imposes Qwen2's on any qwen2/qwen3 model directory, whatever its tokenizer.json says.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if qwen:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
+    tok.pre_tokenizer = _pre_tokenizer(qwen)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -87,6 +92,98 @@ def make_tiny_tokenizer(qwen: bool = False, vocab_size: int = 400) -> PreTrained
     return wrapped
 
 
+TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's tokenizer as it ships: its special tokens (those marked special=False in the real
+    tokenizer_config too), which BOS and EOS it has and whether encoding adds the BOS, its chat template."""
+
+    arch: str
+    template: str
+    special: tuple[str, ...]
+    added: tuple[str, ...] = ()  # added tokens that are not special (Qwen2.5's <tool_call>)
+    bos: str | None = None
+    eos: str = "<|im_end|>"
+    adds_bos: bool = False
+
+
+FAMILIES = {
+    "qwen2.5": Family(
+        "qwen2",
+        "qwen2.5.jinja",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        ("<tool_call>", "</tool_call>"),
+    ),
+    "llama3.1": Family(
+        "llama",
+        "llama3.1.jinja",
+        (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ),
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        adds_bos=True,
+    ),  # fmt: skip
+    "mistral-v0.3": Family(
+        "mistral",
+        "mistral-v0.3.jinja",
+        (
+            "<unk>",
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ),
+        bos="<s>",
+        eos="</s>",
+        adds_bos=True,
+    ),  # fmt: skip
+}
+
+
+def make_family_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE with the special tokens, BOS/EOS behaviour and real chat template of a family."""
+    family = FAMILIES[name]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = _pre_tokenizer(qwen=family.arch.startswith("qwen"))
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(family.special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAINING_TEXT, trainer)
+    if family.added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.added])
+    if family.adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{family.bos} $A", special_tokens=[(family.bos, tok.token_to_id(family.bos))]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.eos,
+        additional_special_tokens=[t for t in family.special if t not in (family.bos, family.eos)],
+    )
+    wrapped.chat_template = (TEMPLATES / family.template).read_text()
+    return wrapped
+
+
 def make_tiny_hf_model(
     arch: str,
     path: str | Path,
@@ -95,10 +192,13 @@ def make_tiny_hf_model(
     hidden_size: int = 64,
     intermediate_size: int = 128,
     dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    context: int = 256,
 ) -> str:
     """Saves a tiny random `arch` model (safetensors, in `dtype`) with its tokenizer and chat template into
-    `path`. K-quant GGUFs need hidden and intermediate sizes that are multiples of 256."""
-    tokenizer = make_tiny_tokenizer(qwen=arch.startswith("qwen"))
+    `path` (the tiny ChatML tokenizer unless one is given). K-quant GGUFs need hidden and intermediate sizes
+    that are multiples of 256."""
+    tokenizer = tokenizer or make_tiny_tokenizer(qwen=arch.startswith("qwen"))
     config = _CONFIGS[arch](
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -106,7 +206,7 @@ def make_tiny_hf_model(
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         rms_norm_eps=1e-6,
         rope_theta=10000.0,
         initializer_range=0.2,

@@ -61,8 +61,19 @@ class AsyncLLM:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        return self.engine.model.apply_chat_template(messages, add_generation_prompt, tools)
+        return self.engine.model.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The conversation as prompt token ids (see LoadedModel.render_chat)."""
+        return self.engine.model.render_chat(messages, add_generation_prompt, tools, template_kwargs)
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a request without queueing it; raises InvalidRequestError."""

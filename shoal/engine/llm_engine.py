@@ -86,7 +86,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             check_text(prompt, "the prompt")
             self._check_length_before_tokenizing(prompt)
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            return prompt, self.model.chat_template.encode_rendered(prompt)
         if not isinstance(prompt, list | tuple) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):

@@ -47,15 +47,31 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     return llguidance.LLMatcher.grammar_from_lark(grammar)
 
 
+_SUBSCHEMA = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
 def strict_schema(schema: Any) -> Any:
-    """The schema with additionalProperties false on every object that does not say otherwise (what
-    OpenAI's strict mode and the openai client's pydantic parsing expect)."""
-    if isinstance(schema, list):
-        return [strict_schema(s) for s in schema]
+    """The schema with additionalProperties false on every object schema that does not say otherwise (what
+    OpenAI's strict mode, xgrammar's default and the openai client's pydantic parsing expect). Only schema
+    keywords are walked: values inside const, enum, default or examples are data and stay as they are."""
     if not isinstance(schema, dict):
         return schema
-    result = {k: strict_schema(v) for k, v in schema.items()}
-    if result.get("type") == "object" and "additionalProperties" not in result:
+    result = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(result.get(key), dict):
+            result[key] = strict_schema(result[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(result.get(key), list):
+            result[key] = [strict_schema(s) for s in result[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(result.get(key), dict):
+            result[key] = {name: strict_schema(s) for name, s in result[key].items()}
+    is_object = result.get("type") == "object" or (
+        isinstance(result.get("type"), list) and "object" in result["type"]
+    )
+    if (is_object or "properties" in result) and "additionalProperties" not in result:
         result["additionalProperties"] = False
     return result
 

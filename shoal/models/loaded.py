@@ -14,6 +14,7 @@ import torch
 from shoal.errors import ModelLoadError
 from shoal.kernels.backend import Backend, select_backend
 from shoal.kernels.formats import canonical_quantization, convert
+from shoal.models.chat_template import ChatTemplate
 from shoal.models.config import ModelConfig
 from shoal.models.llama import CausalLM
 from shoal.models.loader import load_checkpoint
@@ -69,20 +70,29 @@ class LoadedModel:
         c / max_token_chars tokens, which bounds its length before it is tokenized."""
         return max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
 
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        return ChatTemplate(self.tokenizer, self.name)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        """Renders with the model's template; transformers renders it in a sandboxed Jinja environment."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ModelLoadError(
-                f"model {self.name!r} has no chat template; use generate() with plain prompts"
-            )
-        return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """The conversation as text (its BOS included when the template writes one)."""
+        return self.chat_template.render(messages, add_generation_prompt, tools, template_kwargs)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The conversation as the prompt's token ids, exactly one BOS where the model has one."""
+        return self.chat_template.render_ids(messages, add_generation_prompt, tools, template_kwargs)
 
 
 def load_model(

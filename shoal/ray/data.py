@@ -53,7 +53,7 @@ class ShoalPredictor:
         overrides = {k: v for k, v in row.items() if k in SAMPLING_FIELDS and v is not None}
         params = SamplingParams(**{**self.sampling, **overrides})
         if row.get("messages") is not None:
-            prompt: str | list[int] = self.llm.model.apply_chat_template(list(row["messages"]))
+            prompt: str | list[int] = self.llm.model.render_chat(list(row["messages"]))
         elif row.get("prompt") is not None:
             prompt = row["prompt"] if isinstance(row["prompt"], str) else [int(t) for t in row["prompt"]]
         else:

@@ -146,6 +146,9 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = (
+        None  # vLLM's: passed to the template (enable_thinking, ...)
+    )
 
     @property
     def num_prompts(self) -> int:

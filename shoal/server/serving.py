@@ -6,17 +6,19 @@ Used by the HTTP routes, the Batch API worker and the offline `shoal batch` runn
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from shoal.engine.protocol import EngineClient
 from shoal.engine.request import OutputKind
+from shoal.engine.structured_output import strict_schema
 from shoal.errors import InvalidRequestError, ShoalError
 from shoal.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from shoal.sampling_params import SamplingParams, StructuredOutputsParams, check_text
@@ -51,7 +53,7 @@ from shoal.server.protocol import (
     Usage,
     random_id,
 )
-from shoal.server.tools import ToolCallStream, ToolPlan, parse_calls, template_format
+from shoal.server.tools import ToolCallStream, ToolParser, ToolPlan, ToolSyntax, conversation_for_template
 
 GenerationRequest = CompletionRequest | ChatCompletionRequest
 B = TypeVar("B", bound=BaseModel)
@@ -67,6 +69,7 @@ _SHAPE_HINTS = {
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+TEXT_PARTS = {"text", "input_text", "output_text"}  # the Responses API names its text parts so
 
 
 class ModelNotFoundError(InvalidRequestError):
@@ -87,6 +90,7 @@ class Prepared:
     route: _Route
     echo: list[str] | None = None  # completions echo: text to put before each prompt's choices
     tools: ToolPlan | None = None  # chat with tools: answers are parsed into tool calls
+    parser: ToolParser | None = None  # with tools: reads the calls out of the answer's token ids
     decode: Callable[[list[int]], str] | None = None  # completions: the tokenizer's, for echoed tokens
 
     def choice_index(self, prompt_index: int, sample_index: int) -> int:
@@ -179,7 +183,9 @@ def _structured_outputs(
         elif response_format.json_schema is None:
             raise InvalidRequestError("response_format json_schema needs a json_schema: {name, schema}")
         else:
-            given.append(("response_format", {"json": response_format.json_schema.schema_}))
+            schema = response_format.json_schema.schema_
+            strict = response_format.json_schema.strict is not False
+            given.append(("response_format", {"json": strict_schema(schema) if strict else schema}))
     if request.structured_outputs is not None:
         fields = request.structured_outputs.model_dump(by_alias=True, exclude_none=True)
         given.append(("structured_outputs", {k: v for k, v in fields.items() if v is not False}))
@@ -303,20 +309,42 @@ class OpenAIServing:
             raise InvalidRequestError("messages must not be empty")
         tools = self._tool_plan(request)
         prompts: list[str | list[int]] = [
-            self._render_chat(conv, request.add_generation_prompt, tools) for conv in conversations
-        ]  # type: ignore[arg-type]
+            self._render_chat(conv, request.add_generation_prompt, tools, request.chat_template_kwargs)
+            for conv in conversations
+        ]
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = (
             request.max_tokens if request.max_completion_tokens is None else request.max_completion_tokens
         )
         structured = _structured_outputs(request, request.response_format)
-        if tools is not None:
-            _unsupported(
-                structured, "tools together with response_format or structured_outputs is not supported"
-            )
-            structured = StructuredOutputsParams(grammar=tools.grammar())
         params = self._sampling_params(request, max_tokens, logprobs, structured, request.prompt_logprobs)
-        return Prepared(request, prompts, params, CHAT, tools=tools)
+        parser = None
+        if tools is not None:
+            params = self._with_tools(params, tools, structured)
+            parser = ToolParser(tools.syntax, self.engine.tokenizer)
+        return Prepared(request, prompts, params, CHAT, tools=tools, parser=parser)
+
+    @staticmethod
+    def _with_tools(
+        params: SamplingParams, tools: ToolPlan, structured: StructuredOutputsParams | None
+    ) -> SamplingParams:
+        """The request's params with its tools' grammar (one grammar: calls, or an answer in the schema of
+        response_format when it has one) and the format's end-of-calls tokens as stops."""
+        answer = None
+        if structured is not None:
+            _unsupported(
+                structured.json is None and not structured.json_object,
+                f"tools go together with a JSON schema or JSON object answer, not a {structured.kind}",
+            )
+            answer = {"type": "object"} if structured.json_object else structured.json
+            answer = json.loads(answer) if isinstance(answer, str) else answer
+        grammar = StructuredOutputsParams(grammar=tools.grammar(answer))
+        stops = [t for t in tools.syntax.stop_ids if t not in params.stop_token_ids]
+        return replace(params, structured_outputs=grammar, stop_token_ids=params.stop_token_ids + stops)
+
+    @functools.cached_property
+    def tool_syntax(self) -> ToolSyntax:
+        return ToolSyntax.for_tokenizer(self.engine.tokenizer)
 
     def _tool_plan(self, request: ChatCompletionRequest) -> ToolPlan | None:
         choice = request.tool_choice or ("auto" if request.tools else "none")
@@ -331,42 +359,47 @@ class OpenAIServing:
             raise InvalidRequestError(
                 f"tool_choice names the function {choice.function.name!r}, which is not among the tools {names}"
             )
-        fmt, renders = template_format(getattr(self.engine.tokenizer, "chat_template", None))
-        return ToolPlan(request.tools, choice, request.parallel_tool_calls, fmt, renders)
+        return ToolPlan(request.tools, choice, request.parallel_tool_calls, self.tool_syntax)
 
-    def _render_chat(self, conversation: list, add_generation_prompt: bool, tools: ToolPlan | None) -> str:
+    def _render_chat(
+        self,
+        conversation: list,
+        add_generation_prompt: bool,
+        tools: ToolPlan | None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
         messages = []
         for m in conversation:
             message = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 kinds = {part.type for part in m.content}
-                _unsupported(kinds - {"text"}, f"only text content parts are supported, got {sorted(kinds)}")
+                _unsupported(
+                    kinds - TEXT_PARTS, f"only text content parts are supported, got {sorted(kinds)}"
+                )
                 message["content"] = "".join(part.text or "" for part in m.content)
             messages.append(message)
         if tools is not None:
             messages = tools.messages(messages)
-        try:
-            return self.engine.apply_chat_template(
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                tools=tools.template_tools() if tools else None,
-            )
-        except ShoalError:
-            raise
-        except Exception as e:  # a template's raise_exception() or a malformed message
-            raise InvalidRequestError(f"the chat template rejected these messages: {e}") from e
+        else:
+            messages = conversation_for_template(messages, self.tool_syntax)
+        return self.engine.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools.template_tools() if tools else None,
+            template_kwargs=template_kwargs,
+        )
 
     def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.check_model(request.model)
         if (request.prompt is None) == (request.messages is None):
             raise InvalidRequestError("send exactly one of prompt or messages")
         if request.messages is not None:
-            text = self._render_chat(request.messages, request.add_generation_prompt, None)
-            special = bool(request.add_special_tokens)
+            tokens = self._render_chat(request.messages, request.add_generation_prompt, None)
         else:
-            text, special = request.prompt or "", request.add_special_tokens is not False
-        check_text(text, "the prompt")
-        tokens = self.engine.tokenizer.encode(text, add_special_tokens=special)
+            text = check_text(request.prompt or "", "the prompt")
+            tokens = self.engine.tokenizer.encode(
+                text, add_special_tokens=request.add_special_tokens is not False
+            )
         return TokenizeResponse(count=len(tokens), max_model_len=self.engine.max_model_len, tokens=tokens)
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
@@ -558,7 +591,7 @@ class _Chunker:
         if not state.started:
             state.take_prompt(out)
         choice = self.prepared.route.delta_choice(self.prepared, i, k, state, o)
-        state.started = True
+        state.started = state.started or choice is not None
         return choice
 
     def usage_chunk(self) -> str:
@@ -642,8 +675,8 @@ class _ChatRoute(_Route):
     def final_choice(self, p: Prepared, k: int, s: _ChoiceState) -> ChatChoice:
         content: str | None = "".join(s.text)
         calls: list[ToolCall] = []
-        if p.tools is not None:
-            content, calls = parse_calls(content or "", p.tools.format)
+        if p.parser is not None:
+            content, calls = p.parser.parse(s.token_ids)
         return ChatChoice(
             index=k,
             message=ChatResponseMessage(content=content, tool_calls=calls or None),
@@ -653,16 +686,18 @@ class _ChatRoute(_Route):
 
     def delta_choice(
         self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput
-    ) -> ChatChunkChoice:
+    ) -> ChatChunkChoice | None:
         content, calls, finish = o.text, None, o.finish_reason
-        if p.tools is not None:
-            stream = state.tool_stream = state.tool_stream or ToolCallStream(p.tools.format)
-            content, new = stream.add(o.text, finished=o.finish_reason is not None)
+        if p.parser is not None:
+            stream = state.tool_stream = state.tool_stream or ToolCallStream(p.parser)
+            content, new = stream.add(o.text, o.token_ids, finished=o.finish_reason is not None)
             calls = [_call_delta(index, call) for index, call in new] or None
             if stream.calls and finish == "stop":
                 finish = "tool_calls"
-        delta = ChatDelta(role=None if state.started else "assistant", content=content, tool_calls=calls)
         logprobs = _chat_logprobs(o.token_ids, o.logprobs or [], p.params.logprobs)
+        if state.started and not (content or calls or finish or logprobs):
+            return None  # nothing to say: a call being held back, or text held for a stop string
+        delta = ChatDelta(role=None if state.started else "assistant", content=content, tool_calls=calls)
         return ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=finish)
 
 
