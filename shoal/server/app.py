@@ -34,6 +34,7 @@ from shoal.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from shoal.server.responses import ResponseNotFoundError, ResponsesService, ResponseStore
 from shoal.server.serving import (
     ModelNotFoundError,
     OpenAIServing,
@@ -69,6 +70,7 @@ def build_app(
     if store is None and config.data_dir is not None:
         store = BatchStore(config.data_dir)
     state = _state(config, engine, serving, store, local_answerer(serving), engine.model_name)
+    state.responses = ResponsesService(serving, ResponseStore(store))
     app = _app(state)
     app.include_router(_generation_routes(), dependencies=[Depends(check_api_key)])
     return app
@@ -163,6 +165,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidRequestError)
     async def invalid(request: Request, e: InvalidRequestError) -> JSONResponse:
+        if isinstance(e, ResponseNotFoundError):
+            return _error(404, str(e), code="not_found")
         return _error(400, str(e), code="model_not_found" if isinstance(e, ModelNotFoundError) else None)
 
     @app.exception_handler(RequestValidationError)
@@ -236,6 +240,25 @@ def _generation_routes() -> APIRouter:
         engine = get_state(request).engine
         return ModelList(data=[ModelCard(id=engine.model_name, max_model_len=engine.max_model_len)])
 
+    @router.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> ModelCard:
+        engine = get_state(request).engine
+        get_state(request).serving.check_model(model_id)
+        return ModelCard(id=model_id, max_model_len=engine.max_model_len)
+
+    @router.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await _respond(request)
+
+    @router.get("/v1/responses/{response_id}")
+    async def get_response(request: Request, response_id: str) -> JSONResponse:
+        return JSONResponse(get_state(request).responses.store.get(response_id)[0])
+
+    @router.delete("/v1/responses/{response_id}")
+    async def delete_response(request: Request, response_id: str) -> JSONResponse:
+        get_state(request).responses.store.delete(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _generate(request, "/v1/completions")
@@ -306,6 +329,35 @@ async def _generate(request: Request, url: str) -> Response:
     finally:
         if not streaming:
             finish(status)
+
+
+async def _respond(request: Request) -> Response:
+    """POST /v1/responses: admitted as one interactive sequence, answered whole or as Responses events."""
+    state = get_state(request)
+    refuse_if_draining(state)
+    body = parse_json(await request.body())
+    ticket = state.admission.admit(1, 1)
+    service, streaming = state.responses, False
+    try:
+        if not (isinstance(body, dict) and body.get("stream")):
+            return JSONResponse(await _until_disconnect(request, service.create(body)))
+        parsed, history, prepared = await service.prepare(body)
+        streaming = True
+    except ClientGone:
+        state.metrics.aborted.inc()
+        return Response(status_code=499)
+    finally:
+        if not streaming:
+            ticket.close()
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for event in service.stream(parsed, history, prepared):
+                yield event
+        finally:
+            ticket.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def _sse(

@@ -16,6 +16,8 @@ CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, path TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, status TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    seq INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, data TEXT NOT NULL, conversation TEXT NOT NULL);
 """
 
 
@@ -73,6 +75,24 @@ class BatchStore:
     def close(self) -> None:
         self.db.close()
         self.lock.close()
+
+    # ------------------------------------------------------------ stored responses (the Responses API)
+
+    def put_response(self, response_id: str, data: str, conversation: str) -> None:
+        """A response object and the conversation it ends (its input and output as chat messages), as JSON."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO responses (id, data, conversation) VALUES (?, ?, ?)",
+            (response_id, data, conversation),
+        )
+
+    def get_response(self, response_id: str) -> tuple[str, str] | None:
+        row = self.db.execute(
+            "SELECT data, conversation FROM responses WHERE id = ?", (response_id,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def delete_response(self, response_id: str) -> bool:
+        return self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
     # ------------------------------------------------------------ files
 

@@ -236,6 +236,7 @@ class ToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None  # a reasoning model's thinking, apart from its answer
     tool_calls: list[ToolCall] | None = None
 
 
@@ -271,6 +272,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 

@@ -469,6 +469,18 @@ class OpenAIServing:
                 acc.add(i, out)
         return acc.response(request_id, self.model_name)
 
+    async def chunks(
+        self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
+    ) -> AsyncIterator[CompletionResponse | ChatCompletionChunk]:
+        """The streaming chunks of a request, then one with the usage alone."""
+        chunks = _Chunker(prepared, request_id, self.model_name)
+        async with aclosing(self.outputs(prepared, request_id, priority, observer)) as events:
+            async for i, out in events:
+                chunk = chunks.chunk(i, out)
+                if chunk is not None:
+                    yield chunk
+        yield chunks.usage_chunk()
+
     async def stream(
         self, prepared: Prepared, request_id: str, priority: int, observer: OutputObserver | None = None
     ) -> AsyncIterator[str]:
@@ -476,23 +488,18 @@ class OpenAIServing:
 
         An error before the first event is raised; after it, it is sent as an error event.
         """
-        chunks = _Chunker(prepared, request_id, self.model_name)
         sent = False
+        include_usage = prepared.request.stream_options and prepared.request.stream_options.include_usage
         try:
-            async with aclosing(self.outputs(prepared, request_id, priority, observer)) as events:
-                async for i, out in events:
-                    chunk = chunks.chunk(i, out)
-                    if chunk is not None:
+            async with aclosing(self.chunks(prepared, request_id, priority, observer)) as chunks:
+                async for chunk in chunks:
+                    if chunk.choices or include_usage:
                         sent = True
-                        yield f"data: {chunk}\n\n"
+                        yield f"data: {chunk.model_dump_json()}\n\n"
         except ShoalError as e:
             if not sent:
                 raise
             yield f"data: {json.dumps(error_body(str(e)))}\n\n"
-        else:
-            usage = prepared.request.stream_options and prepared.request.stream_options.include_usage
-            if usage:
-                yield f"data: {chunks.usage_chunk()}\n\n"
         yield "data: [DONE]\n\n"
 
 
@@ -571,15 +578,14 @@ class _Chunker:
         self.choices = [_ChoiceState() for _ in range(len(prepared.prompts) * prepared.params.n)]
         self.usage = _Usage()
 
-    def chunk(self, i: int, out: RequestOutput) -> str | None:
+    def chunk(self, i: int, out: RequestOutput) -> CompletionResponse | ChatCompletionChunk | None:
         self.usage.add(i, out)
         choices = [c for c in (self._choice(i, out, o) for o in out.outputs) if c is not None]
         if not choices:
             return None
-        chunk = self.prepared.route.chunk(
+        return self.prepared.route.chunk(
             id=self.request_id, created=self.created, model=self.model, choices=choices
         )
-        return chunk.model_dump_json()
 
     def _choice(
         self, i: int, out: RequestOutput, o: CompletionOutput
@@ -594,11 +600,11 @@ class _Chunker:
         state.started = state.started or choice is not None
         return choice
 
-    def usage_chunk(self) -> str:
+    def usage_chunk(self) -> CompletionResponse | ChatCompletionChunk:
         route = self.prepared.route
         return route.chunk(
             id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage.usage()
-        ).model_dump_json()
+        )
 
 
 class _Route:

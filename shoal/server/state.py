@@ -114,6 +114,7 @@ class ServerState:
     model_name: str  # what batch objects name as their model
     store: BatchStore | None = None
     worker: BatchWorker | None = None
+    responses: Any = None  # the Responses API (a ResponsesService) on an app with an engine
     draining: bool = False
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
