@@ -27,6 +27,11 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # A reasoning model's thinking (<think>...</think>), apart from the answer in `text`; None when it did not
+    # think. num_reasoning_tokens: how many of the sample's first output tokens are the thinking's, markers
+    # included (in delta outputs too, counted from the start of the output).
+    reasoning_content: str | None = None
+    num_reasoning_tokens: int = 0
 
     @property
     def finished(self) -> bool:

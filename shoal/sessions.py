@@ -65,6 +65,7 @@ class Turn:
     finish_reason: str | None
     num_prompt_tokens: int  # history + new tokens sent
     num_cached_tokens: int  # of those, found in the KV cache (not recomputed)
+    reasoning: str | None = None  # a reasoning model's thinking before its answer (text holds the answer)
 
     @property
     def num_computed_prompt_tokens(self) -> int:
@@ -204,6 +205,7 @@ class ContextSequence:
         request_id = f"seq{self.index}-{uuid.uuid4().hex}"
         self.context._active.add(request_id)
         parts: list[str] = []
+        thinking: list[str] = []
         output_ids: list[int] = []
         finish, cached = None, 0
         try:
@@ -211,6 +213,7 @@ class ContextSequence:
                 completion = out.outputs[0]
                 cached, finish = out.num_cached_tokens, completion.finish_reason
                 output_ids += completion.token_ids
+                thinking.append(completion.reasoning_content or "")
                 if completion.text:
                     parts.append(completion.text)
                     if on_token is not None and inspect.isawaitable(result := on_token(completion.text)):
@@ -221,7 +224,7 @@ class ContextSequence:
         if finish == "abort":
             raise ShoalError(f"generation on sequence {self.index} was aborted")
         self.token_ids = prompt + output_ids
-        return Turn("".join(parts), output_ids, finish, len(prompt), cached)
+        return Turn("".join(parts), output_ids, finish, len(prompt), cached, "".join(thinking) or None)
 
     def dispose(self) -> None:
         """Give the sequence back to its context. Idempotent."""

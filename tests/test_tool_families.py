@@ -45,6 +45,7 @@ TIME = {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 MARKERS = {"qwen2.5": "<tool_call>", "llama3.1": "<|python_tag|>", "mistral-v0.3": "[TOOL_CALLS]"}
 FORMAT = {"qwen2.5": "hermes", "llama3.1": "llama3", "mistral-v0.3": "mistral"}
+TOOL_FAMILIES = sorted(FORMAT)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,11 @@ def family_dirs(tmp_path_factory) -> dict[str, str]:
     return {
         name: make_tiny_hf_model(f.arch, root / name, tokenizer=make_family_tokenizer(name), context=4096)
         for name, f in FAMILIES.items()
+        if name in FORMAT
     }
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=TOOL_FAMILIES)
 def family(request, family_dirs):
     """(family name, server, openai client, tokenizer) for each family."""
     name = request.param
@@ -92,7 +94,7 @@ def run(client: openai.OpenAI, stream: bool, **kwargs):
 
 
 def test_each_family_is_recognised_with_its_marker_tokens(family_dirs):
-    for name in FAMILIES:
+    for name in TOOL_FAMILIES:
         tokenizer = make_family_tokenizer(name)
         syntax = ToolSyntax.for_tokenizer(tokenizer)
         assert syntax.format.name == FORMAT[name] and syntax.renders_tools
@@ -180,7 +182,7 @@ def test_tools_with_response_format_answer_in_the_schema(family):
     check_weather(called.choices[0].message.tool_calls[0].function.arguments)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", TOOL_FAMILIES)
 def test_a_named_choice_grammar_allows_exactly_one_call_and_no_extra_keys(name):
     tokenizer = make_family_tokenizer(name)
     syntax = ToolSyntax.for_tokenizer(tokenizer)
@@ -216,7 +218,7 @@ def test_a_named_choice_grammar_allows_exactly_one_call_and_no_extra_keys(name):
     assert json.loads(calls[0].function.arguments) == args
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", TOOL_FAMILIES)
 def test_a_rendered_chat_has_exactly_one_bos(family_dirs, name):
     model = shoal.load_model(family_dirs[name])
     ids = model.render_chat(ASK)

@@ -116,6 +116,12 @@ FAMILIES = {
         ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
         ("<tool_call>", "</tool_call>"),
     ),
+    "qwen3-thinking": Family(
+        "qwen3",
+        "qwen3-thinking.jinja",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        ("<tool_call>", "</tool_call>", "<think>", "</think>"),
+    ),
     "llama3.1": Family(
         "llama",
         "llama3.1.jinja",

@@ -139,6 +139,7 @@ class LLMEngine:
             set() if params.ignore_eos else self.model.eos_token_ids,
             seed,
             matcher=prompt.matcher,
+            reasoning_tokens=self.model.reasoning_tokens,
         )
         seq = Sequence(f"{request_id}#0", list(ids), len(ids), params, priority)
         req.new_sample(0, seq)
@@ -275,7 +276,7 @@ class LLMEngine:
 
     def _matcher(self, seq: Sequence) -> Any:
         owner = self._seq_owner.get(seq)
-        return owner[0].samples[owner[1]].matcher if owner is not None else None
+        return owner[0].samples[owner[1]].constraint if owner is not None else None
 
     def _sample_requests(
         self, targets: list[tuple[Request, int]], pending: PendingMasks | None = None
@@ -284,12 +285,15 @@ class LLMEngine:
         samples = [req.samples[i] for req, i in targets]
         requests = [req.sample_request(s) for (req, _), s in zip(targets, samples, strict=True)]
         masks = pending.result() if pending is not None else {}
-        missing = [s for s in samples if s.matcher is not None and s.seq not in masks]
+        missing = [s for s in samples if s.constraint is not None and s.seq not in masks]
         if missing:
-            filled = self.core.masks.masks([s.matcher for s in missing])
+            filled = self.core.masks.masks([s.constraint for s in missing])
             masks.update(zip([s.seq for s in missing], filled, strict=True))
         for request, s in zip(requests, samples, strict=True):
             request.allowed = masks.get(s.seq)
+            if request.allowed is not None and s.may_open_thinking:  # the answer may begin by thinking
+                request.allowed = request.allowed.clone()
+                request.allowed[s.reasoning.tokens.start_id] = True
         return requests
 
     def _sample(

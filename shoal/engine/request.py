@@ -11,6 +11,7 @@ import torch
 
 from shoal.core.sequence import Sequence
 from shoal.engine.detokenizer import IncrementalDetokenizer
+from shoal.models.reasoning import ReasoningState, ReasoningTokens
 from shoal.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from shoal.runner.sampler import SampleRequest, SampleResult
 from shoal.sampling_params import SamplingParams
@@ -39,9 +40,38 @@ class Sample:
     logprobs: list[TokenLogprobs] | None
     cumulative_logprob: float | None
     matcher: Any = None  # the structured output's state (an llguidance matcher), None when unconstrained
+    reasoning: ReasoningState | None = None  # for a reasoning model: where its thinking is
+    thinking_detok: IncrementalDetokenizer | None = None
     sent_tokens: int = 0
     sent_chars: int = 0
+    sent_thinking_chars: int = 0
     reported_finish: bool = False
+
+    @property
+    def answer_start(self) -> int | None:
+        """Where the answer begins in the output ids (None while the model is thinking)."""
+        return 0 if self.reasoning is None else self.reasoning.answer_start
+
+    @property
+    def constraint(self) -> Any:
+        """The matcher that constrains the next token: the structured output applies to the answer only."""
+        return self.matcher if self.answer_start is not None else None
+
+    @property
+    def may_open_thinking(self) -> bool:
+        return self.reasoning is not None and self.reasoning.may_open
+
+    def answer_ids(self) -> list[int]:
+        start = self.answer_start
+        return [] if start is None else self.seq.output_token_ids[start:]
+
+    def thinking_ids(self) -> list[int]:
+        if self.reasoning is None:
+            return []
+        state, ids = self.reasoning, self.seq.output_token_ids
+        if state.end is None:
+            return ids[state.start :] if state.thinking else []  # thinking still, or it never thought
+        return ids[state.start : state.end]
 
 
 @dataclass(eq=False)
@@ -62,6 +92,7 @@ class Request:
     matcher: Any = None  # a fresh structured-output matcher; each sample constrains a copy of it
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token; the first is None
     sent_prompt_logprobs: bool = False
+    reasoning_tokens: ReasoningTokens | None = None  # the model's <think> markers, for a reasoning model
 
     def new_sample(self, index: int, seq: Sequence) -> Sample:
         p = self.params
@@ -80,6 +111,9 @@ class Request:
             0.0 if p.logprobs is not None else None,
             self.matcher.deep_copy() if self.matcher is not None else None,
         )
+        if self.reasoning_tokens is not None:
+            sample.reasoning = ReasoningState.for_prompt(self.reasoning_tokens, self.prompt_token_ids)
+            sample.thinking_detok = IncrementalDetokenizer(self.tokenizer, True)
         self.samples.append(sample)
         return sample
 
@@ -107,7 +141,10 @@ class Request:
         if sample.logprobs is not None:
             sample.logprobs.append(self.logprob_entry(result))
             sample.cumulative_logprob += result.logprob
-        stop_str = None if self.decodes_at_end else sample.detok.add(seq.output_token_ids)
+        answering = sample.answer_start is not None
+        if sample.reasoning is not None:
+            sample.reasoning.add(seq.output_token_ids)
+        stop_str = None if self.decodes_at_end else self._decode_step(sample)
         p, token = self.params, result.token_id
         if stop_str is not None:
             seq.finish_reason, seq.stop_reason = "stop", stop_str
@@ -115,10 +152,23 @@ class Request:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids and seq.num_output_tokens > p.min_tokens - 1:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif sample.matcher is not None and self._grammar_done(sample.matcher, token):
+        elif answering and sample.matcher is not None and self._grammar_done(sample.matcher, token):
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens:
             seq.finish_reason = "length"
+
+    @staticmethod
+    def _decode_step(sample: Sample) -> str | None:
+        """Decode the newest token into the thinking or the answer; the stop string it completes, if any."""
+        state = sample.reasoning
+        if state is not None and sample.thinking_detok is not None:
+            if state.thinking:
+                sample.thinking_detok.add(sample.thinking_ids())
+                return None
+            if state.end == len(sample.seq.output_token_ids) - 1:  # this token was </think>
+                sample.thinking_detok.flush(sample.thinking_ids())
+                return None
+        return sample.detok.add(sample.answer_ids())
 
     @staticmethod
     def _grammar_done(matcher: Any, token: int) -> bool:
@@ -190,9 +240,13 @@ class Request:
             whole = (
                 self.output_kind == OutputKind.FINAL and not self.params.stop
             )  # never decoded step by step
-            s.detok.finish(seq.output_token_ids, whole, cut_at_stop=isinstance(seq.stop_reason, str))
+            s.detok.finish(s.answer_ids(), whole, cut_at_stop=isinstance(seq.stop_reason, str))
+            if s.thinking_detok is not None:
+                s.thinking_detok.finish(s.thinking_ids(), whole, cut_at_stop=False)
         text = s.detok.stable_text(done)
+        thinking = s.thinking_detok.text if s.thinking_detok is not None else ""
         ids = seq.output_token_ids
+        num_thinking = s.reasoning.num_tokens(len(ids)) if s.reasoning is not None else 0
         if self.output_kind != OutputKind.DELTA:
             return CompletionOutput(
                 s.index,
@@ -202,8 +256,11 @@ class Request:
                 list(s.logprobs) if s.logprobs is not None else None,
                 seq.finish_reason,
                 seq.stop_reason,
+                thinking or None,
+                num_thinking,
             )
-        if s.reported_finish or (len(ids) == s.sent_tokens and len(text) == s.sent_chars and not done):
+        unchanged = len(text) == s.sent_chars and len(thinking) == s.sent_thinking_chars
+        if s.reported_finish or (len(ids) == s.sent_tokens and unchanged and not done):
             return None
         out = CompletionOutput(
             s.index,
@@ -213,6 +270,9 @@ class Request:
             s.logprobs[s.sent_tokens :] if s.logprobs is not None else None,
             seq.finish_reason,
             seq.stop_reason,
+            thinking[s.sent_thinking_chars :] or None,
+            num_thinking,
         )
         s.sent_tokens, s.sent_chars, s.reported_finish = len(ids), len(text), done
+        s.sent_thinking_chars = len(thinking)
         return out

@@ -18,6 +18,7 @@ from shoal.models.chat_template import ChatTemplate
 from shoal.models.config import ModelConfig
 from shoal.models.llama import CausalLM
 from shoal.models.loader import load_checkpoint
+from shoal.models.reasoning import ReasoningTokens
 
 logger = logging.getLogger("shoal")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,6 +70,11 @@ class LoadedModel:
         """The most characters of text one token can stand for: a prompt of c characters has at least
         c / max_token_chars tokens, which bounds its length before it is tokenized."""
         return max((len(t) for t in self.tokenizer.get_vocab()), default=1) or 1
+
+    @functools.cached_property
+    def reasoning_tokens(self) -> ReasoningTokens | None:
+        """<think> and </think> of a reasoning model (None for other models)."""
+        return ReasoningTokens.find(self.tokenizer)
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate:

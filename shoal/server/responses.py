@@ -333,6 +333,7 @@ class ResponsesService:
                 builder.set_usage(chunk.usage)
                 for choice in chunk.choices:
                     delta = choice.delta
+                    builder.reasoning += delta.reasoning_content or ""
                     if delta.content:
                         if not message_open:
                             message_open = True

@@ -514,6 +514,9 @@ class _ChoiceState:
     prompt_token_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     tool_stream: ToolCallStream | None = None
+    reasoning: list[str] = field(default_factory=list)
+    num_reasoning_tokens: int = 0  # the first token_ids that are the thinking's
+    seen_tokens: int = 0  # streaming: output tokens seen so far
 
     def take_prompt(self, out: RequestOutput) -> None:
         self.prompt_token_ids = out.prompt_token_ids
@@ -553,6 +556,7 @@ class _Accumulator:
         for c in out.outputs:
             state = self.choices[self.prepared.choice_index(i, c.index)]
             state.text, state.token_ids, state.logprobs = [c.text], list(c.token_ids), list(c.logprobs or [])
+            state.reasoning, state.num_reasoning_tokens = [c.reasoning_content or ""], c.num_reasoning_tokens
             state.finish_reason = c.finish_reason
             state.take_prompt(out)
 
@@ -682,10 +686,13 @@ class _ChatRoute(_Route):
         content: str | None = "".join(s.text)
         calls: list[ToolCall] = []
         if p.parser is not None:
-            content, calls = p.parser.parse(s.token_ids)
+            content, calls = p.parser.parse(s.token_ids[s.num_reasoning_tokens :])
+        message = ChatResponseMessage(
+            content=content, reasoning_content="".join(s.reasoning) or None, tool_calls=calls or None
+        )
         return ChatChoice(
             index=k,
-            message=ChatResponseMessage(content=content, tool_calls=calls or None),
+            message=message,
             logprobs=_chat_logprobs(s.token_ids, s.logprobs, p.params.logprobs),
             finish_reason="tool_calls" if calls and s.finish_reason == "stop" else s.finish_reason,
         )
@@ -694,16 +701,20 @@ class _ChatRoute(_Route):
         self, p: Prepared, i: int, k: int, state: _ChoiceState, o: CompletionOutput
     ) -> ChatChunkChoice | None:
         content, calls, finish = o.text, None, o.finish_reason
+        seen, state.seen_tokens = state.seen_tokens, state.seen_tokens + len(o.token_ids)
         if p.parser is not None:
             stream = state.tool_stream = state.tool_stream or ToolCallStream(p.parser)
-            content, new = stream.add(o.text, o.token_ids, finished=o.finish_reason is not None)
+            answer_ids = o.token_ids[max(0, o.num_reasoning_tokens - seen) :]
+            content, new = stream.add(o.text, answer_ids, finished=o.finish_reason is not None)
             calls = [_call_delta(index, call) for index, call in new] or None
             if stream.calls and finish == "stop":
                 finish = "tool_calls"
         logprobs = _chat_logprobs(o.token_ids, o.logprobs or [], p.params.logprobs)
-        if state.started and not (content or calls or finish or logprobs):
+        thinking = o.reasoning_content
+        if state.started and not (content or thinking or calls or finish or logprobs):
             return None  # nothing to say: a call being held back, or text held for a stop string
-        delta = ChatDelta(role=None if state.started else "assistant", content=content, tool_calls=calls)
+        role = None if state.started else "assistant"
+        delta = ChatDelta(role=role, content=content, reasoning_content=thinking, tool_calls=calls)
         return ChatChunkChoice(index=k, delta=delta, logprobs=logprobs, finish_reason=finish)
 
 
