@@ -248,3 +248,21 @@ def test_langchain_bind_tools_and_structured_output(server):
     schema = {"title": "Weather", "type": "object", "properties": {"city": {"type": "string"}}}
     as_json = closing.with_structured_output(schema, method="json_mode").invoke("Weather in Oslo, in JSON.")
     assert isinstance(as_json, dict)
+
+
+def test_stored_responses_survive_a_restart(tiny_dirs, tmp_path):
+    data = tmp_path / "data"
+    with ServerThread(tiny_dirs["llama"], ServerConfig(data_dir=data)) as first:
+        client = openai.OpenAI(base_url=first.url + "/v1", api_key="x", max_retries=0)
+        kept = client.responses.create(model="llama", input="Hello", max_output_tokens=4, temperature=0)
+        dropped = client.responses.create(model="llama", input="Hi", max_output_tokens=4, store=False)
+    with ServerThread(tiny_dirs["llama"], ServerConfig(data_dir=data)) as second:
+        client = openai.OpenAI(base_url=second.url + "/v1", api_key="x", max_retries=0)
+        again = client.responses.retrieve(kept.id)
+        assert again.output_text == kept.output_text and again.usage.total_tokens == kept.usage.total_tokens
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(dropped.id)
+        later = client.responses.create(
+            model="llama", input="More", previous_response_id=kept.id, max_output_tokens=2
+        )
+        assert later.usage.input_tokens > kept.usage.input_tokens

@@ -25,7 +25,7 @@ pytestmark = [needs_smollm2, pytest.mark.slow]
 
 
 def test_the_snippets_are_found():
-    assert len(PYTHON) >= 12 and len(SERVER_SNIPPETS) == 5 and "-N" in CURL
+    assert len(PYTHON) >= 12 and len(SERVER_SNIPPETS) == 6 and "-N" in CURL
     assert all(README_URL in s for s in SERVER_SNIPPETS if "OpenAI(" in s)
 
 

@@ -53,7 +53,9 @@ def test_thinking_and_answer_come_apart_streamed_and_not(client):
     thought = 0
     for seed in range(4):
         content, thinking = ask(client, False, seed=seed, temperature=1.0)
-        assert "<think>" not in thinking and "</think>" not in thinking  # the split is exact: see the library test
+        assert (
+            "<think>" not in thinking and "</think>" not in thinking
+        )  # the split is exact: see the library test
         assert ask(client, True, seed=seed, temperature=1.0) == (content, thinking)
         thought += bool(thinking)
     assert thought  # some answers did think first

@@ -259,3 +259,24 @@ def test_a_template_that_knows_developer_keeps_it(tiny_dirs):
         assert rendered.startswith("<|im_start|>developer\nx")
     finally:
         model.tokenizer.chat_template = template
+
+
+@pytest.mark.parametrize("name", TOOL_FAMILIES)
+def test_a_gguf_of_each_family_makes_forced_calls_with_one_bos(family_dirs, tmp_path, name):
+    """As the families ship in GGUF: the markers are tokens of the file (USER_DEFINED for Qwen2.5's
+    <tool_call>, CONTROL for the others), the chat template is in its metadata."""
+    from tiny_models import write_gguf
+
+    path = write_gguf(family_dirs[name], tmp_path / f"{name}.gguf", "Q8_0")
+    model = shoal.load_model(path)
+    syntax = ToolSyntax.for_tokenizer(model.tokenizer)
+    assert syntax.format.name == FORMAT[name] and syntax.begin_id is not None
+    ids = model.render_chat(ASK)
+    bos = model.tokenizer.bos_token_id
+    assert sum(t == bos for t in ids) == (1 if FAMILIES[name].bos else 0)
+    with ServerThread(path, max_num_seqs=4) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        for stream in (False, True):
+            chat, _ = run(client, stream, tools=[WEATHER], tool_choice="required", seed=1, temperature=1.0)
+            assert chat.choices[0].finish_reason == "tool_calls"
+            check_weather(chat.choices[0].message.tool_calls[0].function.arguments)

@@ -390,21 +390,29 @@ def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast, arch: 
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = state["model"]["vocab"]
+    vocab = tokenizer.get_vocab()  # the trained vocabulary and the tokens added after it
     special = {t["content"] for t in state["added_tokens"] if t["special"]}
+    added = {t["content"] for t in state["added_tokens"] if not t["special"]}  # Qwen2.5's <tool_call>
     tokens = sorted(vocab, key=vocab.get)
+    kinds = {
+        **{t: gguf.TokenType.USER_DEFINED for t in added},
+        **{t: gguf.TokenType.CONTROL for t in special},
+    }
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
-    )
+    writer.add_token_types([kinds.get(t, gguf.TokenType.NORMAL) for t in tokens])
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]])
-    writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_unk_token_id(tokenizer.unk_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(False)
+    for add, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_unk_token_id, tokenizer.unk_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
+        if token_id is not None:
+            add(token_id)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+    writer.add_add_bos_token(adds_bos)
     writer.add_chat_template(tokenizer.chat_template)
 
 

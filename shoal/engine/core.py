@@ -14,7 +14,7 @@ from shoal.config import EngineConfig
 from shoal.core.block_manager import BlockManager
 from shoal.core.scheduler import Scheduler
 from shoal.core.sequence import Sequence
-from shoal.engine.structured_output import GrammarCompiler, MaskFiller
+from shoal.engine.structured_output import GrammarCompiler, MaskFiller, tokenizer_vocab
 from shoal.models.loaded import LoadedModel, load_model
 from shoal.runner.model_runner import ModelRunner, StepLogits
 
@@ -45,7 +45,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         vocab = model.config.vocab_size
         self.grammars = GrammarCompiler(model.tokenizer, vocab, model.eos_token_ids)
-        self.masks = MaskFiller(vocab, spare_threads=max((os.cpu_count() or 1) - torch.get_num_threads(), 0))
+        spare = max((os.cpu_count() or 1) - torch.get_num_threads(), 0)
+        self.masks = MaskFiller(vocab, spare, tokenizer_vocab(model.tokenizer, vocab))
         logger.info(
             "%s; KV cache: %.2f GiB of %s, %d blocks of %d tokens (%d tokens)",
             model.describe_weights(),
