@@ -9,6 +9,10 @@ class InvalidRequestError(ShoalError, ValueError):
     """A request (prompt or sampling parameters) that can never be served as given."""
 
 
+class GrammarError(InvalidRequestError):
+    """A structured output whose grammar cannot be built, or that failed while the answer was generated."""
+
+
 class ModelLoadError(ShoalError):
     """A model that cannot be found, read or understood."""
 

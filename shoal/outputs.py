@@ -47,6 +47,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None  # set when this request failed inside the engine; other requests go on
+    error_is_invalid_request: bool = False  # the failure is the request's own (e.g. its grammar failed)
     metrics: dict[str, float] = field(default_factory=dict)
     # With SamplingParams(prompt_logprobs=k): one entry per prompt token (None for the first), each holding
     # that token and the top k. In streaming (delta) outputs it comes once, with the first output.

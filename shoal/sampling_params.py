@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as json_module
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -46,10 +47,11 @@ class StructuredOutputsParams:
                 "structured outputs take exactly one of json, regex, choice, grammar or json_object, "
                 f"got {given or 'none'}"
             )
-        if self.json is not None and not isinstance(self.json, dict | str):
+        if self.json is not None and not isinstance(self.json, dict | bool | str):
             raise InvalidRequestError(
                 f"structured outputs json must be a JSON schema object, got {self.json!r}"
             )
+        self.schema()  # a schema given as JSON text must parse
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -62,6 +64,17 @@ class StructuredOutputsParams:
             raise InvalidRequestError(
                 "structured outputs choice must be a non-empty list of non-empty strings"
             )
+
+    def schema(self) -> Any:
+        """The JSON schema (parsed when it was given as JSON text); None when this is not a schema spec."""
+        if not isinstance(self.json, str):
+            return self.json
+        try:
+            return json_module.loads(self.json)
+        except ValueError as e:
+            raise InvalidRequestError(
+                f"structured outputs json is a string but not JSON ({e}); send the schema as an object"
+            ) from None
 
     @property
     def kind(self) -> str:
@@ -144,8 +157,12 @@ class SamplingParams:
         ):
             raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams")
         ids = self.stop_token_ids
-        if ids is not None and (not isinstance(ids, list | tuple) or not all(_is_int(t) for t in ids)):
-            raise InvalidRequestError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        if ids is not None and (
+            not isinstance(ids, list | tuple) or not all(_is_int(t) and t >= 0 for t in ids)
+        ):
+            raise InvalidRequestError(
+                f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}"
+            )
 
     def _validate(self) -> None:
         low, high = PENALTY_RANGE
@@ -195,6 +212,17 @@ class SamplingParams:
         return self.temperature == 0
 
 
+PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)
+
+
+def check_priority(priority: Any) -> int:
+    """A request priority: an integer in the 32-bit range (lower runs first). Raises InvalidRequestError."""
+    low, high = PRIORITY_RANGE
+    if not _is_int(priority) or not low <= priority <= high:
+        raise InvalidRequestError(f"priority must be an integer in [{low}, {high}], got {priority!r}")
+    return int(priority)
+
+
 def check_seed(seed: Any) -> int:
     """A seed as the engine takes it: an integer in [0, 2**63). Raises InvalidRequestError."""
     if not _is_int(seed) or not 0 <= seed < MAX_SEED:
@@ -219,9 +247,11 @@ def _as_logit_bias(bias: Any) -> dict[int, float]:
         raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {bias!r}")
     result: dict[int, float] = {}
     for key, value in bias.items():
-        token = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
         if not _is_int(token) or token < 0:
-            raise InvalidRequestError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (integers >= 0, written in ASCII digits), got {key!r}"
+            )
         if not _is_number(value) or not -100 <= value <= 100:
             raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
         result[int(token)] = float(value)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ({"seed": -1}, "seed must be an integer in [0, 2**63)"),
         ({"stop": 5}, "stop must be a string or a list of strings"),
         ({"stop": ["ok", "\ud800"]}, "lone surrogate"),
-        ({"stop_token_ids": ["a"]}, "stop_token_ids must be a list of integers"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids must be a list of token ids"),
         ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
     ],
 )

@@ -75,6 +75,10 @@ class AsyncLLM:
         """The conversation as prompt token ids (see LoadedModel.render_chat)."""
         return self.engine.model.render_chat(messages, add_generation_prompt, tools, template_kwargs)
 
+    def check_prompt_length(self, characters: int) -> None:
+        """Refuse text that cannot fit the context whatever its tokens (InvalidRequestError), untokenized."""
+        self.engine.check_prompt_length(characters)
+
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a request without queueing it; raises InvalidRequestError."""
         return self.engine.process_input(prompt, params).token_ids
@@ -107,7 +111,7 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     raise item
                 if item.error is not None:
-                    raise ShoalError(item.error)
+                    raise (InvalidRequestError if item.error_is_invalid_request else ShoalError)(item.error)
                 finished = item.finished
                 yield item
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import uuid
@@ -15,11 +16,12 @@ from shoal.config import EngineConfig
 from shoal.core.sequence import Sequence
 from shoal.engine.core import EngineCore, resolve_model
 from shoal.engine.request import OutputKind, Request
-from shoal.errors import InvalidRequestError
+from shoal.engine.structured_output import grammar_failure
+from shoal.errors import GrammarError, InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
-from shoal.runner.sampler import SampleRequest, ranked, sample, sample_row
-from shoal.sampling_params import SamplingParams, check_text
+from shoal.runner.sampler import SampleRequest, ranked_rows, sample, sample_row
+from shoal.sampling_params import SamplingParams, check_priority, check_text
 
 logger = logging.getLogger("shoal")
 
@@ -74,6 +76,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.requests_finished_total = 0
+        # Logprob entries name their tokens: each token id is decoded once.
+        self.token_text = functools.lru_cache(maxsize=1 << 17)(lambda t: self.tokenizer.decode([t]))
 
     @classmethod
     def from_options(cls, model: str | LoadedModel | None, options: dict[str, Any]) -> LLMEngine:
@@ -85,7 +89,7 @@ class LLMEngine:
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             check_text(prompt, "the prompt")
-            self._check_length_before_tokenizing(prompt)
+            self.check_prompt_length(len(prompt))
             return prompt, self.model.chat_template.encode_rendered(prompt)
         if not isinstance(prompt, list | tuple) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
@@ -95,12 +99,13 @@ class LLMEngine:
             )
         return None, list(prompt)
 
-    def _check_length_before_tokenizing(self, text: str) -> None:
-        """Refuse a prompt that cannot fit the context whatever its tokens, without tokenizing it."""
-        fewest_tokens = len(text) // (2 * self.model.max_token_chars)  # 2x margin for normalizers
+    def check_prompt_length(self, characters: int) -> None:
+        """Refuse a prompt of this many characters if it cannot fit the context whatever its tokens, before it
+        is tokenized (or rendered)."""
+        fewest_tokens = characters // (2 * self.model.max_token_chars)  # 2x margin for normalizers
         if fewest_tokens >= self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt has {len(text)} characters, at least {fewest_tokens} tokens, but the context "
+                f"the prompt has {characters} characters, at least {fewest_tokens} tokens, but the context "
                 f"(max_model_len) is {self.max_model_len}: shorten the prompt"
             )
 
@@ -122,6 +127,7 @@ class LLMEngine:
         """Queue a request (a ProcessedInput is taken as it is; params are then ignored). Raises
         InvalidRequestError, with nothing queued, if it can never be served."""
         request_id = request_id or uuid.uuid4().hex
+        check_priority(priority)
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not isinstance(prompt, ProcessedInput):
@@ -140,6 +146,7 @@ class LLMEngine:
             seed,
             matcher=prompt.matcher,
             reasoning_tokens=self.model.reasoning_tokens,
+            token_text=self.token_text,
         )
         seq = Sequence(f"{request_id}#0", list(ids), len(ids), params, priority)
         req.new_sample(0, seq)
@@ -151,6 +158,10 @@ class LLMEngine:
     def validate(self, ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a tokenized request; returns params with max_tokens filled in. Raises InvalidRequestError."""
         vocab = self.model.config.vocab_size
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise InvalidRequestError(
+                f"stop_token_ids must be below the vocabulary size {vocab}, got {max(params.stop_token_ids)}"
+            )
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise InvalidRequestError(
                 f"logit_bias token ids must be below the vocabulary size {vocab}, got {max(params.logit_bias)}"
@@ -227,6 +238,9 @@ class LLMEngine:
             if req.request_id not in self.requests:
                 continue  # failed earlier in this step
             try:
+                failure = grammar_failure(req.samples[i].constraint)
+                if failure is not None:
+                    raise failure
                 if result is None:
                     raise RuntimeError("sampling failed")
                 if i == 0 and len(req.samples) < req.params.n:
@@ -252,12 +266,10 @@ class LLMEngine:
         if owner is None or owner[1] != 0:
             return
         req = owner[0]
-        logprobs = torch.log_softmax(rows, dim=-1)
-        k = req.params.prompt_logprobs or 0
-        ids = seq.token_ids
-        req.add_prompt_logprobs(
-            first, [req.logprob_entry(ranked(logprobs[j], ids[first + j], k)) for j in range(rows.shape[0])]
-        )
+        logprobs = torch.log_softmax(rows.float(), dim=-1)
+        targets = torch.tensor(seq.token_ids[first : first + rows.shape[0]], dtype=torch.long)
+        results = ranked_rows(logprobs, targets, req.params.prompt_logprobs or 0)
+        req.add_prompt_logprobs(first, [req.logprob_entry(r) for r in results])
 
     def _start_masks(self, scheduled: list[tuple[Sequence, int]]) -> PendingMasks | None:
         """Start filling the masks of the constrained sequences that sample after this step's forward pass
@@ -314,11 +326,19 @@ class LLMEngine:
             return results
 
     def _fail(self, req: Request, exc: Exception) -> RequestOutput:
-        """End one request with an error; the rest of the batch goes on."""
-        logger.exception("request %s failed", req.request_id, exc_info=exc)
+        """End one request with an error; the rest of the batch goes on. A request error (a grammar that failed
+        while generating) is reported as the client's; its grammar leaves the cache."""
+        invalid = isinstance(exc, InvalidRequestError)
+        if isinstance(exc, GrammarError) and req.params.structured_outputs is not None:
+            self.core.grammars.forget(req.params.structured_outputs)
+        if invalid:
+            logger.info("request %s failed: %s", req.request_id, exc)
+        else:
+            logger.exception("request %s failed", req.request_id, exc_info=exc)
         self.abort_request(req.request_id)
         out = self._finished_outputs.pop() if self._finished_outputs else req.make_output()
-        out.error = f"{type(exc).__name__}: {exc}"
+        out.error = str(exc) if invalid else f"{type(exc).__name__}: {exc}"
+        out.error_is_invalid_request = invalid
         return out
 
     def _record(self, req: Request, index: int, result) -> None:

@@ -33,6 +33,10 @@ class EngineClient(Protocol):
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]: ...
 
+    def check_prompt_length(self, characters: int) -> None:
+        """Refuse text that cannot fit the context whatever its tokens; raises InvalidRequestError."""
+        ...
+
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenize and check a request without queueing it; raises InvalidRequestError."""
         ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 
 from shoal.core.sequence import Sequence
 from shoal.engine.detokenizer import IncrementalDetokenizer
+from shoal.engine.structured_output import grammar_failure
+from shoal.errors import GrammarError
 from shoal.models.reasoning import ReasoningState, ReasoningTokens
 from shoal.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from shoal.runner.sampler import SampleRequest, SampleResult
@@ -93,6 +96,7 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token; the first is None
     sent_prompt_logprobs: bool = False
     reasoning_tokens: ReasoningTokens | None = None  # the model's <think> markers, for a reasoning model
+    token_text: Callable[[int], str] | None = None  # one token decoded (the engine's cached decoder)
 
     def new_sample(self, index: int, seq: Sequence) -> Sample:
         p = self.params
@@ -156,6 +160,11 @@ class Request:
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens:
             seq.finish_reason = "length"
+        if seq.finish_reason == "stop" and sample.matcher is not None and not sample.matcher.is_accepting():
+            raise GrammarError(
+                "the output stopped before it matched its structured output (a stop string or stop token "
+                "cut it, or its grammar allows no end): remove the stop, or change the constraint"
+            )
 
     @staticmethod
     def _decode_step(sample: Sample) -> str | None:
@@ -174,7 +183,7 @@ class Request:
     def _grammar_done(matcher: Any, token: int) -> bool:
         """Feed the token to the structured output; True once its grammar is complete."""
         if not matcher.consume_token(token):
-            raise RuntimeError(f"the structured output refused token {token}: {matcher.get_error()}")
+            raise grammar_failure(matcher) or GrammarError(f"the structured output refused token {token}")
         return matcher.is_stopped()
 
     def add_prompt_logprobs(self, first: int, entries: list[TokenLogprobs]) -> None:
@@ -188,12 +197,10 @@ class Request:
 
     def logprob_entry(self, result: SampleResult) -> TokenLogprobs:
         """token id -> Logprob for the chosen token and the top ones (of a sampled or a prompt token)."""
-        decode = self.tokenizer.decode
-        entry = {
-            tid: Logprob(lp, rank + 1, decode([tid])) for rank, (tid, lp) in enumerate(result.top_logprobs)
-        }
+        text = self.token_text or (lambda t: self.tokenizer.decode([t]))
+        entry = {tid: Logprob(lp, rank + 1, text(tid)) for rank, (tid, lp) in enumerate(result.top_logprobs)}
         if result.token_id not in entry:
-            entry[result.token_id] = Logprob(result.logprob, result.rank, decode([result.token_id]))
+            entry[result.token_id] = Logprob(result.logprob, result.rank, text(result.token_id))
         return entry
 
     @property

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
-from shoal.errors import InvalidRequestError
+from shoal.errors import GrammarError, InvalidRequestError
 from shoal.sampling_params import StructuredOutputsParams
 
 _CACHE_SIZE = 256
+EXERCISE_STEPS = 16  # forced tokens walked through when a grammar is compiled, to find its failures early
 
 
 def grammar_text(spec: StructuredOutputsParams) -> str:
     """The llguidance grammar for a spec (exactly one of its fields is set)."""
     if spec.json is not None:
-        schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
-        return _from_schema(schema)
+        return _from_schema(spec.schema())
     if spec.json_object:
         return _from_schema({"type": "object"})
     if spec.regex is not None:
@@ -107,8 +107,10 @@ class GrammarCompiler:
         )
 
     def compile(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
-        """A fresh matcher at the start of the spec's grammar. Raises InvalidRequestError naming the
-        problem for a grammar, schema or regex the library rejects."""
+        """A fresh matcher at the start of the spec's grammar. The grammar is built and exercised here, off
+        the engine thread: its first mask, and the tokens it forces after that (up to EXERCISE_STEPS), so its
+        first-use cost is paid before the request joins a batch and a grammar that fails early is refused.
+        Raises GrammarError (an InvalidRequestError) naming the problem; nothing that failed is cached."""
         text = grammar_text(spec)
         with self._lock:
             template = self._cache.get(text)
@@ -117,17 +119,54 @@ class GrammarCompiler:
                 return template.deep_copy()
         error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer)
         if error:
-            raise InvalidRequestError(f"the structured output {spec.kind} is not valid: {error.strip()}")
+            raise GrammarError(f"the structured output {spec.kind} is not valid: {error.strip()}")
         template = llguidance.LLMatcher(self.tokenizer, text, log_level=0)
         if template.is_error():
-            raise InvalidRequestError(
-                f"the structured output {spec.kind} is not valid: {template.get_error()}"
-            )
+            raise GrammarError(f"the structured output {spec.kind} is not valid: {template.get_error()}")
+        self._exercise(template.deep_copy(), spec)
         with self._lock:
             self._cache[text] = template
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         return template.deep_copy()
+
+    def _exercise(self, matcher: llguidance.LLMatcher, spec: StructuredOutputsParams) -> None:
+        bitmask = llguidance.torch.allocate_token_bitmask(1, self.tokenizer.vocab_size)
+        for _ in range(EXERCISE_STEPS):
+            llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+            allowed = np.flatnonzero(np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little"))
+            no_text = "NoExtensionBias" in (matcher.get_error() or "")  # nothing can ever be written
+            if matcher.is_error() and not no_text:
+                raise GrammarError(f"the structured output {spec.kind} cannot be used: {_reason(matcher)}")
+            if no_text or len(allowed) == 0 or (matcher.is_stopped() and not matcher.is_accepting()):
+                raise GrammarError(
+                    f"the structured output {spec.kind} matches no text (a schema that only refers to itself?); "
+                    "send one that some text matches"
+                )
+            if len(allowed) != 1 or int(allowed[0]) in self._eos:
+                return  # the model has a choice here: exercised enough
+            if not matcher.consume_token(int(allowed[0])):
+                raise GrammarError(f"the structured output {spec.kind} cannot be used: {_reason(matcher)}")
+
+    def forget(self, spec: StructuredOutputsParams) -> None:
+        """Drop a grammar that failed during generation from the cache (its next use compiles it anew)."""
+        text = grammar_text(spec)
+        with self._lock:
+            self._cache.pop(text, None)
+
+
+def grammar_failure(matcher: Any) -> GrammarError | None:
+    """The error of a matcher that failed during generation, as the request's error (None if it did not)."""
+    if matcher is None or not matcher.is_error():
+        return None
+    return GrammarError(f"the structured output failed during generation: {_reason(matcher)}")
+
+
+def _reason(matcher: llguidance.LLMatcher) -> str:
+    """llguidance's error, without the parser state it dumps after it."""
+    error = matcher.get_error() or "unknown error"
+    lines = [line for line in error.splitlines() if line.startswith(("Error:", "Stop:"))]
+    return "; ".join(lines) or error.splitlines()[0]
 
 
 def tokenizer_vocab(tokenizer: Any, model_vocab: int) -> int:
@@ -165,12 +204,17 @@ class MaskFiller:
     def masks(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
         """[len(matchers), vocab] bool: True where the token is allowed next."""
         bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), max(self.width, self.vocab_size))
-        if self._executor is not None:
+        try:
+            if self._executor is None:
+                raise RuntimeError("no pool")  # one after the other, below
             llguidance.torch.fill_next_token_bitmask_par(
                 self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask
             )
-        else:
+        except Exception:
             for i, matcher in enumerate(matchers):
-                llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+                try:
+                    llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+                except Exception:  # its row stays empty; the matcher's error fails its request alone
+                    bitmask[i] = 0
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         return torch.from_numpy(bits[:, : self.vocab_size].view(np.bool_))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.errors import InvalidRequestError, ModelLoadError
+from shoal.sampling_params import check_text
 
 Message = dict[str, Any]
 
@@ -72,7 +73,7 @@ class ChatTemplate:
     ) -> list[int]:
         """The conversation as token ids: the rendered text tokenized as text, with the tokenizer's BOS put in
         front only when the template has not written it already."""
-        text = self.render(messages, add_generation_prompt, tools, template_kwargs)
+        text = check_text(self.render(messages, add_generation_prompt, tools, template_kwargs), "a message")
         return self.encode_rendered(text)
 
     def encode_rendered(self, text: str) -> list[int]:

@@ -116,6 +116,23 @@ def ranked(logprobs: torch.Tensor, token: int, k: int) -> SampleResult:
     return SampleResult(token, float(logprobs[token]), rank, top_list)
 
 
+def ranked_rows(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> list[SampleResult]:
+    """ranked() for many rows at once (prompt logprobs): [R, vocab] log-softmax rows, [R] tokens."""
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    values = chosen[:, 0].tolist()
+    if k:
+        top = torch.topk(logprobs, k, dim=1)
+        tops = [
+            list(zip(i, v, strict=True))
+            for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        ]
+    else:
+        tops = [[] for _ in values]
+    ids = tokens.tolist()
+    return [SampleResult(t, v, r, top) for t, v, r, top in zip(ids, values, ranks, tops, strict=True)]
+
+
 def _adjusts_logits(req: SampleRequest) -> bool:
     p = req.params
     return (

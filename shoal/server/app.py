@@ -269,13 +269,17 @@ def _generation_routes() -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(request: Request) -> TokenizeResponse:
-        body = parse_body(TokenizeRequest, parse_json(await request.body()))
-        return await asyncio.to_thread(get_state(request).serving.tokenize, body)
+        state = get_state(request)
+        async with state.tokenizer_slots:  # the worker threads stay free for generation requests
+            body = await asyncio.to_thread(parse_body, TokenizeRequest, parse_json(await request.body()))
+            return await asyncio.to_thread(state.serving.tokenize, body)
 
     @router.post("/detokenize")
     async def detokenize(request: Request) -> DetokenizeResponse:
-        body = parse_body(DetokenizeRequest, parse_json(await request.body()))
-        return await asyncio.to_thread(get_state(request).serving.detokenize, body)
+        state = get_state(request)
+        async with state.tokenizer_slots:
+            body = await asyncio.to_thread(parse_body, DetokenizeRequest, parse_json(await request.body()))
+            return await asyncio.to_thread(state.serving.detokenize, body)
 
     return router
 

@@ -92,7 +92,7 @@ class _GenerationRequest(_Body):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    priority: int = 0  # extension: lower runs first
+    priority: int = Field(0, ge=-(1 << 31), le=(1 << 31) - 1, strict=True)  # extension: lower runs first
     logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
     prompt_logprobs: int | None = None  # vLLM's extension: top-N logprobs of each prompt token
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension

@@ -336,8 +336,7 @@ class OpenAIServing:
                 structured.json is None and not structured.json_object,
                 f"tools go together with a JSON schema or JSON object answer, not a {structured.kind}",
             )
-            answer = {"type": "object"} if structured.json_object else structured.json
-            answer = json.loads(answer) if isinstance(answer, str) else answer
+            answer = {"type": "object"} if structured.json_object else structured.schema()
         grammar = StructuredOutputsParams(grammar=tools.grammar(answer))
         stops = [t for t in tools.syntax.stop_ids if t not in params.stop_token_ids]
         return replace(params, structured_outputs=grammar, stop_token_ids=params.stop_token_ids + stops)
@@ -378,6 +377,7 @@ class OpenAIServing:
                 )
                 message["content"] = "".join(part.text or "" for part in m.content)
             messages.append(message)
+        self.engine.check_prompt_length(sum(len(m.get("content") or "") for m in messages))
         if tools is not None:
             messages = tools.messages(messages)
         else:
@@ -397,6 +397,7 @@ class OpenAIServing:
             tokens = self._render_chat(request.messages, request.add_generation_prompt, None)
         else:
             text = check_text(request.prompt or "", "the prompt")
+            self.engine.check_prompt_length(len(text))
             tokens = self.engine.tokenizer.encode(
                 text, add_special_tokens=request.add_special_tokens is not False
             )
@@ -404,7 +405,11 @@ class OpenAIServing:
 
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
-        vocab = len(self.engine.tokenizer)
+        vocab, limit = len(self.engine.tokenizer), self.engine.max_model_len
+        if len(request.tokens) > limit:
+            raise InvalidRequestError(
+                f"{len(request.tokens)} tokens are more than the context (max_model_len) of {limit}; send fewer"
+            )
         if any(not 0 <= t < vocab for t in request.tokens):
             raise InvalidRequestError(f"tokens must be token ids in [0, {vocab})")
         return DetokenizeResponse(prompt=self.engine.tokenizer.decode(request.tokens))

@@ -23,6 +23,7 @@ log = logging.getLogger("shoal.server")
 
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 DEFAULT_MAX_HEADER_BYTES = 64 << 10
+TOKENIZER_SLOTS = 2
 
 
 @dataclass
@@ -115,6 +116,9 @@ class ServerState:
     store: BatchStore | None = None
     worker: BatchWorker | None = None
     responses: Any = None  # the Responses API (a ResponsesService) on an app with an engine
+    # /tokenize and /detokenize run at most this many at once, whoever sends them, so a flood of large
+    # bodies cannot take every worker thread from generation requests.
+    tokenizer_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(TOKENIZER_SLOTS))
     draining: bool = False
     _tasks: set[asyncio.Task] = field(default_factory=set)
 
