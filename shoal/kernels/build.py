@@ -74,7 +74,11 @@ def _cpu_signature() -> str:
 
 
 def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """The C compiler: $CC when it names one that exists, else cc or gcc on the PATH; None without one."""
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named)
+    return shutil.which("cc") or shutil.which("gcc")
 
 
 def candidate_isas() -> list[str]:

@@ -17,9 +17,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shoal.engine.protocol import EngineClient
 from shoal.errors import EngineDeadError, InvalidRequestError
+from shoal.server import openapi
 from shoal.server.batch_jobs import LineAnswerer, local_answerer
 from shoal.server.batch_routes import batch_routes
 from shoal.server.batch_store import BatchStore
@@ -120,6 +122,7 @@ def _app(state: ServerState) -> FastAPI:
                 await state.engine.shutdown()
 
     app = FastAPI(title="shoal", lifespan=lifespan)
+    openapi.install(app)
     app.state.shoal = state
     app.add_middleware(BodyLimit, max_bytes=state.config.max_request_bytes, exempt=("/v1/files",))
     _add_error_handlers(app)
@@ -175,7 +178,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+        headers = dict(getattr(e, "headers", None) or {})
+        if e.status_code == 405:  # every method the path has, not only those of the first route matched
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return _error(e.status_code, str(e.detail), headers=headers)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, e: EngineDeadError) -> JSONResponse:
@@ -184,6 +190,22 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:  # uvicorn logs the traceback
         return _error(500, f"internal error: {e}", "server_error")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    return sorted(set(_route_methods(request.app.routes, {**request.scope, "method": "GET"})))
+
+
+def _route_methods(routes: list[Any], scope: dict[str, Any]) -> list[str]:
+    """The methods of the routes whose path matches the scope's (included routers searched too)."""
+    methods: list[str] = []
+    for route in routes:
+        nested = getattr(route, "original_router", None) or route  # FastAPI keeps included routers whole
+        if getattr(nested, "routes", None) is not None:
+            methods += _route_methods(nested.routes, scope)
+        elif getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods += route.methods
+    return methods
 
 
 def _fastapi_message(e: RequestValidationError) -> str:
@@ -266,6 +288,11 @@ def _generation_routes() -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _generate(request, "/v1/chat/completions")
+
+    @router.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        """The tokenizer's configuration in vLLM's shape (what lm-eval's remote tokenizer reads)."""
+        return JSONResponse(get_state(request).serving.tokenizer_info())
 
     @router.post("/tokenize")
     async def tokenize(request: Request) -> TokenizeResponse:

@@ -403,6 +403,25 @@ class OpenAIServing:
             )
         return TokenizeResponse(count=len(tokens), max_model_len=self.engine.max_model_len, tokens=tokens)
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        tokenizer = self.engine.tokenizer
+        special = {
+            name: str(getattr(tokenizer, name)) if getattr(tokenizer, name, None) is not None else None
+            for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        added = {
+            str(i): {"content": t.content, "special": t.special}
+            for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        }
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            **special,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": self.engine.max_model_len,
+            "vocab_size": len(tokenizer),
+            "added_tokens_decoder": added,
+        }
+
     def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
         vocab, limit = len(self.engine.tokenizer), self.engine.max_model_len
