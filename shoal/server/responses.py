@@ -354,7 +354,8 @@ class ResponsesService:
                         )  # fmt: skip
                     for call in delta.tool_calls or []:
                         if message_open:
-                            yield from_list(self._close_message(events, builder, index))
+                            for event in self._close_message(events, builder, index):
+                                yield event
                             message_open, index = False, index + 1
                         whole = {"id": call.id, "type": "function", "function": call.function.model_dump()}
                         builder.calls.append(whole)
@@ -413,10 +414,6 @@ class ResponsesService:
             ),
             events.send("response.output_item.done", output_index=index, item=item),
         ]
-
-
-def from_list(events: list[str]) -> str:
-    return "".join(events)
 
 
 @dataclass

@@ -305,14 +305,14 @@ class ToolParser:
         parts, run = [], []
         for token in ids:
             if token in markers:
-                parts += [self._decode(run), markers[token]]
+                parts += [self.decode(run), markers[token]]
                 run = []
             else:
                 run.append(token)
-        parts.append(self._decode(run))
+        parts.append(self.decode(run))
         return "".join(parts)
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
     def parse(self, ids: list[int]) -> tuple[str | None, list[ToolCall]]:
@@ -434,7 +434,7 @@ class ToolCallStream:
         begin = self.parser.syntax.begin_id
         if begin is not None and begin in delta_ids:
             self.token_start = self.ids.index(begin)
-            before = self.parser._decode(self.ids[: self.token_start])
+            before = self.parser.decode(self.ids[: self.token_start])
             content, self.sent_content = before[self.sent_content :], len(before)
             return content
         self.text += delta
