@@ -32,6 +32,23 @@ FIELDS = [
     "add_generation_prompt", "unknown_field",
 ]  # fmt: skip
 MESSAGE_PARTS = ["role", "content", "name", "tool_calls"]
+RECURSIVE = {
+    "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}},
+    "$ref": "#/$defs/n",
+}
+# What a hostile client sends (issue 17): each must be a 400 on its own, never a 5xx or an empty success.
+HOSTILE = [
+    ("structured_outputs", {"regex": "b{999999}"}),
+    ("structured_outputs", {"json": {"$ref": "#"}}),
+    ("structured_outputs", {"json": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}),
+    ("structured_outputs", {"json": RECURSIVE}),
+    ("structured_outputs", {"json": "{"}),
+    ("guided_json", "{"),
+    ("logit_bias", {"²": 1}),
+    ("logit_bias", {"--5": 1}),
+    ("stop_token_ids", [-5]),
+    ("priority", 1e30),
+]  # fmt: skip
 
 
 def base_body(rng: random.Random, url: str) -> dict[str, Any]:
@@ -139,3 +156,37 @@ def test_fuzzed_requests_never_answer_5xx_or_hang(server):
     text = wait_until(settled, timeout=30)
     assert metric(text, "shoal_server_waiting_sequences") == 0
     assert 'status="500"' not in text
+
+
+@pytest.mark.parametrize("url", ["/v1/completions", "/v1/chat/completions"])
+def test_hostile_bodies_are_400s_alone(server, url):
+    rng = random.Random(17)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for field, value in HOSTILE:
+            for stream in (False, True):
+                body = {**base_body(rng, url), field: value, "stream": stream}
+                status = _send(client, "POST", url, json.dumps(body).encode())
+                assert status == 400, f"{field}={value!r} stream={stream} -> {status}"
+        long_prompt = {"prompt": "word " * 20, "max_tokens": 1, "prompt_logprobs": 5}  # most of the context
+        if url == "/v1/completions":
+            assert _send(client, "POST", url, json.dumps(long_prompt).encode()) == 200
+
+
+def test_a_tokenize_flood_does_not_stall_a_chat(server):
+    """8 concurrent 4 MB /tokenize bodies (each refused before it is tokenized) while a chat is answered."""
+    import concurrent.futures
+
+    flood = json.dumps({"prompt": "word " * 800_000}).encode()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as client,
+        concurrent.futures.ThreadPoolExecutor(9) as pool,
+    ):
+        floods = [pool.submit(_send, client, "POST", "/tokenize", flood) for _ in range(8)]
+        start = time.perf_counter()
+        answer = pool.submit(
+            _send, client, "POST", "/v1/chat/completions", json.dumps(chat).encode()
+        ).result()
+        waited = time.perf_counter() - start
+        assert answer == 200 and waited < SLOW_S, waited
+        assert {f.result() for f in floods} == {400}
