@@ -36,6 +36,15 @@ def connect(address: str, num_cpus: int | None = None) -> Any:
     return ray
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (inside a Ray worker), or "" outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def _shoal_root() -> str:
     """The folder holding the shoal package."""
     return str(Path(__file__).resolve().parents[2])

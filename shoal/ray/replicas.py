@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.ray.cluster import ray_module
+from shoal.ray.cluster import node_id, ray_module
 
 
 class BatchReplica:
@@ -35,8 +35,8 @@ class BatchReplica:
         self.answered += 1
         return record
 
-    def stats(self) -> dict[str, int]:
-        return {"pid": os.getpid(), "answered": self.answered}
+    def stats(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": node_id(), "answered": self.answered}
 
 
 @dataclass
@@ -56,7 +56,11 @@ class ReplicaPool:
         ray = ray_module()
         options = {**self.engine_options, "num_threads": self.num_threads}
         actor = ray.remote(BatchReplica).options(
-            num_cpus=self.num_threads, max_restarts=-1, max_task_retries=-1, max_concurrency=4096
+            num_cpus=self.num_threads,
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=4096,
+            scheduling_strategy="SPREAD",  # one replica per node while there are nodes to spare
         )
         self.actors = [actor.remote(self.model, options, self.model_names) for _ in range(self.replicas)]
         self.in_flight = [0] * self.replicas
@@ -71,7 +75,7 @@ class ReplicaPool:
         finally:
             self.in_flight[index] -= 1
 
-    def stats(self) -> list[dict[str, int]]:
+    def stats(self) -> list[dict[str, Any]]:
         return ray_module().get([a.stats.remote() for a in self.actors])
 
     def stop(self) -> None:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from shoal.ray.cluster import ray_module
+from shoal.ray.cluster import node_id, ray_module
 from shoal.server.serving import error_body
 from shoal.server.state import ServerConfig
 
@@ -38,7 +38,7 @@ def replica_app(
     app = build_app(AsyncLLM(model, **engine_options), config)
     if batch_api_url is not None:
         app.router.routes[:0] = _forwarding_routes(batch_api_url)  # before the app's own (storeless) ones
-    replica = f"{os.uname().nodename}:{os.getpid()}"
+    replica = f"{os.uname().nodename}:{os.getpid()}@{node_id()[:12]}"  # host, process, Ray node
 
     @app.middleware("http")
     async def name_the_replica(request: Any, call_next: Any) -> Any:
