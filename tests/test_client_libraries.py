@@ -64,7 +64,7 @@ def client(server):
 def test_models_retrieve(client):
     name = client.models.list().data[0].id
     assert client.models.retrieve(name).id == name
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
 
 

@@ -35,7 +35,6 @@ def error_of(resp: httpx.Response) -> dict:
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        ({"model": "gpt-4", "prompt": "hi"}, ["'gpt-4' does not exist", "tiny-llama"]),
         ({"prompt": 123}, ["'prompt' must be a string"]),
         ({"prompt": "hi", "temperature": "hot"}, ["temperature", "valid number"]),
         ({"prompt": "hi", "max_tokens": 0}, ["max_tokens must be at least 1"]),
@@ -54,6 +53,14 @@ def test_invalid_completion_requests(server, body, words):
     assert error["type"] == "invalid_request_error"
     for word in words:
         assert word in error["message"], error["message"]
+
+
+def test_an_unknown_model_is_a_404_as_openai_answers_it(server):
+    resp = httpx.post(server.url + "/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
+    assert resp.status_code == 404, resp.text
+    error = error_of(resp)
+    assert error["code"] == "model_not_found" and "'gpt-4' does not exist" in error["message"]
+    assert "tiny-llama" in error["message"]  # the names served
 
 
 def test_invalid_stream_request_fails_before_streaming(server):

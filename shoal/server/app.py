@@ -38,9 +38,10 @@ from shoal.server.protocol import (
 )
 from shoal.server.responses import ResponseNotFoundError, ResponsesService, ResponseStore
 from shoal.server.serving import (
-    ModelNotFoundError,
+    INTERNAL_ERROR,
     OpenAIServing,
     error_body,
+    error_status,
     new_request_id,
     parse_body,
     parse_json,
@@ -170,7 +171,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, e: InvalidRequestError) -> JSONResponse:
         if isinstance(e, ResponseNotFoundError):
             return _error(404, str(e), code="not_found")
-        return _error(400, str(e), code="model_not_found" if isinstance(e, ModelNotFoundError) else None)
+        status, code = error_status(e)
+        return _error(status, str(e), code=code)
 
     @app.exception_handler(RequestValidationError)
     async def unparsable(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -188,8 +190,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, f"the engine stopped: {e}", "server_error", "engine_dead")
 
     @app.exception_handler(Exception)
-    async def internal(request: Request, e: Exception) -> JSONResponse:  # uvicorn logs the traceback
-        return _error(500, f"internal error: {e}", "server_error")
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        log.error("internal error on %s", request.url.path, exc_info=e)
+        return _error(500, INTERNAL_ERROR, "server_error")
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -349,14 +352,14 @@ async def _generate(request: Request, url: str) -> Response:
         state.metrics.aborted.inc()
         status = 499
         return Response(status_code=499)
-    except InvalidRequestError:
-        status = 400
+    except InvalidRequestError as e:
+        status = error_status(e)[0]
         raise
     except EngineDeadError:
         raise
     except Exception:  # answered here, not re-raised, so the client's connection stays usable
         log.exception("internal error on %s", url)
-        return _error(500, "internal error; the server log has the details", "server_error")
+        return _error(500, INTERNAL_ERROR, "server_error")
     finally:
         if not streaming:
             finish(status)

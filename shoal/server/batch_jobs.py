@@ -13,6 +13,7 @@ import asyncio
 import functools
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,13 +26,17 @@ from tqdm import tqdm
 from shoal.errors import EngineDeadError, InvalidRequestError
 from shoal.server.protocol import random_id
 from shoal.server.serving import (
+    INTERNAL_ERROR,
     REQUEST_TYPES,
     OpenAIServing,
     error_body,
+    error_status,
     new_request_id,
     parse_json,
     parse_request,
 )
+
+log = logging.getLogger("shoal.server")
 
 
 @dataclass
@@ -226,9 +231,11 @@ async def answer_line(serving: OpenAIServing, obj: dict[str, Any], priority: int
     except EngineDeadError:
         raise
     except InvalidRequestError as e:
-        return response_record(cid, 400, request_id, error_body(str(e)))
-    except Exception as e:  # one line's failure must not stop the batch
-        return response_record(cid, 500, request_id, error_body(f"internal error: {e!r}", "server_error"))
+        status, code = error_status(e)
+        return response_record(cid, status, request_id, error_body(str(e), code=code))
+    except Exception:  # one line's failure must not stop the batch; its details go to the log, not the file
+        log.exception("batch line %r failed", cid)
+        return response_record(cid, 500, request_id, error_body(INTERNAL_ERROR, "server_error"))
     return response_record(cid, 200, request_id, response.model_dump())
 
 

@@ -119,9 +119,7 @@ def build(app: FastAPI) -> dict[str, Any]:
 def _errors(method: str, path: str) -> list[str]:
     if path in ("/health", "/metrics"):
         return ["503"] if path == "/health" else []
-    codes = ["400", "401", "413", "431"]
-    if "{" in path or path.startswith(("/v1/batches", "/v1/files", "/v1/responses")):
-        codes.append("404")
+    codes = ["400", "401", "404", "413", "431"]  # 404: an unknown model, file, batch or response
     if method == "post" and path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
         codes.append("503")
     return sorted(codes)

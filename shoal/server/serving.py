@@ -73,7 +73,15 @@ TEXT_PARTS = {"text", "input_text", "output_text"}  # the Responses API names it
 
 
 class ModelNotFoundError(InvalidRequestError):
-    """The request names a model this server does not serve."""
+    """The request names a model this server does not serve (404, as OpenAI answers it)."""
+
+
+INTERNAL_ERROR = "internal error; the server log has the details"
+
+
+def error_status(e: InvalidRequestError) -> tuple[int, str | None]:
+    """(HTTP status, error code) of a request's own error."""
+    return (404, "model_not_found") if isinstance(e, ModelNotFoundError) else (400, None)
 
 
 class OutputObserver(Protocol):
