@@ -53,6 +53,7 @@ class AsyncLLM:
         self._stats = self.engine.stats()
         self._dead: str | None = None
         self._thread = threading.Thread(target=self._loop, name="shoal-engine", daemon=True)
+        self.engine.model.backend.release_thread_team()  # the engine thread's team is then the only one
         self._thread.start()
 
     # -- public API ---------------------------------------------------------------------------------

@@ -128,6 +128,16 @@ def best_isa() -> str:
     return next(isa for isa in candidate_isas() if isa_runs(isa))
 
 
+def release_openmp_team() -> None:
+    """omp_pause_resource_all(omp_pause_soft) in the process's OpenMP runtime (torch's libgomp, which the
+    kernels share: same soname): the calling thread's idle team exits. A no-op where there is none."""
+    try:
+        runtime = ctypes.CDLL("libgomp.so.1")
+        runtime.omp_pause_resource_all(1)
+    except (OSError, AttributeError):
+        pass
+
+
 @cache
 def load_library(isa: str) -> ctypes.CDLL | None:
     """The kernels built for `isa` ("avx512", "avx2", "portable"), or None when they cannot be built or run."""
