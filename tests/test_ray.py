@@ -4,7 +4,6 @@ text as one process, even when a replica dies mid-job; the Ray Data processor gi
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from test_server_helpers import (
     make_model,
     metric,
     read_jsonl,
+    run_batch_with_client,
     wait_until,
     write_jsonl,
 )
@@ -127,14 +127,7 @@ def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model,
             # The Batch API: one writer (the driver), its lines answered by the replicas.
             lines = [line for line in mixed_lines(12) if line["url"] == "/v1/completions"]
             ray_client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-            data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-            upload = ray_client.files.create(file=("in.jsonl", data), purpose="batch")
-            batch = ray_client.batches.create(
-                input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
-            )
-            done = wait_until(
-                lambda: (b := ray_client.batches.retrieve(batch.id)).status == "completed" and b, timeout=120
-            )
+            done = run_batch_with_client(ray_client, lines, "/v1/completions")
             output = tmp_path / "batch.jsonl"
             output.write_text(ray_client.files.content(done.output_file_id).text)
             expected = {

@@ -6,7 +6,6 @@ ADDRESS` spreads its replicas over the nodes and keeps the Batch API's single wr
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,16 @@ import httpx
 import openai
 import pytest
 from test_ray import ENGINE, _healthy, mixed_lines, texts
-from test_server_helpers import REPO, ServerThread, free_port, make_model, read_jsonl, wait_until, write_jsonl
+from test_server_helpers import (
+    REPO,
+    ServerThread,
+    free_port,
+    make_model,
+    read_jsonl,
+    run_batch_with_client,
+    wait_until,
+    write_jsonl,
+)
 
 import shoal
 from shoal.server.app import ServerConfig
@@ -134,14 +142,7 @@ def test_shoal_serve_on_a_cluster_spreads_replicas_and_answers_like_one_process(
         assert httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"] == expected
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)  # the driver's Batch API
         lines = [line for line in mixed_lines(8) if line["url"] == "/v1/completions"]
-        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-        upload = client.files.create(file=("in.jsonl", data), purpose="batch")
-        batch = client.batches.create(
-            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h"
-        )
-        done = wait_until(
-            lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b, timeout=180
-        )
+        done = run_batch_with_client(client, lines, "/v1/completions", timeout=180)
         assert done.request_counts.completed == len(lines)
     finally:
         server.terminate()

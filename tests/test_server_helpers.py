@@ -160,3 +160,13 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     text = path.read_text() if isinstance(path, Path) else path
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run_batch_with_client(client: Any, lines: list[dict], endpoint: str, timeout: float = 120) -> Any:
+    """Upload `lines` and run them as a Batch API batch through the openai client; the completed batch."""
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = client.files.create(file=("in.jsonl", data), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")
+    return wait_until(
+        lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b, timeout=timeout
+    )

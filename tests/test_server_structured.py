@@ -13,7 +13,13 @@ import pydantic
 import pytest
 import torch
 from conftest import needs_smollm2
-from test_server_helpers import ServerThread, batch_lines, make_model, read_jsonl, wait_until
+from test_server_helpers import (
+    ServerThread,
+    batch_lines,
+    make_model,
+    read_jsonl,
+    run_batch_with_client,
+)
 
 from shoal.server.app import ServerConfig
 
@@ -372,14 +378,7 @@ def test_the_batch_api_takes_structured_outputs_and_tools(client):
     lines = batch_lines(2, url="/v1/chat/completions")
     lines[0]["body"].update(response_format={"type": "json_object"}, max_tokens=200, ignore_eos=False)
     lines[1]["body"].update(tools=[WEATHER], tool_choice="required", max_tokens=120, ignore_eos=False)
-    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    upload = client.files.create(file=("in.jsonl", data), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    done = wait_until(
-        lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b, timeout=120
-    )
+    done = run_batch_with_client(client, lines, "/v1/chat/completions")
     records = {
         r["custom_id"]: r["response"]["body"]
         for r in read_jsonl(client.files.content(done.output_file_id).text)
