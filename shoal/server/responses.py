@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from shoal.errors import InvalidRequestError
+from shoal.errors import InvalidRequestError, ShoalError
 from shoal.server.batch_store import BatchStore
 from shoal.server.protocol import (
     ChatCompletionChunk,
@@ -327,43 +327,54 @@ class ResponsesService:
         message_open = False
         index = 0  # the output index of the next item
         chunks = self.serving.chunks(prepared, builder.id, priority=0)
-        async with aclosing(chunks) as stream:
-            async for chunk in stream:
-                assert isinstance(chunk, ChatCompletionChunk)
-                builder.set_usage(chunk.usage)
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    builder.reasoning += delta.reasoning_content or ""
-                    if delta.content:
-                        if not message_open:
-                            message_open = True
+        try:
+            async with aclosing(chunks) as stream:
+                async for chunk in stream:
+                    assert isinstance(chunk, ChatCompletionChunk)
+                    builder.set_usage(chunk.usage)
+                    for choice in chunk.choices:
+                        delta = choice.delta
+                        builder.reasoning += delta.reasoning_content or ""
+                        if delta.content:
+                            if not message_open:
+                                message_open = True
+                                yield events.send(
+                                    "response.output_item.added",
+                                    output_index=index,
+                                    item=builder.message_item("in_progress"),
+                                )
+                                part = {"type": "output_text", "text": "", "annotations": []}
+                                yield events.send(
+                                    "response.content_part.added", item_id=builder.message_id, output_index=index,
+                                    content_index=0, part=part,
+                                )  # fmt: skip
+                            builder.content += delta.content
                             yield events.send(
-                                "response.output_item.added",
-                                output_index=index,
-                                item=builder.message_item("in_progress"),
-                            )
-                            part = {"type": "output_text", "text": "", "annotations": []}
-                            yield events.send(
-                                "response.content_part.added", item_id=builder.message_id, output_index=index,
-                                content_index=0, part=part,
+                                "response.output_text.delta", item_id=builder.message_id, output_index=index,
+                                content_index=0, delta=delta.content, logprobs=[],
                             )  # fmt: skip
-                        builder.content += delta.content
-                        yield events.send(
-                            "response.output_text.delta", item_id=builder.message_id, output_index=index,
-                            content_index=0, delta=delta.content, logprobs=[],
-                        )  # fmt: skip
-                    for call in delta.tool_calls or []:
-                        if message_open:
-                            for event in self._close_message(events, builder, index):
+                        for call in delta.tool_calls or []:
+                            if message_open:
+                                for event in self._close_message(events, builder, index):
+                                    yield event
+                                message_open, index = False, index + 1
+                            whole = {
+                                "id": call.id,
+                                "type": "function",
+                                "function": call.function.model_dump(),
+                            }
+                            builder.calls.append(whole)
+                            for event in self._call_events(events, builder, whole, index):
                                 yield event
-                            message_open, index = False, index + 1
-                        whole = {"id": call.id, "type": "function", "function": call.function.model_dump()}
-                        builder.calls.append(whole)
-                        for event in self._call_events(events, builder, whole, index):
-                            yield event
-                        index += 1
-                    if choice.finish_reason:
-                        builder.finish_reason = choice.finish_reason
+                            index += 1
+                        if choice.finish_reason:
+                            builder.finish_reason = choice.finish_reason
+        except ShoalError as e:  # the request failed after its first event: OpenAI's last event says so
+            failed = builder.response("failed")
+            code = "invalid_request" if isinstance(e, InvalidRequestError) else "server_error"
+            failed["error"] = {"code": code, "message": str(e)}
+            yield events.send("response.failed", response=failed)
+            return
         if message_open:
             for event in self._close_message(events, builder, index):
                 yield event
