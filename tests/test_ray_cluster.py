@@ -6,6 +6,7 @@ ADDRESS` spreads its replicas over the nodes and keeps the Batch API's single wr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -129,12 +130,17 @@ def test_shoal_serve_on_a_cluster_spreads_replicas_and_answers_like_one_process(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _healthy(url, server), timeout=300, interval=1)
-        nodes = {
-            httpx.post(url + "/v1/completions", json={"prompt": f"hi {i}", "max_tokens": 2})
-            .headers["x-shoal-replica"]
-            .rsplit("@", 1)[1]
-            for i in range(16)
-        }
+        # Serve's proxy prefers the replica on its own node while it has room: enough requests at once fill it
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = pool.map(
+                lambda i: httpx.post(
+                    url + "/v1/completions",
+                    json={"prompt": f"hi {i}", "max_tokens": 24, "ignore_eos": True},
+                    timeout=120,
+                ),
+                range(64),
+            )
+            nodes = {answer.headers["x-shoal-replica"].rsplit("@", 1)[1] for answer in answers}
         assert len(nodes) == 2, nodes  # a replica on each node
         body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 8, "temperature": 0.9, "seed": 5}
         with ServerThread(model, ServerConfig(), **ENGINE) as single:
