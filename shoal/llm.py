@@ -14,7 +14,7 @@ from shoal.engine.request import OutputKind
 from shoal.errors import InvalidRequestError
 from shoal.models.loaded import LoadedModel
 from shoal.outputs import RequestOutput
-from shoal.sampling_params import SamplingParams, check_text
+from shoal.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, Any]
@@ -57,7 +57,7 @@ class LLM:
         (rendered to token ids once; each output's prompt is the rendered text)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         template = self.model.chat_template
-        texts = [check_text(template.render(c, add_generation_prompt), "a message") for c in conversations]
+        texts = [template.render(c, add_generation_prompt) for c in conversations]
         params = _as_params_list(sampling_params, len(texts))
         inputs = [
             replace(self.engine.process_input(template.encode_rendered(text), sp), text=text)

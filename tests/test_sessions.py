@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import shoal
-from shoal.errors import ShoalError
+from shoal.errors import InvalidRequestError, ShoalError
 from shoal.executor import DisposedError
 from shoal.sessions import ChatSession, Context, NoSequenceAvailableError
 
@@ -194,3 +194,12 @@ def test_a_full_context_drops_the_oldest_exchanges_and_keeps_the_system_prompt(m
         assert fresh.prompt_sync(f"Question number {turn}?", **TURN) == answer
         with pytest.raises(shoal.InvalidRequestError, match="max_tokens"):  # no room even after shifting
             session.prompt_sync("One more?", max_tokens=500)
+
+
+def test_a_session_message_that_is_not_valid_unicode_is_refused_clearly(model):
+    async def ask() -> None:
+        async with Context(model, kv_cache_memory=8 << 20) as context:
+            with pytest.raises(InvalidRequestError, match="lone surrogate"):
+                await ChatSession(context.get_sequence()).prompt("bad \ud800", max_tokens=2)
+
+    asyncio.run(ask())

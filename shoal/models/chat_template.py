@@ -52,7 +52,7 @@ class ChatTemplate:
                 f"model {self.model_name!r} has no chat template; use generate() with plain prompts"
             )
         try:
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 self.normalize(messages),
                 tools=tools,
                 tokenize=False,
@@ -63,6 +63,7 @@ class ChatTemplate:
             raise
         except Exception as e:  # the template's raise_exception(), or a message it cannot render
             raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}") from e
+        return check_text(text, "a message")
 
     def render_ids(
         self,
@@ -73,8 +74,7 @@ class ChatTemplate:
     ) -> list[int]:
         """The conversation as token ids: the rendered text tokenized as text, with the tokenizer's BOS put in
         front only when the template has not written it already."""
-        text = check_text(self.render(messages, add_generation_prompt, tools, template_kwargs), "a message")
-        return self.encode_rendered(text)
+        return self.encode_rendered(self.render(messages, add_generation_prompt, tools, template_kwargs))
 
     def encode_rendered(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
