@@ -14,7 +14,6 @@ MAX_SEED = 1 << 63  # seeds are in [0, MAX_SEED)
 _MAX_COUNT = 1 << 31  # the largest token count, top_k or n anyone can mean
 MIN_TEMPERATURE = 0.01  # below it (and above 0) logits / temperature can overflow float32
 MAX_TEMPERATURE = 100.0
-PENALTY_RANGE = (0.01, 100.0)  # repetition_penalty multiplies or divides logits
 _FLOAT_FIELDS = (
     "temperature",
     "top_p",
@@ -25,6 +24,52 @@ _FLOAT_FIELDS = (
 )
 _INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs")
 _OPTIONAL_INT_FIELDS = ("max_tokens", "logprobs", "prompt_logprobs")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric parameter may take: low..high (low itself excluded when open), and `also`."""
+
+    low: float
+    high: float
+    rule: str  # the range in words, as error messages state it
+    open_low: bool = False
+    also: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value if self.open_low else self.low <= value
+        return value == self.also or (above and value <= self.high)
+
+    def json_schema(self) -> dict[str, Any]:
+        """The range as JSON Schema keywords, for documents that describe these parameters."""
+        limits = {"exclusiveMinimum" if self.open_low else "minimum": self.low, "maximum": self.high}
+        return limits if self.also is None else {"anyOf": [{"const": self.also}, limits]}
+
+
+# Every numeric parameter's range, checked here and stated in the server's OpenAPI document.
+BOUNDS: dict[str, Bound] = {
+    "n": Bound(1, _MAX_COUNT, "at least 1"),
+    "temperature": Bound(
+        MIN_TEMPERATURE,
+        MAX_TEMPERATURE,
+        f"0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}",
+        also=0,
+    ),
+    "top_p": Bound(0, 1, "in (0, 1]", open_low=True),
+    "top_k": Bound(-1, _MAX_COUNT, ">= 0 (0 or -1 disables it)"),
+    "min_p": Bound(0, 1, "in [0, 1]"),
+    "repetition_penalty": Bound(0.01, 100.0, "between 0.01 and 100.0 (1 means none)"),
+    "presence_penalty": Bound(-2, 2, "in [-2, 2]"),
+    "frequency_penalty": Bound(-2, 2, "in [-2, 2]"),
+    "max_tokens": Bound(1, _MAX_COUNT, "at least 1"),
+    "min_tokens": Bound(0, _MAX_COUNT, ">= 0"),
+    "logprobs": Bound(0, 20, "in [0, 20]"),
+    "prompt_logprobs": Bound(0, 20, "in [0, 20]"),
+    "seed": Bound(0, MAX_SEED - 1, "an integer in [0, 2**63)"),
+    "priority": Bound(-(1 << 31), (1 << 31) - 1, f"an integer in [{-(1 << 31)}, {(1 << 31) - 1}]"),
+    "logit_bias": Bound(-100, 100, "numbers in [-100, 100]"),
+}
+_BOUNDED_FIELDS = (*_FLOAT_FIELDS, *_INT_FIELDS)
 
 
 @dataclass
@@ -165,68 +210,27 @@ class SamplingParams:
             )
 
     def _validate(self) -> None:
-        low, high = PENALTY_RANGE
-        checks = [
-            (1 <= self.n <= _MAX_COUNT, f"n must be at least 1, got {self.n}"),
-            (
-                self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE,
-                f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
-                f"got {self.temperature}",
-            ),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.top_k <= _MAX_COUNT, f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (
-                low <= self.repetition_penalty <= high,
-                f"repetition_penalty must be between {low} and {high} (1 means none), "
-                f"got {self.repetition_penalty}",
-            ),
-            (
-                -2 <= self.presence_penalty <= 2,
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
-            ),
-            (
-                -2 <= self.frequency_penalty <= 2,
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
-            ),
-            (
-                self.max_tokens is None or 1 <= self.max_tokens <= _MAX_COUNT,
-                f"max_tokens must be at least 1, got {self.max_tokens}",
-            ),
-            (0 <= self.min_tokens <= _MAX_COUNT, f"min_tokens must be >= 0, got {self.min_tokens}"),
-            (
-                self.logprobs is None or 0 <= self.logprobs <= 20,
-                f"logprobs must be in [0, 20], got {self.logprobs}",
-            ),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InvalidRequestError(message)
+        for name in _BOUNDED_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value not in BOUNDS[name]:
+                raise InvalidRequestError(f"{name} must be {BOUNDS[name].rule}, got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-PRIORITY_RANGE = (-(1 << 31), (1 << 31) - 1)
-
-
 def check_priority(priority: Any) -> int:
     """A request priority: an integer in the 32-bit range (lower runs first). Raises InvalidRequestError."""
-    low, high = PRIORITY_RANGE
-    if not _is_int(priority) or not low <= priority <= high:
-        raise InvalidRequestError(f"priority must be an integer in [{low}, {high}], got {priority!r}")
+    if not _is_int(priority) or priority not in BOUNDS["priority"]:
+        raise InvalidRequestError(f"priority must be {BOUNDS['priority'].rule}, got {priority!r}")
     return int(priority)
 
 
 def check_seed(seed: Any) -> int:
     """A seed as the engine takes it: an integer in [0, 2**63). Raises InvalidRequestError."""
-    if not _is_int(seed) or not 0 <= seed < MAX_SEED:
-        raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if not _is_int(seed) or seed not in BOUNDS["seed"]:
+        raise InvalidRequestError(f"seed must be {BOUNDS['seed'].rule}, got {seed!r}")
     return int(seed)
 
 
@@ -252,8 +256,8 @@ def _as_logit_bias(bias: Any) -> dict[int, float]:
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids (integers >= 0, written in ASCII digits), got {key!r}"
             )
-        if not _is_number(value) or not -100 <= value <= 100:
-            raise InvalidRequestError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+        if not _is_number(value) or value not in BOUNDS["logit_bias"]:
+            raise InvalidRequestError(f"logit_bias values must be {BOUNDS['logit_bias'].rule}, got {value!r}")
         result[int(token)] = float(value)
     return result
 

@@ -116,7 +116,7 @@ def test_cancel_batch(client):
 
 
 def test_batch_errors(client, server):
-    with pytest.raises(openai.BadRequestError, match="no file"):
+    with pytest.raises(openai.NotFoundError, match="no file"):  # the input file is a resource not found
         client.batches.create(
             input_file_id="file-missing", endpoint="/v1/completions", completion_window="24h"
         )

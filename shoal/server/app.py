@@ -123,13 +123,19 @@ def _app(state: ServerState) -> FastAPI:
                 await state.engine.shutdown()
 
     app = FastAPI(title="shoal", lifespan=lifespan)
-    openapi.install(app)
+    openapi.install(app, None if state.engine is None else _limits(state.engine, state.config))
     app.state.shoal = state
     app.add_middleware(BodyLimit, max_bytes=state.config.max_request_bytes, exempt=("/v1/files",))
     _add_error_handlers(app)
     app.include_router(_public_routes())
     app.include_router(batch_routes(), dependencies=[Depends(check_api_key)])
     return app
+
+
+def _limits(engine: EngineClient, config: ServerConfig) -> openapi.Limits:
+    shortest_chat = len(engine.render_chat([{"role": "user", "content": ""}]))
+    shortest = len(engine.tokenizer.encode("x"))
+    return openapi.Limits(len(engine.tokenizer), engine.max_model_len, config.max_n, shortest, shortest_chat)
 
 
 def make_server(app: FastAPI, host: str, port: int, **uvicorn_options: Any) -> ShoalServer:

@@ -82,7 +82,7 @@ def batch_routes() -> APIRouter:
         state, store = get_state(request), store_of(request)
         refuse_if_draining(state)
         body = parse_body(BatchCreateRequest, await read_json(request))
-        file, _ = _find_file(store, body.input_file_id, status=400)
+        file, _ = _find_file(store, body.input_file_id)
         if file.purpose != "batch":
             raise InvalidRequestError(
                 f"file {file.id} has purpose {file.purpose!r}; upload the input with purpose 'batch'"
@@ -129,10 +129,10 @@ def batch_routes() -> APIRouter:
     return router
 
 
-def _find_file(store: BatchStore, file_id: str, status: int = 404) -> tuple[FileObject, Path]:
+def _find_file(store: BatchStore, file_id: str) -> tuple[FileObject, Path]:
     found = store.get_file(file_id)
     if found is None or not found[1].exists():
-        raise APIError(status, f"no file with id {file_id!r}")
+        raise APIError(404, f"no file with id {file_id!r}")
     return found
 
 

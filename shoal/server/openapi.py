@@ -5,6 +5,7 @@ and the error responses it sends, and drops FastAPI's 422, which the server neve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -12,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from shoal.server.protocol import (
+    LIMIT,
     BatchCreateRequest,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -53,6 +55,22 @@ UPLOAD = {
         "required": ["file", "purpose"],
     }
 }
+# The objects a POST creates, for clients and tools that follow them (OpenAPI links): target, its parameter.
+LINKS = {
+    ("post", "/v1/files"): [
+        ("get", "/v1/files/{file_id}", "file_id"),
+        ("get", "/v1/files/{file_id}/content", "file_id"),
+        ("delete", "/v1/files/{file_id}", "file_id"),
+    ],
+    ("post", "/v1/batches"): [
+        ("get", "/v1/batches/{batch_id}", "batch_id"),
+        ("post", "/v1/batches/{batch_id}/cancel", "batch_id"),
+    ],
+    ("post", "/v1/responses"): [
+        ("get", "/v1/responses/{response_id}", "response_id"),
+        ("delete", "/v1/responses/{response_id}", "response_id"),
+    ],
+}
 ERRORS = {
     "400": "bad input: the message says what to change",
     "401": "a missing or wrong API key (when the server has one)",
@@ -63,18 +81,66 @@ ERRORS = {
 }
 
 
-def install(app: FastAPI) -> None:
+@dataclass(frozen=True)
+class Limits:
+    """What only the running server knows: its vocabulary, context, largest n, and its shortest prompts
+    (so the largest max_tokens a request can have is the context less one of those)."""
+
+    vocab_size: int
+    max_model_len: int
+    max_n: int
+    shortest_prompt: int  # tokens of a one-character prompt
+    shortest_chat: int  # tokens of one empty user message, rendered
+
+    def keywords(self, limit: str) -> dict[str, Any]:
+        return {
+            "token_id": {"maximum": self.vocab_size - 1},
+            "token_id_text": {"pattern": below_pattern(self.vocab_size)},
+            "max_model_len": {"maxItems": self.max_model_len},
+            "max_tokens": {"maximum": self.max_model_len - self.shortest_prompt},
+            "max_chat_tokens": {"maximum": self.max_model_len - self.shortest_chat},
+            "n": {"maximum": self.max_n},
+        }[limit]
+
+
+def install(app: FastAPI, limits: Limits | None) -> None:
     """Replace the app's generated document with the complete one (built once, on first request)."""
 
     def document() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build(app)
+            app.openapi_schema = build(app, limits)
         return app.openapi_schema
 
     app.openapi = document  # type: ignore[method-assign]
 
 
-def build(app: FastAPI) -> dict[str, Any]:
+def below_pattern(n: int) -> str:
+    """A regular expression for the decimal numbers in [0, n), leading zeros allowed (as the server reads
+    them): shorter numbers, then those of n - 1's length digit by digit."""
+    top = str(n - 1)
+    options = [f"[0-9]{{1,{len(top) - 1}}}"] if len(top) > 1 else []
+    for i, digit in enumerate(top):
+        if digit != "0":
+            rest = len(top) - i - 1
+            options.append(top[:i] + f"[0-{int(digit) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    options.append(top)
+    return f"^0*({'|'.join(options)})$"
+
+
+def _resolve_limits(node: Any, limits: Limits | None) -> None:
+    """Each x-shoal-limit keyword replaced by the limit's own keywords (dropped where they are unknown)."""
+    if isinstance(node, dict):
+        limit = node.pop(LIMIT, None)
+        if limit is not None and limits is not None:
+            node.update(limits.keywords(limit))
+        for value in node.values():
+            _resolve_limits(value, limits)
+    elif isinstance(node, list):
+        for value in node:
+            _resolve_limits(value, limits)
+
+
+def build(app: FastAPI, limits: Limits | None = None) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
@@ -113,7 +179,23 @@ def build(app: FastAPI) -> dict[str, Any]:
                         "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
                     },
                 }
+    _add_links(doc)
+    _resolve_limits(doc, limits)
     return doc
+
+
+def _add_links(doc: dict[str, Any]) -> None:
+    paths = doc["paths"]
+    for (method, path), targets in LINKS.items():
+        if path not in paths:
+            continue  # an app without the Batch API
+        links = paths[path][method]["responses"]["200"].setdefault("links", {})
+        for target_method, target, parameter in targets:
+            operation_id = paths[target][target_method]["operationId"]
+            links[operation_id] = {
+                "operationId": operation_id,
+                "parameters": {parameter: "$response.body#/id"},
+            }
 
 
 def _errors(method: str, path: str) -> list[str]:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from shoal.sampling_params import BOUNDS, Bound
+
+# A schema keyword naming a limit that only the running server knows (vocabulary, context, n);
+# the OpenAPI document replaces it with the limit's value.
+LIMIT = "x-shoal-limit"
 
 
 def random_id(prefix: str) -> str:
@@ -18,8 +24,104 @@ def now() -> int:
 
 
 class _Body(BaseModel):
-    # Clients send fields we do not use (user, service_tier, ...): ignore them rather than fail.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send fields we do not use (user, service_tier, ...): ignore them rather than fail. Values are
+    # taken as the document types them: "1" is not a number, 0 is not false.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def needs_when(field: str, value: Any, needed: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema rule: when `field` is `value`, `needed` must be given as `schema`."""
+    return {
+        "if": {"required": [field], "properties": {field: value}},
+        "then": {"required": [needed], "properties": {needed: schema}},
+    }
+
+
+TOOL_CHOICE_NEEDS_TOOLS = needs_when(
+    "tool_choice",
+    {"anyOf": [{"const": "required"}, {"const": "auto"}, {"type": "object"}]},
+    "tools",
+    {"type": "array", "minItems": 1},
+)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON has it: 3 or 3.0 (strict models take no other float, nor "3", for an int).
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def _numbers_in(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The integer and number schemas in a field's schema (its anyOf branches, array items, ...)."""
+    found = [schema] if schema.get("type") in ("integer", "number") else []
+    for branch in schema.get("anyOf", []):
+        found += _numbers_in(branch)
+    if isinstance(schema.get("items"), dict):
+        found += _numbers_in(schema["items"])
+    return found
+
+
+def _state_bound(bound: Bound, schema: dict[str, Any]) -> None:
+    for number in _numbers_in(schema):
+        number.update(bound.json_schema())
+
+
+def bounded(name: str, default: Any = None, limit: str | None = None) -> Any:
+    """A field whose document states the range SamplingParams enforces for `name` (and a server limit)."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        _state_bound(BOUNDS[name], schema)
+        if limit is not None:
+            for number in _numbers_in(schema):
+                number[LIMIT] = limit
+
+    return Field(default, json_schema_extra=extra)
+
+
+def _token_ids(schema: dict[str, Any]) -> None:
+    """Every integer in the field is a token id."""
+    for number in _numbers_in(schema):
+        number.update({"minimum": 0, LIMIT: "token_id"})
+
+
+def _prompt(schema: dict[str, Any]) -> None:
+    """Token ids or text, none of it empty (an empty prompt has nothing to continue)."""
+    _token_ids(schema)
+    for branch in [schema, *schema.get("anyOf", [])]:
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+            if isinstance(branch.get("items"), dict):
+                _prompt(branch["items"])
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+
+
+def _token_id_list(schema: dict[str, Any]) -> None:
+    """Token ids to decode: any number of them (none too), up to the context."""
+    schema["items"].update({"minimum": 0, LIMIT: "token_id"})
+    schema[LIMIT] = "max_model_len"
+
+
+def _bias_map(schema: dict[str, Any]) -> None:
+    """Token ids (as ASCII digits) to biases."""
+    mapping = schema["anyOf"][0]
+    _state_bound(BOUNDS["logit_bias"], mapping["additionalProperties"])
+    mapping["propertyNames"] = {LIMIT: "token_id_text"}
+
+
+def non_empty(default: Any = ...) -> Any:
+    """A list the server refuses empty (messages)."""
+    return Field(default, json_schema_extra=_non_empty)
+
+
+def _non_empty(schema: dict[str, Any]) -> None:
+    for branch in [schema, *schema.get("anyOf", [])]:
+        if branch.get("type") == "array":
+            branch["minItems"] = 1
+            if isinstance(branch.get("items"), dict) and branch["items"].get("type") == "array":
+                branch["items"]["minItems"] = 1
 
 
 # ---------------------------------------------------------------- requests
@@ -45,6 +147,9 @@ class JsonSchemaFormat(_Body):
 
 
 class ResponseFormat(_Body):
+    model_config = ConfigDict(
+        json_schema_extra=needs_when("type", {"const": "json_schema"}, "json_schema", {"type": "object"})
+    )
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -74,27 +179,29 @@ class _GenerationRequest(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int = 1
+    max_tokens: Int | None = bounded("max_tokens", limit="max_chat_tokens")
+    temperature: float | None = bounded("temperature")
+    top_p: float | None = bounded("top_p")
+    top_k: Int | None = bounded("top_k")
+    min_p: float | None = bounded("min_p")
+    n: Int = bounded("n", 1, limit="n")
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    stop_token_ids: list[Int] | None = Field(None, json_schema_extra=_token_ids)
+    seed: Int | None = bounded("seed")
+    presence_penalty: float | None = bounded("presence_penalty")
+    frequency_penalty: float | None = bounded("frequency_penalty")
+    repetition_penalty: float | None = bounded("repetition_penalty")
+    min_tokens: Int = bounded("min_tokens", 0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    priority: int = Field(0, ge=-(1 << 31), le=(1 << 31) - 1, strict=True)  # extension: lower runs first
-    logit_bias: dict[str, float] | None = None  # token id -> bias in [-100, 100]
-    prompt_logprobs: int | None = None  # vLLM's extension: top-N logprobs of each prompt token
+    priority: Int = bounded("priority", 0)  # extension: lower runs first
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra=_bias_map)  # token id -> bias
+    prompt_logprobs: Int | None = bounded(
+        "prompt_logprobs"
+    )  # vLLM's extension: top-N logprobs per prompt token
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension
     # vLLM's older names for structured_outputs
     guided_json: dict[str, Any] | str | None = None
@@ -104,32 +211,35 @@ class _GenerationRequest(_Body):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra=_prompt)
+    max_tokens: Int | None = bounded("max_tokens", 16, limit="max_tokens")
 
     @property
     def num_prompts(self) -> int:
         single = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
         return 1 if single else len(self.prompt)
 
-    logprobs: int | None = None
+    logprobs: Int | None = bounded("logprobs")
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})  # not supported
+    best_of: Int | None = Field(None, json_schema_extra={"anyOf": [{"const": 1}, {"type": "null"}]})  # only 1
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")  # the Responses API names its text parts so
+
+
 class ContentPart(BaseModel):
     # Only text parts are served; other kinds are refused by name when the request is prepared.
-    model_config = ConfigDict(extra="allow")
-    type: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str = Field(json_schema_extra={"enum": list(TEXT_PARTS)})  # others refused by name
     text: str | None = None
 
 
 class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str
     arguments: str | dict[str, Any] = "{}"
 
@@ -137,7 +247,7 @@ class CalledFunction(BaseModel):
 class MessageToolCall(BaseModel):
     """A call in an assistant message of the conversation (as the API answered it)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     id: str | None = None
     type: Literal["function"] = "function"
     function: CalledFunction
@@ -145,7 +255,7 @@ class MessageToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     # Extra keys (name, ...) are passed through to the chat template.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     tool_calls: list[MessageToolCall] | None = None
@@ -153,11 +263,19 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                needs_when("top_logprobs", {"type": "integer"}, "logprobs", {"const": True}),
+                TOOL_CHOICE_NEEDS_TOOLS,
+            ]
+        }
+    )
     # Extension: a list of conversations is decoded as one batch, one choice per conversation.
-    messages: list[ChatMessage] | list[list[ChatMessage]]
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] | list[list[ChatMessage]] = non_empty()
+    max_completion_tokens: Int | None = bounded("max_tokens", limit="max_chat_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = bounded("logprobs")
     add_generation_prompt: bool = True
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -310,9 +428,14 @@ class ChatCompletionChunk(BaseModel):
 
 
 class TokenizeRequest(_Body):
+    """Exactly one of prompt and messages."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    )
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str = None  # type: ignore[assignment]  # absent is None; null is not a prompt
+    messages: list[ChatMessage] = non_empty(None)
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
     add_generation_prompt: bool = True
 
@@ -325,7 +448,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int] = Field(json_schema_extra=_token_id_list)
 
 
 class DetokenizeResponse(BaseModel):

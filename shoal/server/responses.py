@@ -10,17 +10,21 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Discriminator, Field, Tag
 
 from shoal.errors import InvalidRequestError, ShoalError
 from shoal.server.batch_store import BatchStore
 from shoal.server.protocol import (
+    TOOL_CHOICE_NEEDS_TOOLS,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    Int,
     _Body,
+    bounded,
+    needs_when,
     random_id,
 )
 from shoal.server.serving import OpenAIServing, parse_body
@@ -33,7 +37,7 @@ class ResponseNotFoundError(InvalidRequestError):
 
 
 class FunctionTool(_Body):
-    type: str = "function"
+    type: str = Field("function", json_schema_extra={"enum": ["function"]})  # others refused by name
     name: str | None = None
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -46,6 +50,9 @@ class NamedFunctionChoice(_Body):
 
 
 class TextFormat(_Body):
+    model_config = ConfigDict(
+        json_schema_extra=needs_when("type", {"const": "json_schema"}, "schema", {"type": "object"})
+    )
     type: Literal["text", "json_schema", "json_object"] = "text"
     name: str = "response"
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -57,18 +64,68 @@ class TextConfig(_Body):
     format: TextFormat | None = None
 
 
+class InputText(_Body):
+    type: Literal["input_text", "output_text", "text"] = "input_text"
+    text: str
+
+
+class MessageItem(_Body):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText] | None = None
+
+
+class FunctionCallItem(_Body):
+    type: Literal["function_call"]
+    call_id: str | None = None
+    id: str | None = None
+    name: str
+    arguments: str = "{}"
+
+
+class FunctionCallOutputItem(_Body):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputText]
+
+
+class ReasoningItem(_Body):
+    type: Literal["reasoning"]
+
+
+def _item_kind(item: Any) -> str:
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    return kind if isinstance(kind, str) else ""
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_kind),
+]
+
+
+def _something_to_answer(schema: dict[str, Any]) -> None:
+    """Input items: at least one that is not reasoning (reasoning items are not sent to the model)."""
+    items = next(branch for branch in schema["anyOf"] if branch.get("type") == "array")
+    items["contains"] = {"not": {"required": ["type"], "properties": {"type": {"const": "reasoning"}}}}
+
+
 class ResponsesRequest(_Body):
+    model_config = ConfigDict(json_schema_extra=TOOL_CHOICE_NEEDS_TOOLS)
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | list[InputItem] = Field(json_schema_extra=_something_to_answer)
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None  # an extension, as on the chat route
+    max_output_tokens: Int | None = bounded("max_tokens", limit="max_chat_tokens")
+    temperature: float | None = bounded("temperature")
+    top_p: float | None = bounded("top_p")
+    seed: Int | None = bounded("seed")  # an extension, as on the chat route
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
@@ -108,44 +165,35 @@ class ResponseStore:
 # ---------------------------------------------------------------- request -> chat request
 
 
-def input_messages(items: str | list[dict[str, Any]]) -> list[MessageDict]:
-    """Responses input (text, or message / function_call / function_call_output items) as chat messages."""
+def input_messages(items: str | list[InputItem]) -> list[MessageDict]:
+    """Responses input (text, or message / function_call / function_call_output items) as chat messages;
+    reasoning items are dropped (the model's earlier thinking is not sent back to it)."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[MessageDict] = []
     for item in items:
-        kind = item.get("type", "message")
-        if kind == "message":
-            messages.append({"role": item.get("role", "user"), "content": _text(item.get("content"))})
-        elif kind == "function_call":
+        if isinstance(item, MessageItem):
+            messages.append({"role": item.role, "content": _text(item.content)})
+        elif isinstance(item, FunctionCallItem):
             call = {
-                "id": item.get("call_id") or item.get("id") or random_id("call_"),
+                "id": item.call_id or item.id or random_id("call_"),
                 "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"},
+                "function": {"name": item.name, "arguments": item.arguments or "{}"},
             }
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and last.get("tool_calls") is not None:
                 last["tool_calls"].append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            content = output if isinstance(output, str) else _text(output)
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
-        elif kind == "reasoning":
-            continue  # the model's earlier thinking is not sent back to it
-        else:
-            raise InvalidRequestError(
-                f"input items of type {kind!r} are not supported; send message, function_call or "
-                "function_call_output items"
-            )
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
     return messages
 
 
-def _text(content: Any) -> str:
+def _text(content: str | list[InputText] | None) -> str:
     if isinstance(content, list):
-        return "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
+        return "".join(part.text for part in content)
+    return content or ""
 
 
 def chat_body(request: ResponsesRequest, history: list[MessageDict]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from shoal.errors import InvalidRequestError, ShoalError
 from shoal.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from shoal.sampling_params import SamplingParams, StructuredOutputsParams, check_text
 from shoal.server.protocol import (
+    TEXT_PARTS,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -69,7 +70,6 @@ _SHAPE_HINTS = {
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
-TEXT_PARTS = {"text", "input_text", "output_text"}  # the Responses API names its text parts so
 
 
 class ModelNotFoundError(InvalidRequestError):
@@ -285,7 +285,7 @@ class OpenAIServing:
 
     def _prepare_completion(self, request: CompletionRequest) -> Prepared:
         _unsupported(request.suffix, "suffix is not supported; remove it")
-        _unsupported(request.best_of not in (None, request.n), "best_of is not supported; use n")
+        _unsupported(request.best_of not in (None, 1), "best_of is not supported; use n")
         prompt = request.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompts: list[str | list[int]] = [prompt]  # type: ignore[list-item]
@@ -381,7 +381,7 @@ class OpenAIServing:
             if isinstance(m.content, list):
                 kinds = {part.type for part in m.content}
                 _unsupported(
-                    kinds - TEXT_PARTS, f"only text content parts are supported, got {sorted(kinds)}"
+                    kinds - set(TEXT_PARTS), f"only text content parts are supported, got {sorted(kinds)}"
                 )
                 message["content"] = "".join(part.text or "" for part in m.content)
             messages.append(message)
