@@ -85,13 +85,29 @@ def test_gemm_matches_gguf_dequantize_and_each_row_keeps_its_bits(lib, qtype, n,
     assert torch.equal(gemm(lib, x[:7], packed, out=residual.clone()), residual + full[:7])
 
 
-def test_every_build_gives_the_same_bits():
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_every_build_gives_the_same_bits(qtype):
     """One FMA chain per element on the same dequantized values: the instruction set does not matter."""
     libs = [bind(load_library(isa)) for isa in BUILDS]
-    w = random_weight(T.Q4_K, 48, 512, seed=3)
+    w = random_weight(qtype, 48, 512, seed=3)
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(3))
     outs = [gemm(lib, x, pack_weight(kept_form(w))) for lib in libs]
     assert all(torch.equal(o, outs[0]) for o in outs[1:]), BUILDS
+
+
+# bits per value of the file's blocks
+FILE_BITS = {T.Q8_0: 8.5, T.Q4_0: 4.5, T.Q4_1: 5, T.Q5_0: 5.5, T.Q5_1: 6, T.Q4_K: 4.5, T.Q5_K: 5.5, T.Q6_K: 6.5625}
+
+
+@pytest.mark.parametrize("qtype", list(FILE_BITS), ids=lambda t: t.name)
+def test_each_format_is_held_at_its_files_size(qtype):
+    """Packed with its scales, a matrix takes at most 1.05x the bytes of its blocks in the file (K-quants'
+    scales kept as their 8-bit factors and float16 supers, as the file has them)."""
+    n, k = 256, 1024
+    w = random_weight(qtype, n, k, seed=7)
+    assert w.data.nbytes == n * k * FILE_BITS[qtype] / 8
+    packed = pack_weight(kept_form(w))
+    assert packed.nbytes <= 1.05 * w.data.nbytes, (packed.format_name, packed.nbytes / w.data.nbytes)
 
 
 def test_fused_parts_of_different_types_keep_every_value(lib):

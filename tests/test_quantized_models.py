@@ -15,8 +15,8 @@ from shoal.kernels.build import ISA_FLAGS, compiler, isa_runs
 
 BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)] if compiler() else []
 ARCHS = ["llama", "qwen2", "qwen3"]
-KEPT = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q8", "Q5_1": "q8", "Q4_K": "q4", "Q5_K": "q8",
-        "Q6_K": "q8", "Q2_K": "q4", "Q3_K": "q4", "F16": "float16", "BF16": "bfloat16"}  # fmt: skip
+KEPT = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q5", "Q5_1": "q5", "Q4_K": "q4", "Q5_K": "q5",
+        "Q6_K": "q6", "Q2_K": "q4", "Q3_K": "q4", "F16": "float16", "BF16": "bfloat16"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from shoal.kernels.formats import IntWeights
 
 PANEL = 16
 FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FORMAT_Q8, FORMAT_Q4 = 3, 4
-FORMAT_NAMES = {0: "float32", 1: "float16", 2: "bfloat16", FORMAT_Q8: "q8", FORMAT_Q4: "q4"}
+FORMAT_Q8, FORMAT_Q4, FORMAT_Q5, FORMAT_Q6 = 3, 4, 5, 6
+INT_FORMATS = {8: FORMAT_Q8, 4: FORMAT_Q4, 5: FORMAT_Q5, 6: FORMAT_Q6}  # by bits per value
+FORMAT_NAMES = {0: "float32", 1: "float16", 2: "bfloat16", **{f: f"q{b}" for b, f in INT_FORMATS.items()}}
 
 
 class _PackedStruct(ctypes.Structure):
@@ -22,9 +23,14 @@ class _PackedStruct(ctypes.Structure):
         ("group", ctypes.c_int32),
         ("has_min", ctypes.c_int32),
         ("half_scales", ctypes.c_int32),
+        ("zero", ctypes.c_int32),
+        ("factored", ctypes.c_int32),
         ("quants", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("mins", ctypes.c_void_p),
+        ("high", ctypes.c_void_p),
+        ("super_scales", ctypes.c_void_p),
+        ("super_mins", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
@@ -83,6 +89,10 @@ class PackedWeight:
     mins: torch.Tensor | None = None
     group: int = 0
     bias: torch.Tensor | None = None
+    high: torch.Tensor | None = None  # q5, q6: the bits above each value's nibble
+    zero: int = 0  # q4 to q6: subtracted from each value
+    super_scales: torch.Tensor | None = None  # factored: scales (and mins) are int8, times these float16
+    super_mins: torch.Tensor | None = None
     struct: _PackedStruct = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,14 +100,24 @@ class PackedWeight:
             return None if t is None else t.data_ptr()
 
         half = self.scales is not None and self.scales.dtype == torch.float16
+        factored = self.super_scales is not None
         self.struct = _PackedStruct(
-            self.format, self.group, int(self.mins is not None), int(half),
-            address(self.quants), address(self.scales), address(self.mins), address(self.bias), self.n, self.k,
+            self.format, self.group, int(self.mins is not None), int(half), self.zero, int(factored),
+            address(self.quants), address(self.scales), address(self.mins), address(self.high),
+            address(self.super_scales), address(self.super_mins), address(self.bias), self.n, self.k,
         )  # fmt: skip
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.quants, self.scales, self.mins, self.bias)
+        tensors = (
+            self.quants,
+            self.scales,
+            self.mins,
+            self.high,
+            self.super_scales,
+            self.super_mins,
+            self.bias,
+        )
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
@@ -137,18 +157,38 @@ def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = N
         quants = torch.from_numpy(_panels(values.numpy()))
         return PackedWeight(n, k, FORMATS[weight.dtype], quants, bias=bias)
     n, k = weight.shape
-    q = _panels(weight.q)
-    if weight.bits == 4:
-        q = q[:, 0::2, :] | (q[:, 1::2, :] << 4)
-    mins = weight.mins
-    if weight.zero:  # s * (q - z) + m == s * q + (m - s * z), exact for Q4_0 (z = 8: s * 8 is exact)
-        mins = (0 if mins is None else mins) - weight.scales * np.float32(weight.zero)
-    scales, mins = _half_if_exact(weight.scales, mins)
-    scales = torch.from_numpy(_panels(scales))
-    mins = None if mins is None else torch.from_numpy(_panels(mins))
-    fmt = FORMAT_Q8 if weight.bits == 8 else FORMAT_Q4
+    q, high, zero = _panels(weight.q), None, 0
+    if weight.bits in (5, 6):  # nibbles as q4, the bits above them packed 8 / (bits - 4) to a byte
+        per, above = 8 // (weight.bits - 4), q >> 4
+        high = sum(above[:, j::per, :] << (j * (weight.bits - 4)) for j in range(per)).astype(np.uint8)
+        high = torch.from_numpy(np.ascontiguousarray(high))
+        q = q & 15
+    if weight.bits != 8:
+        q, zero = q[:, 0::2, :] | (q[:, 1::2, :] << 4), weight.zero
     quants = torch.from_numpy(np.ascontiguousarray(q))
-    return PackedWeight(n, k, fmt, quants, scales, mins, weight.group, bias)
+    scales, mins, supers = _scales(weight)
+    return PackedWeight(
+        n, k, INT_FORMATS[weight.bits], quants, scales, mins, weight.group, bias, high, zero, *supers
+    )
+
+
+def _scales(weight: IntWeights) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """Scales and offsets in panels: as their int8 factors and float16 supers where the matrix has them
+    (K-quants: as small as the file holds them), else each value in float16 where that is exact, or float32."""
+    factors, has_min = weight.factors, weight.mins is not None
+    if factors is not None and (factors.sub_min is not None) == has_min:
+        supers = [a for a in (factors.super, factors.super_min) if a is not None]
+        halves = [a.astype(np.float16) for a in supers]
+        if all(np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, supers, strict=True)):
+
+            def panels(a: np.ndarray | None) -> torch.Tensor | None:
+                return None if a is None else torch.from_numpy(_panels(a))
+
+            supers = [torch.from_numpy(_panels(h.view(np.uint16))) for h in halves]
+            return panels(factors.sub), panels(factors.sub_min), (supers[0], supers[1] if has_min else None)
+    scales, mins = _half_if_exact(weight.scales, weight.mins)
+    mins = None if mins is None else torch.from_numpy(_panels(mins))
+    return torch.from_numpy(_panels(scales)), mins, (None, None)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:

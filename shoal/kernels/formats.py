@@ -1,8 +1,9 @@
 """Weight formats: GGUF blocks as stored, their lossless integer form, and conversions between formats.
 
 A quantized matrix W [N, K] is kept as integers q with a float32 scale s (and optionally an offset m) per
-group of k, so that each weight is `s * q + m`, computed in float32 as gguf's own dequantize computes it
-(the product rounded, then the sum). Every GGUF type shoal keeps maps onto two layouts without loss:
+group of k, so that each weight is `s * (q - zero) + m`, computed in float32 as gguf's own dequantize
+computes it (the product rounded, then the sum). Every GGUF type shoal keeps maps onto a layout of its own
+size, without loss:
 
 | GGUF type | layout | group | weight |
 |---|---|---|---|
@@ -10,13 +11,15 @@ group of k, so that each weight is `s * q + m`, computed in float32 as gguf's ow
 | Q4_0 | q4, zero 8 | 32 | d * (q - 8) |
 | Q4_1 | q4 + offset | 32 | d * q + m |
 | Q4_K | q4 + offset | 32 | (d * sc) * q - (dmin * mn) |
-| Q5_0, Q5_1, Q5_K | q8 (+ offset) | 32 | as Q4_0, Q4_1, Q4_K with 5-bit q |
-| Q6_K | q8 | 16 | (d * sc) * (q - 32) |
+| Q5_0 | q5, zero 16 | 32 | d * (q - 16) |
+| Q5_1, Q5_K | q5 + offset | 32 | as Q4_1, Q4_K with 5-bit q |
+| Q6_K | q6, zero 32 | 16 | (d * sc) * (q - 32) |
 | Q2_K | q4 + offset | 16 | (d * sc) * q - (dmin * mn), 2-bit q |
 | Q3_K | q4, zero 4 | 16 | (d * (sc - 32)) * (q - 4), 3-bit q |
 
-Q2_K and Q3_K have no 2- or 3-bit layout: they are kept in the nearest one, q4. F16, BF16 and F32 stay as
-they are. Other GGUF types (the IQ* family, ...) are dequantized to float32 at load.
+q5 and q6 are q4's nibbles plus one or two high bits per value. Q2_K and Q3_K have no 2- or 3-bit layout:
+they are kept in the nearest one, q4. F16, BF16 and F32 stay as they are. Other GGUF types (the IQ*
+family, ...) are dequantized to float32 at load.
 """
 
 from __future__ import annotations
@@ -47,23 +50,72 @@ class QuantizedTensor:
 
 
 @dataclass
+class ScaleFactors:
+    """K-quants' two-level scales, kept as the file has them: each group's scale is super * sub (and its
+    offset super_min * sub_min), one float32 product, as gguf computes it; super per 256 values of k."""
+
+    sub: np.ndarray  # int8 [N, K / group]
+    super: np.ndarray  # float32 [N, K / 256], each value exact in float16
+    sub_min: np.ndarray | None = None  # int8 [N, K / group]
+    super_min: np.ndarray | None = None  # float32 [N, K / 256] (minus the file's dmin), exact in float16
+
+    def regroup(self, repeat: int) -> ScaleFactors:
+        sub_min = None if self.sub_min is None else np.repeat(self.sub_min, repeat, axis=1)
+        return ScaleFactors(np.repeat(self.sub, repeat, axis=1), self.super, sub_min, self.super_min)
+
+    def rows(self, n: int) -> ScaleFactors:
+        """Per row of the matrix, from per block (n rows)."""
+
+        def each(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.ascontiguousarray(a.reshape(n, -1))
+
+        return ScaleFactors(each(self.sub), each(self.super), each(self.sub_min), each(self.super_min))
+
+    @staticmethod
+    def join(parts: list[ScaleFactors | None]) -> ScaleFactors | None:
+        if any(p is None for p in parts) or len({p.sub_min is None for p in parts}) > 1:
+            return None
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return ScaleFactors(cat("sub"), cat("super"), cat("sub_min"), cat("super_min"))
+
+
+def _factors(super_: np.ndarray, sub: np.ndarray, super_min=None, sub_min=None) -> ScaleFactors:
+    """[blocks, 1] float32 supers and [blocks, groups] small-integer subs (as float32 or int)."""
+
+    def small(a):
+        return None if a is None else a.astype(np.int8)
+
+    return ScaleFactors(small(sub), super_.reshape(-1, 1), small(sub_min), super_min)
+
+
+@dataclass
 class IntWeights:
-    """W = s * q (+ m) per group of `group` k values: q [N, K] (int8 values for bits 8, nibbles for bits 4)."""
+    """W = s * (q - zero) (+ m) per group of `group` k values: q [N, K], int8 values for bits 8, unsigned
+    values below 2**bits for bits 4, 5 and 6."""
 
     q: np.ndarray
     scales: np.ndarray  # float32 [N, K / group]
     mins: np.ndarray | None  # float32 [N, K / group], added after scaling
     group: int
-    bits: int  # 8 or 4
-    zero: int = 0  # subtracted from each nibble (bits 4)
+    bits: int  # 8, 6, 5 or 4
+    zero: int = 0  # subtracted from each value (bits 4 to 6)
+    factors: ScaleFactors | None = None  # how the scales and offsets are made, for K-quants
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape
 
+    def values(self) -> np.ndarray:
+        """q - zero, as int16."""
+        return self.q.astype(np.int16) - self.zero
+
     def dequantize(self) -> np.ndarray:
-        q = self.q.astype(np.int16) - self.zero if self.bits == 4 else self.q
-        values = q.astype(np.float32).reshape(self.q.shape[0], -1, self.group) * self.scales[..., None]
+        q = self.values().astype(np.float32).reshape(self.q.shape[0], -1, self.group)
+        values = q * self.scales[..., None]
         if self.mins is not None:
             values = values + self.mins[..., None]
         return values.reshape(self.q.shape)
@@ -72,8 +124,26 @@ class IntWeights:
         if self.bits == 8:
             return self
         return IntWeights(
-            (self.q.astype(np.int16) - self.zero).astype(np.int8), self.scales, self.mins, self.group, 8
+            self.values().astype(np.int8), self.scales, self.mins, self.group, 8, 0, self.factors
         )
+
+    def widen(self, bits: int) -> IntWeights:
+        """The same values in a layout of `bits` (4 to 6) bits."""
+        return IntWeights(self.q, self.scales, self.mins, self.group, bits, self.zero, self.factors)
+
+    def without_zero(self) -> IntWeights:
+        """zero folded into the offsets: s * (q - z) + m == s * q + (m - s * z), exact for GGUF's types, which
+        have a zero (a power of two, so s * z is exact) or offsets, never both."""
+        if not self.zero:
+            return self
+        assert self.mins is None, "a zero and offsets"
+        mins = -(self.scales * np.float32(self.zero))
+        factors = self.factors
+        if factors is not None:  # (-z * super) * sub == -(z * (super * sub)): z is a power of two
+            factors = ScaleFactors(
+                factors.sub, factors.super, factors.sub, factors.super * -np.float32(self.zero)
+            )
+        return IntWeights(self.q, self.scales, mins, self.group, self.bits, 0, factors)
 
     def regroup(self, group: int) -> IntWeights:
         """The same weights with scales repeated for a smaller group."""
@@ -81,7 +151,9 @@ class IntWeights:
             return self
         repeat = self.group // group
         mins = None if self.mins is None else np.repeat(self.mins, repeat, axis=1)
-        return IntWeights(self.q, np.repeat(self.scales, repeat, axis=1), mins, group, self.bits, self.zero)
+        factors = None if self.factors is None else self.factors.regroup(repeat)
+        scales = np.repeat(self.scales, repeat, axis=1)
+        return IntWeights(self.q, scales, mins, group, self.bits, self.zero, factors)
 
     def with_mins(self) -> IntWeights:
         if self.mins is not None:
@@ -136,32 +208,31 @@ def _decode_blocks(ggml_type: T, b: np.ndarray) -> IntWeights:
         offset = 2 if ggml_type == T.Q5_0 else 4
         q = _nibbles_32(b[:, offset + 4 :]) | (_high_bits_32(b[:, offset : offset + 4]) << 4)
         if ggml_type == T.Q5_0:
-            return IntWeights((q.astype(np.int16) - 16).astype(np.int8), _f16(b[:, :2]), None, 32, 8)
-        return IntWeights(q.astype(np.int8), _f16(b[:, :2]), _f16(b[:, 2:4]), 32, 8)
+            return IntWeights(q, _f16(b[:, :2]), None, 32, 5, zero=16)
+        return IntWeights(q, _f16(b[:, :2]), _f16(b[:, 2:4]), 32, 5)
     if ggml_type in (T.Q4_K, T.Q5_K):
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
         sc, mn = _k_scales(b[:, 4:16])
         scales, mins = (d * sc).reshape(-1, 8), -(dmin * mn).reshape(-1, 8)
+        factors = _factors(d, sc, -dmin, mn)
         if ggml_type == T.Q4_K:
-            return IntWeights(_k_nibbles(b[:, 16:]).reshape(-1, QK_K), scales, mins, 32, 4)
+            return IntWeights(_k_nibbles(b[:, 16:]).reshape(-1, QK_K), scales, mins, 32, 4, 0, factors)
         qh = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
         q = _k_nibbles(b[:, 48:]) | ((qh & 1) << 4)
-        return IntWeights(q.reshape(-1, QK_K).astype(np.int8), scales, mins, 32, 8)
+        return IntWeights(q.reshape(-1, QK_K), scales, mins, 32, 5, 0, factors)
     if ggml_type == T.Q6_K:
         ql, qh = b[:, :128], b[:, 128:192]
         scales, d = b[:, 192:208].view(np.int8).astype(np.float32), _f16(b[:, 208:210])
         low = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
         high = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
         q = low.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)
-        return IntWeights(
-            (q.astype(np.int16) - 32).astype(np.int8).reshape(-1, QK_K), d * scales, None, 16, 8
-        )
+        return IntWeights(q.reshape(-1, QK_K), d * scales, None, 16, 6, 32, _factors(d, scales))
     if ggml_type == T.Q2_K:
         scales, qs = b[:, :16], b[:, 16:80]
         d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
         q = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
         sc, mn = (scales & 0x0F).astype(np.float32), (scales >> 4).astype(np.float32)
-        return IntWeights(q.reshape(-1, QK_K), d * sc, -(dmin * mn), 16, 4)
+        return IntWeights(q.reshape(-1, QK_K), d * sc, -(dmin * mn), 16, 4, 0, _factors(d, sc, -dmin, mn))
     if ggml_type == T.Q3_K:
         hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
         low = (packed[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(
@@ -174,13 +245,13 @@ def _decode_blocks(ggml_type: T, b: np.ndarray) -> IntWeights:
         ql = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
         qh = (hmask.reshape(-1, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
         q = ql.reshape(-1, QK_K) + (qh.reshape(-1, QK_K) << 2)  # q - 4 * (1 - high bit), stored plus 4
-        return IntWeights(q.astype(np.uint8), d * sc, None, 16, 4, zero=4)
+        return IntWeights(q.astype(np.uint8), d * sc, None, 16, 4, 4, _factors(d, sc))
     raise ValueError(f"no integer form for {ggml_type.name}")
 
 
 INTEGER_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
-EXPANDED_TYPES = (T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q2_K, T.Q3_K)  # kept in a wider layout
+EXPANDED_TYPES = (T.Q2_K, T.Q3_K)  # kept in a wider layout
 
 
 def integer_form(t: QuantizedTensor) -> IntWeights:
@@ -191,7 +262,9 @@ def integer_form(t: QuantizedTensor) -> IntWeights:
     rows, cols = t.shape
     w = _decode_blocks(t.ggml_type, np.ascontiguousarray(t.data).reshape(-1, size))
     mins = None if w.mins is None else w.mins.reshape(rows, -1)
-    return IntWeights(w.q.reshape(rows, cols), w.scales.reshape(rows, -1), mins, w.group, w.bits, w.zero)
+    factors = None if w.factors is None else w.factors.rows(rows)
+    q, scales = w.q.reshape(rows, cols), w.scales.reshape(rows, -1)
+    return IntWeights(q, scales, mins, w.group, w.bits, w.zero, factors)
 
 
 def float_form(t: QuantizedTensor) -> torch.Tensor:
@@ -216,8 +289,9 @@ def kept_form(weight: Weight) -> IntWeights | torch.Tensor:
         return float_form(weight)
     if weight.ggml_type in INTEGER_TYPES:
         if weight.ggml_type in EXPANDED_TYPES:
-            layout = "q4, half a byte" if weight.ggml_type in (T.Q2_K, T.Q3_K) else "q8, one byte"
-            _log_once(f"{weight.ggml_type.name} has no layout of its own: kept exactly as {layout} per value")
+            _log_once(
+                f"{weight.ggml_type.name} has no layout of its own: kept exactly as q4, half a byte per value"
+            )
         return integer_form(weight)
     _log_once(f"{weight.ggml_type.name} has no kernel in shoal: converting those weights to float32 at load")
     return torch.from_numpy(weight.dequantize())
@@ -234,14 +308,19 @@ def join_rows(parts: list[IntWeights | torch.Tensor]) -> IntWeights | torch.Tens
         return torch.cat([t.to(dtype) for t in tensors])
     group = min(p.group for p in parts)
     parts = [p.regroup(group) for p in parts]
-    if len({(p.bits, p.zero) for p in parts}) > 1:
+    bits = max(p.bits for p in parts)
+    if bits == 8:
         parts = [p.to_q8() for p in parts]
+    elif len({(p.bits, p.zero) for p in parts}) > 1:  # the widest layout holds every part's values
+        zeros = {p.zero for p in parts}
+        parts = [(p if len(zeros) == 1 else p.without_zero()).widen(bits) for p in parts]
     if len({p.mins is None for p in parts}) > 1:
         parts = [p.with_mins() for p in parts]
     first = parts[0]
     mins = None if first.mins is None else np.concatenate([p.mins for p in parts])
-    q = np.concatenate([p.q for p in parts])
-    return IntWeights(q, np.concatenate([p.scales for p in parts]), mins, group, first.bits, first.zero)
+    q, scales = np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts])
+    factors = ScaleFactors.join([p.factors for p in parts])
+    return IntWeights(q, scales, mins, group, first.bits, first.zero, factors)
 
 
 # ---- converting at load: the `quantization` option ----

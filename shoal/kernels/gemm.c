@@ -10,7 +10,10 @@
  *
  * Layout: output columns in panels of 16, [panels][...][16], the panel count padded to a multiple of 4. Per
  * panel, float formats hold [k][16] values; q8 holds [k][16] int8; q4 holds [k/2][16] bytes whose low nibble
- * is k = 2i and high nibble k = 2i + 1. Scales and offsets: [panels][k / group][16].
+ * is k = 2i and high nibble k = 2i + 1. q5 and q6 hold q4's nibbles and, in `high`, the bits above them:
+ * [k/8][16] bytes for q5 (bit j of byte t: k = 8t + j), [k/4][16] for q6 (bits 2j, 2j + 1: k = 4t + j);
+ * their value is (nibble | high << 4) - zero, q4's nibble - zero: exact small integers made in registers.
+ * Scales and offsets: [panels][k / group][16].
  * A thread takes units of panels (two on AVX-512, one otherwise; twice that for 1-3 rows) and runs each tile
  * of rows over all of k.
  */
@@ -45,10 +48,27 @@ static inline pv pv_q8(const int8_t *p) {
     return (pv){_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)))};
 }
 static inline pv pv_fmav(pv a, pv b, pv acc) { return (pv){_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
-static inline void pv_q4(const uint8_t *p, pv *even, pv *odd) {
+static inline pv pv_mul(pv a, pv b) { return (pv){_mm512_mul_ps(a.v, b.v)}; }
+static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), z = _mm512_set1_epi32(zero);
+    even->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), z));
+    odd->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), z));
+}
+/* pv_qh: the values at k = 2i and 2i + 1 of q5/q6 from their nibble byte and their byte of high bits h, whose
+ * `bits` bits per value (1 or 2) for k = 2i start at `shift`. */
+typedef struct {
+    __m512i v;
+} hv;
+static inline hv hv_load(const uint8_t *p) { return (hv){_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))}; }
+static inline __m512i qh_value(__m512i nibble, hv h, int shift, int mask, int zero) {
+    const __m512i high = _mm512_and_si512(_mm512_srli_epi32(h.v, shift), _mm512_set1_epi32(mask));
+    return _mm512_sub_epi32(_mm512_or_si512(nibble, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(zero));
+}
+static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    even->v = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
-    odd->v = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    const int mask = (1 << bits) - 1;
+    even->v = _mm512_cvtepi32_ps(qh_value(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), h, shift, mask, zero));
+    odd->v = _mm512_cvtepi32_ps(qh_value(_mm512_srli_epi32(bytes, 4), h, shift + bits, mask, zero));
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define UNIT 1
@@ -81,14 +101,35 @@ static inline __m256 i8x8(const int8_t *p) {
 }
 static inline pv pv_q8(const int8_t *p) { return (pv){i8x8(p), i8x8(p + 8)}; }
 static inline pv pv_fmav(pv x, pv y, pv acc) { return (pv){_mm256_fmadd_ps(x.a, y.a, acc.a), _mm256_fmadd_ps(x.b, y.b, acc.b)}; }
-static inline void q4x8(const uint8_t *p, __m256 *even, __m256 *odd) {
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    *even = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
-    *odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+static inline pv pv_mul(pv x, pv y) { return (pv){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+static inline void q4x8(const uint8_t *p, int zero, __m256 *even, __m256 *odd) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), z = _mm256_set1_epi32(zero);
+    *even = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), z));
+    *odd = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bytes, 4), z));
 }
-static inline void pv_q4(const uint8_t *p, pv *even, pv *odd) {
-    q4x8(p, &even->a, &odd->a);
-    q4x8(p + 8, &even->b, &odd->b);
+static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
+    q4x8(p, zero, &even->a, &odd->a);
+    q4x8(p + 8, zero, &even->b, &odd->b);
+}
+typedef struct {
+    __m256i a, b;
+} hv;
+static inline __m256i u8x8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline hv hv_load(const uint8_t *p) { return (hv){u8x8(p), u8x8(p + 8)}; }
+static inline __m256 qh_value(__m256i nibble, __m256i h, int shift, int mask, int zero) {
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi32(h, shift), _mm256_set1_epi32(mask));
+    const __m256i q = _mm256_or_si256(nibble, _mm256_slli_epi32(high, 4));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(zero)));
+}
+static inline void qhx8(const uint8_t *p, __m256i h, int shift, int bits, int zero, __m256 *even, __m256 *odd) {
+    const __m256i bytes = u8x8(p);
+    const int mask = (1 << bits) - 1;
+    *even = qh_value(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), h, shift, mask, zero);
+    *odd = qh_value(_mm256_srli_epi32(bytes, 4), h, shift + bits, mask, zero);
+}
+static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
+    qhx8(p, h.a, shift, bits, zero, &even->a, &odd->a);
+    qhx8(p + 8, h.b, shift, bits, zero, &even->b, &odd->b);
 }
 #else /* portable C: the same operations one lane at a time */
 #define UNIT 1
@@ -131,20 +172,53 @@ static inline pv pv_fmav(pv a, pv b, pv acc) {
     LANES acc.v[l] = fmaf(a.v[l], b.v[l], acc.v[l]);
     return acc;
 }
-static inline void pv_q4(const uint8_t *p, pv *even, pv *odd) {
+static inline pv pv_mul(pv a, pv b) {
+    LANES a.v[l] = a.v[l] * b.v[l];
+    return a;
+}
+static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
     LANES {
-        even->v[l] = (float)(p[l] & 15);
-        odd->v[l] = (float)(p[l] >> 4);
+        even->v[l] = (float)((p[l] & 15) - zero);
+        odd->v[l] = (float)((p[l] >> 4) - zero);
+    }
+}
+typedef struct {
+    uint8_t v[PANEL];
+} hv;
+static inline hv hv_load(const uint8_t *p) {
+    hv r;
+    memcpy(r.v, p, sizeof r.v);
+    return r;
+}
+static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
+    const int mask = (1 << bits) - 1;
+    LANES {
+        even->v[l] = (float)(((p[l] & 15) | (((h.v[l] >> shift) & mask) << 4)) - zero);
+        odd->v[l] = (float)(((p[l] >> 4) | (((h.v[l] >> (shift + bits)) & mask) << 4)) - zero);
     }
 }
 #endif
 
-/* Scale (or offset) vector of 16 columns at index `at`, in the stored precision. */
-static inline pv scale_at(const struct packed_weight *w, const void *base, int64_t at) {
+/* The scale (or offset) vector of panel p's 16 columns for group g: stored, in its precision, or made of
+ * its factors, super * sub (one float32 product, as gguf computes it). */
+static inline pv scale_at(const struct packed_weight *w, const void *base, const uint16_t *supers, int64_t p,
+                          int64_t g) {
+    const int64_t at = (p * (w->k / w->group) + g) * PANEL;
+    if (w->factored) {
+        const pv super = pv_f16(supers + (p * (w->k / 256) + g * w->group / 256) * PANEL);
+        return pv_mul(super, pv_q8((const int8_t *)base + at));
+    }
     return w->half_scales ? pv_f16((const uint16_t *)base + at) : pv_f32((const float *)base + at);
 }
 
-static inline float scale_value(const struct packed_weight *w, const void *base, int64_t at) {
+static inline float scale_value(const struct packed_weight *w, const void *base, const uint16_t *supers,
+                                int64_t col, int64_t i) {
+    const int64_t p = col / PANEL, lane = col % PANEL, g = i / w->group;
+    const int64_t at = (p * (w->k / w->group) + g) * PANEL + lane;
+    if (w->factored) {
+        const float super = half_to_float(supers[(p * (w->k / 256) + g * w->group / 256) * PANEL + lane]);
+        return super * (float)((const int8_t *)base)[at];
+    }
     return w->half_scales ? half_to_float(((const uint16_t *)base)[at]) : ((const float *)base)[at];
 }
 
@@ -186,11 +260,10 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
  * ascending order for every element, whatever the tile. xsum: [R][groups], each row's group sums of x. */
 #define GROUP_END(R, U, HAS_MIN)                                                                      \
     UNROLL for (int u = 0; u < U; u++) {                                                           \
-        const int64_t at = ((p + u) * groups + g) * PANEL;                                            \
-        const pv s = scale_at(w, w->scales, at);                                                      \
+        const pv s = scale_at(w, w->scales, w->super_scales, p + u, g);                               \
         UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fmav(s, b[r][u], c[r][u]);                    \
         if (HAS_MIN) {                                                                                \
-            const pv m = scale_at(w, w->mins, at);                                                    \
+            const pv m = scale_at(w, w->mins, w->super_mins, p + u, g);                               \
             UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fma(xsum[r * groups + g], m, c[r][u]);    \
         }                                                                                             \
     }
@@ -218,14 +291,43 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
                            const float *xsum, float *out) {                                                  \
         ZEROS(c, R, U)                                                                                          \
         const int64_t group = w->group, groups = k / group, half = k / 2;                                    \
+        const int zero = w->zero;                                                                            \
         const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
         for (int64_t g = 0; g < groups; g++) {                                                               \
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i += 2) {                                       \
                 pv even[U], odd[U];                                                                          \
-                UNROLL for (int u = 0; u < U; u++) pv_q4(base + (u * half + i / 2) * PANEL, &even[u], &odd[u]); \
+                UNROLL for (int u = 0; u < U; u++) pv_q4(base + (u * half + i / 2) * PANEL, zero, &even[u], &odd[u]); \
                 FMA_ROWS(b, R, U, even, i)                                                                      \
                 FMA_ROWS(b, R, U, odd, i + 1)                                                                   \
+            }                                                                                                \
+            GROUP_END(R, U, HAS_MIN)                                                                            \
+        }                                                                                                    \
+        TILE_EPILOGUE(R, U)                                                                                  \
+    }
+
+/* q5 and q6 (BITS): q4's nibbles, and one byte of high bits per column for every 8 / BITS values of k. */
+#define DEFINE_QH_TILE(NAME, R, SUF, U, HAS_MIN, BITS)                                                       \
+    static void NAME##_##R##SUF(const float *a, int64_t lda, const struct packed_weight *w, int64_t p, int64_t k, \
+                           const float *xsum, float *out) {                                                  \
+        ZEROS(c, R, U)                                                                                          \
+        enum { HIGH = BITS - 4, PER = 8 / HIGH }; /* high bits per value, values per byte of them */         \
+        const int64_t group = w->group, groups = k / group, half = k / 2, chunks = k / PER;                  \
+        const int zero = w->zero;                                                                            \
+        const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
+        const uint8_t *highs = (const uint8_t *)w->high + p * chunks * PANEL;                                \
+        for (int64_t g = 0; g < groups; g++) {                                                               \
+            ZEROS(b, R, U)                                                                                      \
+            for (int64_t i = g * group; i < (g + 1) * group; i += PER) {                                     \
+                hv h[U];                                                                                     \
+                UNROLL for (int u = 0; u < U; u++) h[u] = hv_load(highs + (u * chunks + i / PER) * PANEL);   \
+                UNROLL for (int j = 0; j < PER; j += 2) {                                                    \
+                    pv even[U], odd[U];                                                                      \
+                    UNROLL for (int u = 0; u < U; u++)                                                       \
+                        pv_qh(base + (u * half + (i + j) / 2) * PANEL, h[u], j * HIGH, HIGH, zero, &even[u], &odd[u]); \
+                    FMA_ROWS(b, R, U, even, i + j)                                                              \
+                    FMA_ROWS(b, R, U, odd, i + j + 1)                                                           \
+                }                                                                                            \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                            \
         }                                                                                                    \
@@ -247,13 +349,17 @@ TILES_OF(DEFINE_Q8_TILE, q8, 0)
 TILES_OF(DEFINE_Q8_TILE, q8m, 1)
 TILES_OF(DEFINE_Q4_TILE, q4, 0)
 TILES_OF(DEFINE_Q4_TILE, q4m, 1)
+TILES_OF(DEFINE_QH_TILE, q5, 0, 5)
+TILES_OF(DEFINE_QH_TILE, q5m, 1, 5)
+TILES_OF(DEFINE_QH_TILE, q6, 0, 6)
+TILES_OF(DEFINE_QH_TILE, q6m, 1, 6)
 
 typedef void (*tile_fn)(const float *, int64_t, const struct packed_weight *, int64_t, int64_t, const float *, float *);
 #define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
 #define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
-#define ALL_FORMATS(T) {T(f32), T(f16), T(bf16), T(q8), T(q8m), T(q4), T(q4m)}
-static const tile_fn NARROW_TILES[7][8] = ALL_FORMATS(NARROW_TABLE);
-static const tile_fn WIDE_TILES[7][3] = ALL_FORMATS(WIDE_TABLE);
+#define ALL_FORMATS(T) {T(f32), T(f16), T(bf16), T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m)}
+static const tile_fn NARROW_TILES[11][8] = ALL_FORMATS(NARROW_TABLE);
+static const tile_fn WIDE_TILES[11][3] = ALL_FORMATS(WIDE_TABLE);
 #define WIDE_ROWS 3
 
 static int format_index(const struct packed_weight *w) {
@@ -333,11 +439,16 @@ static float weight_at(const struct packed_weight *w, int64_t k, int64_t col, in
         q = (float)((const int8_t *)w->quants)[(p * k + i) * PANEL + lane];
     } else {
         const uint8_t byte = ((const uint8_t *)w->quants)[(p * (k / 2) + i / 2) * PANEL + lane];
-        q = (float)((i % 2) ? byte >> 4 : byte & 15);
+        int value = (i % 2) ? byte >> 4 : byte & 15;
+        if (w->format != FMT_Q4) {
+            const int bits = w->format == FMT_Q5 ? 1 : 2, per = 8 / bits; /* high bits per value */
+            const uint8_t high = ((const uint8_t *)w->high)[(p * (k / per) + i / per) * PANEL + lane];
+            value |= ((high >> (i % per * bits)) & ((1 << bits) - 1)) << 4;
+        }
+        q = (float)(value - w->zero);
     }
-    const int64_t at = (p * (k / w->group) + i / w->group) * PANEL + lane;
-    const float v = q * scale_value(w, w->scales, at);
-    return w->has_min ? v + scale_value(w, w->mins, at) : v;
+    const float v = q * scale_value(w, w->scales, w->super_scales, col, i);
+    return w->has_min ? v + scale_value(w, w->mins, w->super_mins, col, i) : v;
 }
 
 /* out[r] = column ids[r] of the packed matrix (an embedding lookup in the lm_head's packed table). */
