@@ -8,8 +8,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from shoal.kernels.build import ISA_FLAGS, compiler, isa_runs, load_library
-from shoal.kernels.cpu import bind, gather_columns, gemm, pack_weight
-from shoal.kernels.formats import QuantizedTensor, integer_form, join_rows, kept_form
+from shoal.kernels.cpu import bind, gather_columns, gemm, pack_parts, pack_weight
+from shoal.kernels.formats import QuantizedTensor, integer_form, join_rows, kept_form, layout_runs
 
 BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)] if compiler() else []  # without a compiler: torch only
 K_QUANTS = {
@@ -96,7 +96,16 @@ def test_every_build_gives_the_same_bits(qtype):
 
 
 # bits per value of the file's blocks
-FILE_BITS = {T.Q8_0: 8.5, T.Q4_0: 4.5, T.Q4_1: 5, T.Q5_0: 5.5, T.Q5_1: 6, T.Q4_K: 4.5, T.Q5_K: 5.5, T.Q6_K: 6.5625}
+FILE_BITS = {
+    T.Q8_0: 8.5,
+    T.Q4_0: 4.5,
+    T.Q4_1: 5,
+    T.Q5_0: 5.5,
+    T.Q5_1: 6,
+    T.Q4_K: 4.5,
+    T.Q5_K: 5.5,
+    T.Q6_K: 6.5625,
+}
 
 
 @pytest.mark.parametrize("qtype", list(FILE_BITS), ids=lambda t: t.name)
@@ -108,6 +117,26 @@ def test_each_format_is_held_at_its_files_size(qtype):
     assert w.data.nbytes == n * k * FILE_BITS[qtype] / 8
     packed = pack_weight(kept_form(w))
     assert packed.nbytes <= 1.05 * w.data.nbytes, (packed.format_name, packed.nbytes / w.data.nbytes)
+
+
+def test_parts_of_different_types_run_as_one_matrix_each_in_its_own_format(lib):
+    """q/k/v of a Q4_K_M file: Q4_K, Q4_K, Q6_K (and a Q8_0 part): one GEMM over runs of one layout each,
+    at the parts' own sizes, every row's bits independent of the row count, the same on every build."""
+    types = [(T.Q4_K, 256), (T.Q4_K, 128), (T.Q6_K, 128), (T.Q8_0, 64)]
+    parts = [random_weight(t, n, 256, seed=i) for i, (t, n) in enumerate(types)]
+    bias = torch.randn(576, generator=torch.Generator().manual_seed(1))
+    packed = pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
+    assert packed.format_name == "q4+q6+q8" and packed.columns == 576
+    assert packed.nbytes - bias.numel() * 4 <= 1.05 * sum(p.data.nbytes for p in parts)
+    x = torch.randn(23, 256, generator=torch.Generator().manual_seed(2))
+    full = gemm(lib, x, packed)
+    assert_float32_close(full, x, np.concatenate([p.dequantize() for p in parts]), bias)
+    for m in (1, 2, 3, 4, 7, 22):
+        assert torch.equal(gemm(lib, x[:m], packed), full[:m]), m
+    assert torch.equal(gemm(bind(load_library(BUILDS[-1])), x, packed), full)
+    ids = torch.tensor([0, 255, 256, 383, 384, 511, 512, 575])
+    expected = torch.from_numpy(np.concatenate([p.dequantize() for p in parts]))[ids]
+    assert torch.equal(gather_columns(lib, packed, ids), expected)
 
 
 def test_fused_parts_of_different_types_keep_every_value(lib):

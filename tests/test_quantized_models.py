@@ -4,6 +4,7 @@ same file, on every kernel build this machine runs (the portable C one forced to
 import logging
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from test_model_logits import TOL, prompt_ids, shoal_logits
@@ -63,6 +64,26 @@ def test_gguf_quantized_by_gguf_matches_transformers(tiny_dirs, tmp_path, arch, 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gguf_k_quants_match_transformers(wide_dirs, tmp_path, arch, qtype):
     check_against_transformers(write_gguf(wide_dirs[arch], tmp_path / f"{qtype}.gguf", qtype), qtype)
+
+
+def test_a_q4_k_m_mix_keeps_each_part_in_its_own_format(wide_dirs, tmp_path):
+    """As llama-quantize writes Q4_K_M: v and down in Q6_K among Q4_K. The fused q/k/v keeps q and k at 4
+    bits and v at 6 (one GEMM over parts of two formats: test_quant_kernels checks it on every build), at
+    the file's size, and matches transformers."""
+    path = write_gguf(
+        wide_dirs["llama"], tmp_path / "q4_k_m.gguf", "Q4_K", {"v_proj": "Q6_K", "down_proj": "Q6_K"}
+    )
+    model = shoal.load_model(path)
+    layer = model.module.layers[0]
+    assert model.backend.describe(layer.qkv_proj) == "q4+q6"
+    assert model.backend.describe(layer.down_proj) == "q6"
+    file_bytes = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2)
+    assert model.weight_bytes <= 1.05 * file_bytes, model.weight_bytes / file_bytes
+    ids = prompt_ids(model)
+    ref = reference_logits(transformers_on(path), ids)
+    assert_close_to(shoal_logits(model, ids, chunks=[17, 9]), ref)
+    alone = shoal_logits(model, ids[:9], chunks=[9])
+    assert torch.equal(shoal_logits(model, ids, chunks=[40])[:9], alone)  # a row's bits: not the row count
 
 
 @pytest.mark.parametrize("isa", BUILDS)

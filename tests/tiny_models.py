@@ -316,9 +316,12 @@ def random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
     return blocks.reshape(rows, -1)
 
 
-def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
+def write_gguf(
+    hf_dir: str, out_path: str | Path, qtype: str = "F32", mix: dict[str, str] | None = None
+) -> str:
     """Writes the model in `hf_dir` as a GGUF; matrices in `qtype` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
-    Q5_1 from the model's weights; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL as random valid blocks), vectors F32."""
+    Q5_1 from the model's weights; Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL as random valid blocks), vectors F32.
+    mix: another type for the matrices whose name holds a key ({"v_proj": "Q6_K"}, as Q4_K_M files mix)."""
     import gguf
 
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
@@ -326,16 +329,16 @@ def write_gguf(hf_dir: str, out_path: str | Path, qtype: str = "F32") -> str:
     writer = gguf.GGUFWriter(str(out_path), arch)
     _write_model_metadata(writer, arch, hf)
     _write_tokenizer_metadata(writer, PreTrainedTokenizerFast.from_pretrained(hf_dir), arch)
-    target = gguf.GGMLQuantizationType[qtype]
     for name, tensor in hf_state_dict(hf_dir).items():
         data = tensor.numpy()
         if arch == "llama" and ".self_attn.q_proj." in name:
             data = llama_cpp_permute(data, hf["num_attention_heads"])
         elif arch == "llama" and ".self_attn.k_proj." in name:
             data = llama_cpp_permute(data, hf["num_key_value_heads"])
-        qt = target if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if qtype in RANDOM_BLOCK_SCALES and data.ndim == 2:
-            raw = random_blocks(qtype, data.shape[0], data.shape[1], seed=len(name) * 7919 + data.size)
+        kind = next((t for part, t in (mix or {}).items() if part in name), qtype)
+        qt = gguf.GGMLQuantizationType[kind] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if kind in RANDOM_BLOCK_SCALES and data.ndim == 2:
+            raw = random_blocks(kind, data.shape[0], data.shape[1], seed=len(name) * 7919 + data.size)
         else:
             raw = gguf.quants.quantize(data.astype(np.float32), qt)
         writer.add_tensor(gguf_tensor_name(name), raw, raw_dtype=qt)

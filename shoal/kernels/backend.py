@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from shoal.kernels import cpu, torch_ops
 from shoal.kernels.build import best_isa, candidate_isas, isa_runs, load_library, release_openmp_team
-from shoal.kernels.formats import Weight, join_rows, kept_form
+from shoal.kernels.formats import Weight, kept_form, layout_runs
 
 logger = logging.getLogger("shoal")
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
@@ -132,7 +132,7 @@ class CpuBackend(Backend):
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
-        return cpu.pack_weight(join_rows([kept_form(p) for p in parts]), bias)
+        return cpu.pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
 
     def weight_bytes(self, linear: cpu.PackedWeight) -> int:
         return linear.nbytes

@@ -34,6 +34,7 @@ class _PackedStruct(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
+        ("next", ctypes.c_void_p),
     ]
 
 
@@ -79,7 +80,8 @@ KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @dataclass(eq=False)
 class PackedWeight:
-    """W [n, k] in the panel layout, with its bias; `struct` is what the C side reads."""
+    """W [n, k] in the panel layout, with its bias; `struct` is what the C side reads. `next` continues it
+    along n in another format (parts of different GGUF types stacked, as q/k/v): n counts this part only."""
 
     n: int
     k: int
@@ -93,6 +95,7 @@ class PackedWeight:
     zero: int = 0  # q4 to q6: subtracted from each value
     super_scales: torch.Tensor | None = None  # factored: scales (and mins) are int8, times these float16
     super_mins: torch.Tensor | None = None
+    next: PackedWeight | None = None
     struct: _PackedStruct = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,10 +108,22 @@ class PackedWeight:
             self.format, self.group, int(self.mins is not None), int(half), self.zero, int(factored),
             address(self.quants), address(self.scales), address(self.mins), address(self.high),
             address(self.super_scales), address(self.super_mins), address(self.bias), self.n, self.k,
+            None if self.next is None else ctypes.addressof(self.next.struct),
         )  # fmt: skip
+
+    def parts(self) -> list[PackedWeight]:
+        return [self] + ([] if self.next is None else self.next.parts())
+
+    @property
+    def columns(self) -> int:
+        return sum(part.n for part in self.parts())
 
     @property
     def nbytes(self) -> int:
+        return sum(part.own_bytes for part in self.parts())
+
+    @property
+    def own_bytes(self) -> int:
         tensors = (
             self.quants,
             self.scales,
@@ -122,7 +137,7 @@ class PackedWeight:
 
     @property
     def format_name(self) -> str:
-        return FORMAT_NAMES[self.format]
+        return "+".join(FORMAT_NAMES[part.format] for part in self.parts())
 
 
 def _panels(a: np.ndarray) -> np.ndarray:
@@ -144,7 +159,22 @@ def _half_if_exact(scales: np.ndarray, mins: np.ndarray | None) -> tuple[np.ndar
     return halves[0], halves[1] if mins is not None else None
 
 
-def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = None) -> PackedWeight:
+def pack_parts(parts: list[IntWeights | torch.Tensor], bias: torch.Tensor | None = None) -> PackedWeight:
+    """Matrices stacked along n, each in its own layout (from formats.layout_runs), as one packed weight."""
+    packed: PackedWeight | None = None
+    end = sum(p.shape[0] for p in parts)
+    for part in reversed(parts):
+        start = end - part.shape[0]
+        part_bias = None if bias is None else bias[start:end]
+        packed = pack_weight(part, part_bias, packed)
+        end = start
+    assert packed is not None
+    return packed
+
+
+def pack_weight(
+    weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = None, next: PackedWeight | None = None
+) -> PackedWeight:
     """A matrix in its kept form (see formats.kept_form) -> the kernels' panel layout."""
     bias = None if bias is None else bias.to(torch.float32).contiguous()
     if isinstance(weight, torch.Tensor):
@@ -155,7 +185,7 @@ def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = N
             weight.contiguous().view(torch.int16) if weight.dtype != torch.float32 else weight.contiguous()
         )
         quants = torch.from_numpy(_panels(values.numpy()))
-        return PackedWeight(n, k, FORMATS[weight.dtype], quants, bias=bias)
+        return PackedWeight(n, k, FORMATS[weight.dtype], quants, bias=bias, next=next)
     n, k = weight.shape
     q, high, zero = _panels(weight.q), None, 0
     if weight.bits in (5, 6):  # nibbles as q4, the bits above them packed 8 / (bits - 4) to a byte
@@ -168,7 +198,7 @@ def pack_weight(weight: IntWeights | torch.Tensor, bias: torch.Tensor | None = N
     quants = torch.from_numpy(np.ascontiguousarray(q))
     scales, mins, supers = _scales(weight)
     return PackedWeight(
-        n, k, INT_FORMATS[weight.bits], quants, scales, mins, weight.group, bias, high, zero, *supers
+        n, k, INT_FORMATS[weight.bits], quants, scales, mins, weight.group, bias, high, zero, *supers, next
     )
 
 
@@ -215,7 +245,7 @@ def gemm(lib, x: torch.Tensor, w: PackedWeight, out: torch.Tensor | None = None)
     x = x.contiguous()
     accumulate = out is not None
     if out is None:
-        out = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+        out = torch.empty(x.shape[0], w.columns, dtype=torch.float32)
     lib.gemm(
         x.data_ptr(), x.shape[0], ctypes.byref(w.struct), out.data_ptr(), accumulate, torch.get_num_threads()
     )

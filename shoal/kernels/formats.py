@@ -297,6 +297,35 @@ def kept_form(weight: Weight) -> IntWeights | torch.Tensor:
     return torch.from_numpy(weight.dequantize())
 
 
+def _layout(part: IntWeights | torch.Tensor) -> tuple:
+    if isinstance(part, torch.Tensor):
+        return ("float",)
+    factors = part.factors
+    return (
+        part.bits,
+        part.zero,
+        part.group,
+        part.mins is None,
+        factors is None,
+        factors and factors.sub_min is None,
+    )
+
+
+def layout_runs(parts: list[IntWeights | torch.Tensor]) -> list[IntWeights | torch.Tensor]:
+    """Matrices stacked along N (fused q/k/v or gate/up) as runs of one layout each, neighbours of the same
+    layout joined: each part keeps its own size (a Q6_K v beside Q4_K q and k stays q6, they q4). Float parts
+    among quantized ones make one float run, as join_rows does."""
+    if any(isinstance(p, torch.Tensor) for p in parts):
+        return [join_rows(parts)]
+    runs: list[list[IntWeights]] = []
+    for part in parts:
+        if runs and _layout(runs[-1][-1]) == _layout(part):
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return [join_rows(run) for run in runs]
+
+
 def join_rows(parts: list[IntWeights | torch.Tensor]) -> IntWeights | torch.Tensor:
     """Several matrices stacked along N (fused q/k/v or gate/up), in one form that holds each exactly."""
     if len(parts) == 1:

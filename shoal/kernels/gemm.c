@@ -366,15 +366,16 @@ static int format_index(const struct packed_weight *w) {
     return w->format < FMT_Q8 ? w->format : FMT_Q8 + 2 * (w->format - FMT_Q8) + (w->has_min != 0);
 }
 
-/* Writes rows row..row+rows of the tile into y (adds them to y when accumulate), for the columns of panels
- * p..p+panels that exist. Each element: y + (chain + bias), as torch's `y + linear(x)`. */
-static void store(float *y, int64_t n, int64_t row, int rows, int64_t p, int panels, const float *tile,
+/* Writes rows row..row+rows of the tile into y (row stride ldy; adds them to y when accumulate), for the
+ * columns of panels p..p+panels that the part has (n). Each element: y + (chain + bias), as torch's
+ * `y + linear(x)`. */
+static void store(float *y, int64_t ldy, int64_t n, int64_t row, int rows, int64_t p, int panels, const float *tile,
                   const float *bias, int accumulate) {
     const int64_t col0 = p * PANEL, col1 = (p + panels) * PANEL < n ? (p + panels) * PANEL : n;
     for (int r = 0; r < rows; r++)
         for (int64_t col = col0; col < col1; col++) {
             const float v = tile[r * panels * PANEL + col - col0] + (bias ? bias[col] : 0.0f);
-            float *o = y + (row + r) * n + col;
+            float *o = y + (row + r) * ldy + col;
             *o = accumulate ? *o + v : v;
         }
 }
@@ -384,32 +385,67 @@ static void store(float *y, int64_t n, int64_t row, int rows, int64_t p, int pan
 
 static int64_t groups_of(const struct packed_weight *w) { return w->format < FMT_Q8 ? 0 : w->k / w->group; }
 
+int64_t weight_columns(const struct packed_weight *w) {
+    int64_t n = 0;
+    for (; w; w = w->next) n += w->n;
+    return n;
+}
+
+/* xsum floats gemm_body needs for m rows: each part's group sums of x, part after part. */
+int64_t xsum_size(const struct packed_weight *w, int64_t m) {
+    int64_t size = 0;
+    for (; w; w = w->next) size += w->has_min ? m * groups_of(w) : 0;
+    return size;
+}
+
+static int64_t units_of(const struct packed_weight *w, int panels) {
+    return ((w->n + PANEL - 1) / PANEL + panels - 1) / panels;
+}
+
+/* The parts of w (matrices of different formats stacked along n, such as q/k/v) run as one matrix: one pass
+ * over all their units, each unit with its own part's tiles. */
 void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, float *xsum) {
-    const int64_t k = w->k, n = w->n, groups = groups_of(w);
+    const int64_t k = w->k, ldy = weight_columns(w);
     const int wide = m <= WIDE_ROWS;
     const int panels = wide ? WIDE : UNIT;
-    const int64_t units = ((n + PANEL - 1) / PANEL + panels - 1) / panels;
-    const tile_fn *tiles = wide ? WIDE_TILES[format_index(w)] : NARROW_TILES[format_index(w)];
-    const int max_rows = wide ? WIDE_ROWS : w->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
-    if (w->has_min) { /* each row's sum of x over each group, in ascending k (for the offsets) */
+    int64_t units = 0;
+    for (const struct packed_weight *part = w; part; part = part->next) units += units_of(part, panels);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m; r++)
+    for (int64_t r = 0; r < m; r++) { /* each row's sum of x over each group, in ascending k (for offsets) */
+        float *sums = xsum;
+        for (const struct packed_weight *part = w; part; part = part->next) {
+            if (!part->has_min) continue;
+            const int64_t groups = groups_of(part);
             for (int64_t g = 0; g < groups; g++) {
                 float total = 0.0f;
-                for (int64_t i = g * w->group; i < (g + 1) * w->group; i++) total += x[r * k + i];
-                xsum[r * groups + g] = total;
+                for (int64_t i = g * part->group; i < (g + 1) * part->group; i++) total += x[r * k + i];
+                sums[r * groups + g] = total;
             }
+            sums += m * groups;
+        }
     }
     float tile[(FLOAT_ROWS > 2 * WIDE_ROWS ? FLOAT_ROWS : 2 * WIDE_ROWS) * UNIT * PANEL];
     for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
         const int64_t row1 = row0 + ROW_BLOCK < m ? row0 + ROW_BLOCK : m;
 #pragma omp for schedule(static)
         for (int64_t unit = 0; unit < units; unit++) {
+            const struct packed_weight *part = w;
+            int64_t local = unit, column = 0;
+            const float *sums = xsum;
+            while (local >= units_of(part, panels)) {
+                local -= units_of(part, panels);
+                column += part->n;
+                sums += part->has_min ? m * groups_of(part) : 0;
+                part = part->next;
+            }
+            const int64_t groups = groups_of(part);
+            const tile_fn *tiles = wide ? WIDE_TILES[format_index(part)] : NARROW_TILES[format_index(part)];
+            const int max_rows = wide ? WIDE_ROWS : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
             for (int64_t row = row0; row < row1;) {
                 const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
-                const float *sums = xsum ? xsum + row * groups : NULL;
-                tiles[rows - 1](x + row * k, k, w, unit * panels, k, sums, tile);
-                store(y, n, row, rows, unit * panels, panels, tile, w->bias, accumulate);
+                tiles[rows - 1](x + row * k, k, part, local * panels, k, part->has_min ? sums + row * groups : NULL,
+                                tile);
+                store(y + column, ldy, part->n, row, rows, local * panels, panels, tile, part->bias, accumulate);
                 row += rows;
             }
         }
@@ -417,7 +453,8 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
 }
 
 void gemm(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, int num_threads) {
-    float *xsum = w->has_min ? malloc(sizeof(float) * m * groups_of(w)) : NULL;
+    const int64_t size = xsum_size(w, m);
+    float *xsum = size ? malloc(sizeof(float) * size) : NULL;
 #pragma omp parallel num_threads(num_threads)
     gemm_body(x, m, w, y, accumulate, xsum);
     free(xsum);
@@ -454,6 +491,10 @@ static float weight_at(const struct packed_weight *w, int64_t k, int64_t col, in
 /* out[r] = column ids[r] of the packed matrix (an embedding lookup in the lm_head's packed table). */
 void gather_columns(const struct packed_weight *w, const int64_t *ids, int64_t count, float *out) {
     const int64_t k = w->k;
-    for (int64_t r = 0; r < count; r++)
-        for (int64_t i = 0; i < k; i++) out[r * k + i] = weight_at(w, k, ids[r], i);
+    for (int64_t r = 0; r < count; r++) {
+        const struct packed_weight *part = w;
+        int64_t col = ids[r];
+        while (col >= part->n) col -= part->n, part = part->next;
+        for (int64_t i = 0; i < k; i++) out[r * k + i] = weight_at(part, k, col, i);
+    }
 }

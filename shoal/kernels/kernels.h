@@ -22,10 +22,13 @@ struct packed_weight {
     const void *high;    /* q5 and q6: each value's bits above its low nibble */
     const uint16_t *super_scales, *super_mins; /* factored: float16, one per 256 values of k */
     const float *bias;
-    int64_t n, k;
+    int64_t n, k;                      /* this part's columns */
+    const struct packed_weight *next; /* the next part: more columns, stacked along n, in their own format */
 };
 
-/* xsum: scratch of m * (k / group) floats when the weight has offsets. */
+int64_t weight_columns(const struct packed_weight *w); /* all its parts' */
+int64_t xsum_size(const struct packed_weight *w, int64_t m);
+/* xsum: scratch of xsum_size(w, m) floats. */
 void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, float *xsum);
 void rms_norm_body(const float *x, int64_t rows, int64_t dim, const float *weight, float eps, float *out);
 void head_norm_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t D,

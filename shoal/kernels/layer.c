@@ -23,15 +23,18 @@ struct step {
 
 /* scratch: floats for the layer's intermediates, decoder_layer_scratch() of them. */
 int64_t decoder_layer_scratch(const struct decoder_layer *L, int64_t rows) {
-    const int64_t hidden = L->o.n, qkv = L->qkv.n, inter = L->down.k;
-    const int64_t widest = hidden > inter ? hidden : inter;
-    return rows * (hidden + qkv + L->num_heads * L->head_dim + 3 * inter + widest);
+    const int64_t hidden = weight_columns(&L->o), qkv = weight_columns(&L->qkv), inter = L->down.k;
+    int64_t sums = 0;
+    const struct packed_weight *all[] = {&L->qkv, &L->o, &L->gate_up, &L->down};
+    for (int i = 0; i < 4; i++) sums = xsum_size(all[i], rows) > sums ? xsum_size(all[i], rows) : sums;
+    return rows * (hidden + qkv + L->num_heads * L->head_dim + 3 * inter) + sums;
 }
 
 void decoder_layer_f32(const struct decoder_layer *L, float *x, const struct step *s, void *k_cache, void *v_cache,
                        float *scratch, int num_threads) {
-    const int64_t t = s->rows, hidden = L->o.n, inter = L->down.k, D = L->head_dim;
-    float *h = scratch, *qkv = h + t * hidden, *attn = qkv + t * L->qkv.n, *gate_up = attn + t * L->num_heads * D;
+    const int64_t t = s->rows, hidden = weight_columns(&L->o), inter = L->down.k, D = L->head_dim;
+    const int64_t qkv_n = weight_columns(&L->qkv);
+    float *h = scratch, *qkv = h + t * hidden, *attn = qkv + t * qkv_n, *gate_up = attn + t * L->num_heads * D;
     float *act = gate_up + t * 2 * inter, *xsum = act + t * inter;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -40,7 +43,7 @@ void decoder_layer_f32(const struct decoder_layer *L, float *x, const struct ste
         if (L->q_norm) head_norm_body(qkv, t, L->num_heads, L->num_kv_heads, D, L->q_norm, L->k_norm, L->eps);
         rope_store_body(qkv, t, L->num_heads, L->num_kv_heads, D, s->cos, s->sin, k_cache, v_cache, s->kv_type,
                         s->slots, s->block_size);
-        attention_body(qkv, L->qkv.n, k_cache, v_cache, s->kv_type, attn, s->row_table_offset, s->tables,
+        attention_body(qkv, qkv_n, k_cache, v_cache, s->kv_type, attn, s->row_table_offset, s->tables,
                        s->positions, t, L->num_heads, L->num_kv_heads, D, s->block_size, L->window, L->scale);
         gemm_body(attn, t, &L->o, x, 1, xsum);
         rms_norm_body(x, t, hidden, L->post_norm, L->eps, h);
