@@ -2,9 +2,15 @@
 
 Finds llama.cpp's `llama-batched-bench` and `llama-quantize` (on PATH, under --llama-cpp DIR, or in the
 build this script made before), or builds them from the `llama-cpp-python` sdist, which vendors llama.cpp.
-Makes a Q8_0 copy of the default model with llama-quantize, then runs both engines on each file at batch
-1, 4, 16 and 64 (32-token prompts, 64 new tokens, 2 threads): decode and prefill tokens/s with the ratio
-shoal / llama.cpp, and each engine's peak RSS. Writes benchmarks/results/vs_llamacpp.json.
+The files: the default model and its Q8_0 copy (made with llama-quantize); or --model FILE; or, with
+--shape qwen3-8b --type q6_k (or qwen2.5-0.5b, q4_k_m, q8_0), a random-weight file of that model's exact
+shape, made once and cached (gguf_shapes.py; --layers N keeps N of its layers, for a quicker run).
+Both engines run each file at batch 1, 4, 16 and 64 (32-token prompts, 64 new tokens, 2 threads) and at
+batch 1 after a 2,048-token prompt; each is run twice and its best figures kept (llama.cpp's batch-1 speed
+varies between runs). llama.cpp runs with its default KV layout (not -kvu, which is slower from 16 up).
+Printed: decode and prefill tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the
+batch-1 bandwidth limit (this machine's read bandwidth over the bytes each token reads). Writes
+benchmarks/results/vs_llamacpp.json.
 
 Run it on an idle machine: llama.cpp's threads spin, and any other load distorts its figures badly.
 Never run in CI. Without a compiler or cmake, llama.cpp is skipped with a message and shoal runs alone.
@@ -24,11 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from gguf_shapes import SHAPES, TYPES, random_gguf
 from machine import cpu_flags, cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 4, 16, 64)
 PROMPT, NEW_TOKENS = 32, 64
+LONG_PROMPT = 2048
+RUNS = 2  # each engine's best of
 BUILD_DIR = Path(os.environ.get("SHOAL_CACHE_DIR", Path.home() / ".cache" / "shoal")) / "llama.cpp"
 TOOLS = ("llama-batched-bench", "llama-quantize")
 
@@ -109,39 +118,49 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float]:
 
 
 def llama_cpp_run(tools: dict[str, str], model: str, threads: int, log: Path) -> dict:
-    command = [tools["llama-batched-bench"], "-m", model, "-c", "8192", "-b", "2048", "-ub", "512",
-               "-npp", str(PROMPT), "-ntg", str(NEW_TOKENS), "-npl", ",".join(map(str, BATCHES)),
-               "-t", str(threads), "-kvu"]  # fmt: skip
-    status, rss = run_measured(command, log)
-    if status != 0:
-        print(f"llama-batched-bench failed on {model} (exit {status}); see {log}")
-        return {}
-    rows = {}
-    for line in log.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 8 and cells[0].isdigit():
-            batch = int(cells[2])
-            rows[batch] = {"prefill": float(cells[5]), "decode": float(cells[7])}
-    return {"rss_mib": rss, "batches": rows}
+    """Both runs of llama-batched-bench (the batches, then the long prompt), with its default KV layout."""
+    runs = [
+        (["-c", "8192", "-npp", str(PROMPT), "-npl", ",".join(map(str, BATCHES))], "batches"),
+        (["-c", str(LONG_PROMPT + NEW_TOKENS + 64), "-npp", str(LONG_PROMPT), "-npl", "1"], "long"),
+    ]
+    result: dict = {"rss_mib": 0.0}
+    for options, key in runs:
+        command = [tools["llama-batched-bench"], "-m", model, "-b", "2048", "-ub", "512", "-ntg",
+                   str(NEW_TOKENS), "-t", str(threads), *options]  # fmt: skip
+        status, rss = run_measured(command, log)
+        if status != 0:
+            print(f"llama-batched-bench failed on {model} (exit {status}); see {log}")
+            return {}
+        result["rss_mib"] = max(result["rss_mib"], rss)
+        rows = {}
+        for line in log.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 8 and cells[0].isdigit():
+                rows[int(cells[2])] = {"prefill": float(cells[5]), "decode": float(cells[7])}
+        result[key] = rows if key == "batches" else rows.get(1, {})
+    return result
 
 
 # ---- shoal, in a child process of its own (for its peak RSS) ----
 
 
 def shoal_child(model: str, threads: int, kv_memory: int) -> None:
+    """Load time, the batches and the long prompt, printed as one SHOAL_RESULT line."""
     import random
 
     import shoal
     from shoal.engine.request import OutputKind
 
+    loading = time.perf_counter()
     llm = shoal.LLM(model, kv_cache_memory=kv_memory, num_threads=threads, max_num_seqs=64)
+    load_s = time.perf_counter() - loading
     engine, vocab = llm.engine, llm.model.config.vocab_size
     params = shoal.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
-    def measure(batch: int, seed: int) -> dict:
+    def measure(batch: int, seed: int, prompt_len: int = PROMPT) -> dict:
         rng = random.Random(seed)
         for i in range(batch):
-            prompt = [rng.randrange(100, vocab - 100) for _ in range(PROMPT)]
+            prompt = [rng.randrange(100, vocab - 100) for _ in range(prompt_len)]
             engine.add_request(prompt, params, f"{seed}-{i}", output_kind=OutputKind.CUMULATIVE)
         start, started, first = time.perf_counter(), set(), None
         while engine.has_unfinished_requests():
@@ -152,13 +171,16 @@ def shoal_child(model: str, threads: int, kv_memory: int) -> None:
                 first = time.perf_counter()
         end = time.perf_counter()
         return {
-            "prefill": batch * PROMPT / (first - start),
+            "prefill": batch * prompt_len / (first - start),
             "decode": batch * (NEW_TOKENS - 1) / (end - first),
         }
 
     measure(4, seed=999)  # warm-up: kernels compiled, caches filled
     rows = {batch: measure(batch, seed=batch) for batch in BATCHES}
-    print("SHOAL_RESULT " + json.dumps({"batches": rows, "weights": llm.model.describe_weights()}))
+    long = measure(1, seed=2048, prompt_len=LONG_PROMPT)
+    described = llm.model.describe_weights()
+    print("SHOAL_RESULT " + json.dumps({"batches": rows, "long": long, "weights": described,
+                                        "weight_bytes": llm.model.weight_bytes, "load_s": load_s}))  # fmt: skip
 
 
 def shoal_run(model: str, threads: int, kv_memory: int, log: Path) -> dict:
@@ -174,10 +196,62 @@ def shoal_run(model: str, threads: int, kv_memory: int, log: Path) -> dict:
     return {"rss_mib": rss, **result}
 
 
+def best_of(runs: list[dict]) -> dict:
+    """Each figure's best over the runs (the machine's noise only ever slows a run down); RSS: the largest."""
+    runs = [r for r in runs if r]
+    if not runs:
+        return {}
+    best = {**runs[0], "rss_mib": max(r["rss_mib"] for r in runs)}
+    best["batches"] = {
+        b: {k: max(r["batches"].get(b, {}).get(k, 0) for r in runs) for k in ("decode", "prefill")}
+        for b in BATCHES
+    }
+    best["long"] = {k: max(r.get("long", {}).get(k, 0) for r in runs) for k in ("decode", "prefill")}
+    return best
+
+
+def kv_memory(model: str) -> int:
+    """A KV pool for 64 sequences of 96 tokens and one of the long prompt, from the file's shape (fp32)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(model)
+
+    def value(key: str) -> int:
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        field = reader.fields.get(f"{arch}.{key}")
+        return int(field.parts[-1][0]) if field is not None else 0
+
+    head_dim = value("attention.key_length") or value("embedding_length") // value("attention.head_count")
+    per_token = value("block_count") * value("attention.head_count_kv") * head_dim * 2 * 4
+    tokens = max(64 * (PROMPT + NEW_TOKENS), LONG_PROMPT + NEW_TOKENS) + 64 * 16
+    return int(per_token * tokens * 1.1)
+
+
+BANDWIDTH_PROBE = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+data, best = torch.ones(1 << 28), 0.0
+for _ in range(5):
+    start = time.perf_counter()
+    data.sum()
+    best = max(best, data.numel() * 4 / (time.perf_counter() - start))
+print(best)
+"""
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second this machine reads with `threads` threads (a sum over 1 GiB, best of 5), measured in
+    a process of its own: a child's peak RSS starts from its parent's at the fork, so the parent stays small."""
+    probe = subprocess.run(
+        [sys.executable, "-c", BANDWIDTH_PROBE, str(threads)], capture_output=True, text=True
+    )
+    return float(probe.stdout.strip())
+
+
 # ---- the report ----
 
 
-def report(name: str, size_mib: float, ours: dict, theirs: dict) -> None:
+def report(name: str, size_mib: float, ours: dict, theirs: dict, bandwidth: float) -> None:
     print(f"\n{name} ({size_mib:.0f} MiB file)" + (f"; shoal keeps {ours['weights']}" if ours else ""))
     print(
         f"{'batch':>5} | {'decode shoal':>12} {'llama.cpp':>9} {'ratio':>6} | {'prefill shoal':>13} {'llama.cpp':>9} {'ratio':>6}"
@@ -194,6 +268,19 @@ def report(name: str, size_mib: float, ours: dict, theirs: dict) -> None:
                 else f"{x or 0:13.1f} {y or 0:9.1f} {ratio:>6}"
             )
         print(f"{batch:>5} | {cells[0]} | {cells[1]}")
+    a, b = ours.get("long", {}), theirs.get("long", {})
+    if a or b:
+        ratios = [
+            f"{a[k] / b[k]:5.2f}x" if a.get(k) and b.get(k) else "     -" for k in ("decode", "prefill")
+        ]
+        print(f"{'1 @' + str(LONG_PROMPT):>5} | {a.get('decode', 0):12.1f} {b.get('decode', 0):9.1f} {ratios[0]:>6} | "
+              f"{a.get('prefill', 0):13.1f} {b.get('prefill', 0):9.1f} {ratios[1]:>6}")  # fmt: skip
+    per_token = ours.get("weight_bytes") or size_mib * 2**20
+    print(f"batch-1 bandwidth limit: {bandwidth / 1e9:.1f} GB/s read / {per_token / 1e9:.2f} GB per token "
+          f"= {bandwidth / per_token:.1f} tokens/s")  # fmt: skip
+    if ours:
+        print(f"shoal: weights {ours['weight_bytes'] / 2**20:.0f} MiB ({ours['weight_bytes'] / 2**20 / size_mib:.3f}x "
+              f"the file), loaded in {ours['load_s']:.1f} s")  # fmt: skip
     rss = [
         f"shoal {ours['rss_mib']:.0f} MiB" if ours else "",
         f"llama.cpp {theirs['rss_mib']:.0f} MiB" if theirs else "",
@@ -209,15 +296,16 @@ def main() -> None:
         "--llama-cpp", type=Path, help="folder holding llama-batched-bench and llama-quantize"
     )
     parser.add_argument("--model", help="a GGUF file (default: the default model, plus its Q8_0 copy)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random-weight file of this model's shape")
+    parser.add_argument("--type", choices=sorted(TYPES), default="q4_k_m", help="its quantization")
+    parser.add_argument("--layers", type=int, help="keep this many of the shape's layers")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--kv", type=int, default=320 << 20, help="shoal's KV pool in bytes (holds 64 x 96 tokens)"
-    )
+    parser.add_argument("--kv", type=int, help="shoal's KV pool in bytes (default: 64 x 96 tokens' worth)")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        shoal_child(args.child, args.threads, args.kv)
+        shoal_child(args.child, args.threads, args.kv or kv_memory(args.child))
         return
 
     from shoal.models.loader import default_model_path
@@ -225,6 +313,15 @@ def main() -> None:
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     tools = None if args.skip_llama_cpp else (find_tools(args.llama_cpp) or build_llama_cpp())
+    if args.shape and not tools:
+        print("--shape needs llama.cpp's llama-quantize")
+        return
+    if args.shape:
+        args.model = str(
+            random_gguf(
+                args.shape, args.type, args.layers, tools["llama-quantize"], BUILD_DIR.parent / "shapes"
+            )
+        )
     models = [args.model] if args.model else [default_model_path()]
     if tools and not args.model:
         q8 = out_dir / "SmolLM2-135M-Instruct.Q8_0.gguf"
@@ -232,20 +329,29 @@ def main() -> None:
             subprocess.run([tools["llama-quantize"], "--allow-requantize", models[0], str(q8), "Q8_0"],
                            check=True, capture_output=True)  # fmt: skip
         models.append(str(q8))
-    print(f"CPU: {cpu_name()}; {args.threads} threads; prompt {PROMPT}, {NEW_TOKENS} new tokens")
+    bandwidth = read_bandwidth(args.threads)
+    print(
+        f"CPU: {cpu_name()}; {args.threads} threads; prompt {PROMPT}, {NEW_TOKENS} new tokens; best of {RUNS}"
+    )
     results = {
         "cpu": cpu_name(),
         "threads": args.threads,
         "prompt": PROMPT,
         "new_tokens": NEW_TOKENS,
+        "long_prompt": LONG_PROMPT,
+        "read_bandwidth": bandwidth,
         "files": {},
     }
     for model in models:
-        name = Path(model).name
-        ours = shoal_run(model, args.threads, args.kv, out_dir / f"{name}.shoal.log")
-        theirs = llama_cpp_run(tools, model, args.threads, out_dir / f"{name}.llama.log") if tools else {}
+        name, kv = Path(model).name, args.kv or kv_memory(model)
+        ours, theirs = [], []
+        for _ in range(RUNS):  # alternating, so a slow spell of the machine does not fall on one engine only
+            ours.append(shoal_run(model, args.threads, kv, out_dir / f"{name}.shoal.log"))
+            if tools:
+                theirs.append(llama_cpp_run(tools, model, args.threads, out_dir / f"{name}.llama.log"))
+        ours, theirs = best_of(ours), best_of(theirs)
         size = Path(model).stat().st_size / 2**20
-        report(name, size, ours, theirs)
+        report(name, size, ours, theirs, bandwidth)
         results["files"][name] = {"file_mib": size, "shoal": ours, "llama_cpp": theirs}
     (out_dir / "vs_llamacpp.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out_dir / 'vs_llamacpp.json'}")
