@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from shoal.kernels import cpu, torch_ops
 from shoal.kernels.build import best_isa, candidate_isas, isa_runs, load_library, release_openmp_team
-from shoal.kernels.formats import Weight, kept_form, layout_runs
+from shoal.kernels.formats import QuantizedTensor, Weight, kept_form, layout_runs
 
 logger = logging.getLogger("shoal")
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
@@ -126,13 +126,22 @@ def _qkv_views(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
     return q, k, v
 
 
+def release_stored(parts: list[Weight]) -> None:
+    """The stored matrices' file pages let go once the back end holds its own copy of them."""
+    for part in parts:
+        if isinstance(part, QuantizedTensor):
+            part.release()
+
+
 class CpuBackend(Backend):
     def __init__(self, lib, isa: str):
         self.lib, self.name = cpu.bind(lib), f"c-{isa}"
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
-        return cpu.pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
+        packed = cpu.pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
+        release_stored(parts)
+        return packed
 
     def weight_bytes(self, linear: cpu.PackedWeight) -> int:
         return linear.nbytes
@@ -191,6 +200,7 @@ class TorchBackend(Backend):
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> TorchLinear:
         tensors = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p.dequantize()) for p in parts]
         weight = torch.cat(tensors).to(device=self.device, dtype=self.dtype).contiguous()
+        release_stored(parts)
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACK_HINT) if self.mkl else None
         return TorchLinear(weight, None if bias is None else self.vector(bias), packed)
 

@@ -25,6 +25,7 @@ family, ...) are dequantized to float32 at load.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -44,6 +45,9 @@ class QuantizedTensor:
     data: np.ndarray  # uint8 [rows, bytes per row]; may be a view into the memory-mapped file
     ggml_type: T
     shape: tuple[int, int]  # (rows N, columns K), Hugging Face order
+    # Drops the file's pages of this matrix from memory once a back end holds its own copy (they are read
+    # from the file again if touched); set by a loader that maps the file.
+    release: Callable[[], None] = lambda: None
 
     def dequantize(self) -> np.ndarray:
         return dequantize(self.data, self.ggml_type).reshape(self.shape)

@@ -6,6 +6,8 @@ Matrices stay as the file stores them (QuantizedTensor: raw blocks, read through
 
 from __future__ import annotations
 
+import functools
+import mmap
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,7 +158,7 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
         if name is None:
             continue  # rope_freqs: read by gguf_rope_factors
         try:
-            weight = _read_tensor(tensor)
+            weight = _read_tensor(tensor, reader.data)
         except Exception as e:
             raise ModelLoadError(
                 f"cannot read tensor {tensor.name} ({tensor.tensor_type.name}) from {path}: {e}; "
@@ -171,17 +173,35 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
     return weights
 
 
-def _read_tensor(tensor: ReaderTensor) -> Weight:
+def _read_tensor(tensor: ReaderTensor, file_map: np.memmap) -> Weight:
     """A matrix as stored (its rows of blocks, not yet read from the map), a vector as float32."""
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if len(shape) == 2:
-        return QuantizedTensor(tensor.data.reshape(shape[0], -1), tensor.tensor_type, shape)
+        data = tensor.data.reshape(shape[0], -1)
+        return QuantizedTensor(
+            data, tensor.tensor_type, shape, functools.partial(_drop_pages, file_map, data)
+        )
     return torch.from_numpy(np.array(dequantize_tensor(tensor), dtype=np.float32, order="C"))
+
+
+def _drop_pages(file_map: np.memmap, view: np.ndarray) -> None:
+    """The mapped file's pages under `view` out of this process's memory (MADV_DONTNEED): the loader's peak
+    is then the packed weights plus one matrix, not the packed weights plus the whole file."""
+    mapping = getattr(file_map, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = view.ctypes.data - file_map.ctypes.data
+    end = start + view.nbytes
+    start -= start % page
+    mapping.madvise(mmap.MADV_DONTNEED, start, min(-(-end // page) * page, len(mapping)) - start)
 
 
 def _unpermute(weight: Weight, heads: int) -> Weight:
     if isinstance(weight, QuantizedTensor):  # rows are whole blocks: reorder them as they are
-        return QuantizedTensor(unpermute_qk(weight.data, heads), weight.ggml_type, weight.shape)
+        return QuantizedTensor(
+            unpermute_qk(weight.data, heads), weight.ggml_type, weight.shape, weight.release
+        )
     return torch.from_numpy(np.ascontiguousarray(unpermute_qk(weight.numpy(), heads)))
 
 
