@@ -155,3 +155,24 @@ def test_gathered_columns_are_the_dequantized_rows(lib, qtype):
     ids = torch.tensor([0, 49, 17, 17, 32])
     rows = gather_columns(lib, pack_weight(kept_form(w)), ids)
     assert torch.equal(rows, torch.from_numpy(w.dequantize())[ids])
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16], ids=lambda t: t.name)
+def test_a_matrix_packed_in_chunks_is_the_matrix_packed_at_once(lib, monkeypatch, qtype):
+    """Large matrices (embeddings) are packed a chunk of rows at a time; the result is the same weight."""
+    from shoal.kernels import cpu
+
+    w = random_weight(qtype, 300, 256, seed=9)
+    whole = pack_weight(kept_form(w))
+    released = []
+    w.release = lambda: released.append(True)
+    monkeypatch.setattr(cpu, "CHUNK_ROWS", 64)
+    chunked = cpu.pack_in_chunks(w)
+    assert released and chunked.format_name == whole.format_name and chunked.nbytes == whole.nbytes
+    for name in cpu.CHUNKED:
+        a, b = getattr(whole, name), getattr(chunked, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(gemm(lib, x, chunked), gemm(lib, x, whole))
+    ids = torch.tensor([0, 63, 64, 299])
+    assert torch.equal(gather_columns(lib, chunked, ids), gather_columns(lib, whole, ids))

@@ -139,6 +139,8 @@ class CpuBackend(Backend):
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
+        if len(parts) == 1 and isinstance(parts[0], QuantizedTensor):
+            return cpu.pack_in_chunks(parts[0], bias)
         packed = cpu.pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
         release_stored(parts)
         return packed

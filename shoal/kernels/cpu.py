@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from shoal.kernels.formats import IntWeights
+from shoal.kernels.formats import IntWeights, QuantizedTensor, kept_form
 
 PANEL = 16
 FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -157,6 +157,43 @@ def _half_if_exact(scales: np.ndarray, mins: np.ndarray | None) -> tuple[np.ndar
     if not all(np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, arrays, strict=True)):
         return scales, mins
     return halves[0], halves[1] if mins is not None else None
+
+
+CHUNK_ROWS = 8192  # a multiple of 64: chunks of whole units of panels
+CHUNKED = ("quants", "scales", "mins", "high", "super_scales", "super_mins")  # per panel, along dim 0
+
+
+def pack_in_chunks(weight: QuantizedTensor, bias: torch.Tensor | None = None) -> PackedWeight:
+    """A stored matrix packed CHUNK_ROWS rows at a time into tensors made once, its file pages let go
+    chunk by chunk: a large embedding costs one chunk's conversion on top of its packed size, not the
+    several copies of the whole matrix that packing it at once takes."""
+    n = weight.shape[0]
+    whole: PackedWeight | None = None
+    at = 0
+    for start in range(0, n, CHUNK_ROWS):
+        rows = slice(start, min(start + CHUNK_ROWS, n))
+        part = QuantizedTensor(weight.data[rows], weight.ggml_type, (rows.stop - start, weight.shape[1]))
+        chunk = pack_weight(kept_form(part))
+        if whole is None:
+            if rows.stop == n:  # one chunk: the matrix itself
+                whole = chunk
+                break
+            panels = -(-n // PANEL)
+            panels += -panels % 4
+            made = {
+                name: torch.empty((panels, *t.shape[1:]), dtype=t.dtype)
+                for name in CHUNKED
+                if (t := getattr(chunk, name)) is not None
+            }
+            whole = replace(chunk, n=n, **made)
+        for name in CHUNKED:
+            if (t := getattr(chunk, name)) is not None:
+                getattr(whole, name)[at : at + t.shape[0]] = t
+        at += chunk.quants.shape[0]
+        weight.release()  # the pages read so far
+    weight.release()
+    assert whole is not None
+    return whole if bias is None else replace(whole, bias=bias.to(torch.float32).contiguous())
 
 
 def pack_parts(parts: list[IntWeights | torch.Tensor], bias: torch.Tensor | None = None) -> PackedWeight:
