@@ -21,6 +21,7 @@ _HELP = {
     "quantization": "weight format at load: auto (as stored, default), float32, float16, bfloat16, q8_0, q4_0, q4_1",
     "kv_cache_dtype": "KV cache storage: auto (as the activations, float32 by default), float32, float16 or bfloat16 (half the memory)",
     "kernels": "compute path: auto (default), avx512, avx2, portable (shoal's C kernels) or torch",
+    "weight_cache": "save a GGUF file's packed weights beside it and map them on later loads (default: on)",
 }
 
 

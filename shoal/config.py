@@ -31,6 +31,8 @@ class EngineConfig:
     kv_cache_dtype: how the KV pool stores keys and values: "auto" (as the activations: float32 unless
         dtype says otherwise), float32, or float16 / bfloat16 (half the memory, twice the tokens; attention
         still computes in the activations' dtype).
+    weight_cache: a GGUF file's packed weights saved beside it (or under ~/.cache/shoal/packed) at the first
+        load and mapped by later ones: no repacking, one copy shared by every process on the machine.
     """
 
     max_num_batched_tokens: int = 512
@@ -45,6 +47,7 @@ class EngineConfig:
     quantization: str = "auto"
     kernels: str = "auto"
     kv_cache_dtype: str = "auto"
+    weight_cache: bool = True
 
     def __post_init__(self) -> None:
         checks = [

@@ -26,7 +26,9 @@ def resolve_model(model: str | LoadedModel | None, config: EngineConfig) -> Load
     """The loaded model an engine runs: given, or loaded from a path (None: the default model)."""
     if isinstance(model, LoadedModel):
         return model
-    return load_model(model, config.device, config.dtype, config.quantization, config.kernels)
+    return load_model(
+        model, config.device, config.dtype, config.quantization, config.kernels, config.weight_cache
+    )
 
 
 class EngineCore:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from shoal.kernels import cpu, torch_ops
 from shoal.kernels.build import best_isa, candidate_isas, isa_runs, load_library, release_openmp_team
 from shoal.kernels.formats import QuantizedTensor, Weight, kept_form, layout_runs
+from shoal.kernels.packed_cache import PackedCache
 
 logger = logging.getLogger("shoal")
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
@@ -135,14 +136,21 @@ def release_stored(parts: list[Weight]) -> None:
 
 class CpuBackend(Backend):
     def __init__(self, lib, isa: str):
-        self.lib, self.name = cpu.bind(lib), f"c-{isa}"
+        self.lib, self.name, self.isa = cpu.bind(lib), f"c-{isa}", isa
+        self.pack_cache: PackedCache | None = None  # set while a GGUF file's model is built (loaded.py)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
+        cache = self.pack_cache
+        if cache is not None and (cached := cache.take(parts, bias)) is not None:
+            return cached
         if len(parts) == 1 and isinstance(parts[0], QuantizedTensor):
-            return cpu.pack_in_chunks(parts[0], bias)
-        packed = cpu.pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
-        release_stored(parts)
+            packed = cpu.pack_in_chunks(parts[0], bias)
+        else:
+            packed = cpu.pack_parts(layout_runs([kept_form(p) for p in parts]), bias)
+            release_stored(parts)
+        if cache is not None:
+            cache.record(parts, bias, packed)
         return packed
 
     def weight_bytes(self, linear: cpu.PackedWeight) -> int:

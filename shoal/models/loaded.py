@@ -7,13 +7,15 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from shoal.errors import ModelLoadError
-from shoal.kernels.backend import Backend, select_backend
+from shoal.kernels.backend import Backend, CpuBackend, select_backend
 from shoal.kernels.formats import canonical_quantization, convert
+from shoal.kernels.packed_cache import PackedCache
 from shoal.models.chat_template import ChatTemplate
 from shoal.models.config import ModelConfig
 from shoal.models.llama import CausalLM
@@ -107,6 +109,7 @@ def load_model(
     dtype: str = "float32",
     quantization: str = "auto",
     kernels: str = "auto",
+    weight_cache: bool = True,
 ) -> LoadedModel:
     """Loads weights and tokenizer once (the default SmolLM2-135M-Instruct GGUF when path is None).
 
@@ -114,6 +117,8 @@ def load_model(
     converts every matrix at load: float32, float16, bfloat16, q8_0, q4_0, q4_1.
     kernels: "auto" (shoal's C kernels for the widest instruction set that runs here, else torch), or
     "avx512", "avx2", "portable", "torch" to force one.
+    weight_cache: a GGUF file's packed weights are saved beside it (or under ~/.cache/shoal/packed) on the
+    first load and mapped by the later ones: no repacking, and one copy shared by every process.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -124,7 +129,16 @@ def load_model(
         raise ModelLoadError(str(e)) from e
     ckpt = load_checkpoint(path)
     weights = {name: convert(w, quantization) if len(w.shape) == 2 else w for name, w in ckpt.weights.items()}
-    module = CausalLM(ckpt.config, weights, backend)
+    cache = None
+    if weight_cache and isinstance(backend, CpuBackend) and Path(ckpt.path).suffix == ".gguf":
+        cache = backend.pack_cache = PackedCache.for_model(Path(ckpt.path), backend.isa, quantization)
+    try:
+        module = CausalLM(ckpt.config, weights, backend)
+    finally:
+        if cache is not None:
+            backend.pack_cache = None
+    if cache is not None:
+        cache.finish()
     name = os.path.basename(os.path.normpath(ckpt.path))
     model = LoadedModel(module, ckpt.tokenizer, ckpt.config, name, backend)
     logger.info("loaded %s: %s", name, model.describe_weights())
