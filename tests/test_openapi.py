@@ -52,16 +52,17 @@ def test_allow_names_every_method_of_a_path(server):
 @pytest.mark.skipif(
     shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None, reason="schemathesis"
 )
-def test_schemathesis_default_checks_find_nothing(server):
+def test_schemathesis_default_checks_find_nothing(server, tmp_path):
     """All of schemathesis' default checks: no 5xx, only documented answers, every schema-valid body
     accepted and every schema-violating one refused (the rules no schema can state: schemathesis_hooks)."""
     context = httpx.get(server.url + "/tokenizer_info").json()["model_max_length"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "SHOAL_MAX_MODEL_LEN": str(context)}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "SHOAL_MAX_MODEL_LEN": str(context),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     run = subprocess.run(
-        [Path(sys.executable).parent / "schemathesis", "--config-file", "schemathesis.toml", "run",
+        [Path(sys.executable).parent / "schemathesis", "--config-file", str(TESTS / "schemathesis.toml"), "run",
          server.url + "/openapi.json", "--max-examples", "15", "--seed", "1", "--request-timeout", "60",
          "--no-color"],
-        capture_output=True, text=True, timeout=900, cwd=TESTS, env=env,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,  # its crash cache stays in tmp_path
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:]
 

@@ -9,6 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -90,17 +93,29 @@ def test_shoal_batch_on_ray_matches_one_process(model, tmp_path):
     assert len(read_jsonl(tmp_path / "ray.jsonl")) == 24
 
 
-def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model, tmp_path):
+@contextmanager
+def ray_server(model: str, address: str, folder: Path, timeout: float) -> Iterator[str]:
+    """`shoal serve --ray ADDRESS` with two replicas, in a process of its own, once healthy: its URL."""
     port = free_port()
     command = [
-        sys.executable, "-m", "shoal.server.cli", "serve", "--model", model, "--ray", "local", "--replicas", "2",
-        "--num-threads", "1", "--port", str(port), "--kv-cache-memory", "32MB", "--data-dir", str(tmp_path / "data"),
+        sys.executable, "-m", "shoal.server.cli", "serve", "--model", model, "--ray", address, "--replicas", "2",
+        "--num-threads", "1", "--port", str(port), "--kv-cache-memory", "32MB", "--data-dir", str(folder / "data"),
     ]  # fmt: skip
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(url, server), timeout=240, interval=1)
+    with open(folder / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: _healthy(url, server), timeout=timeout, interval=1)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=120)
+
+
+def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model, tmp_path):
+    with ray_server(model, "local", tmp_path, timeout=240) as url:
         wait_until(lambda: httpx.get(url + "/v1/batches").status_code == 200, timeout=60)  # the driver's part
         with ServerThread(model, ServerConfig(), **ENGINE) as single:
             for base in (url, single.url):
@@ -153,10 +168,6 @@ def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model,
             if len(served) == 2:
                 break
         assert len(served) == 2 and all(count > 0 for count in served.values()), served
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
-        log.close()
 
 
 def _healthy(url: str, server: subprocess.Popen) -> bool:

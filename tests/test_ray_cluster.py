@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-from test_ray import ENGINE, _healthy, mixed_lines, texts
+from test_ray import ENGINE, mixed_lines, ray_server, texts
 from test_server_helpers import (
-    REPO,
     ServerThread,
-    free_port,
     make_model,
     read_jsonl,
     run_batch_with_client,
-    wait_until,
     write_jsonl,
 )
 
@@ -119,17 +113,7 @@ def test_replicas_go_one_per_node_and_a_removed_node_loses_no_line(model, tmp_pa
 
 
 def test_shoal_serve_on_a_cluster_spreads_replicas_and_answers_like_one_process(model, tmp_path, cluster):
-    port = free_port()
-    command = [
-        sys.executable, "-m", "shoal.server.cli", "serve", "--model", model, "--ray", cluster.address,
-        "--replicas", "2", "--num-threads", "1", "--port", str(port), "--kv-cache-memory", "32MB",
-        "--data-dir", str(tmp_path / "data"),
-    ]  # fmt: skip
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(url, server), timeout=300, interval=1)
+    with ray_server(model, cluster.address, tmp_path, timeout=300) as url:
         # Serve's proxy prefers the replica on its own node while it has room: enough requests at once fill it
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             answers = pool.map(
@@ -150,7 +134,3 @@ def test_shoal_serve_on_a_cluster_spreads_replicas_and_answers_like_one_process(
         lines = [line for line in mixed_lines(8) if line["url"] == "/v1/completions"]
         done = run_batch_with_client(client, lines, "/v1/completions", timeout=180)
         assert done.request_counts.completed == len(lines)
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
-        log.close()

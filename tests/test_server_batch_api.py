@@ -166,7 +166,9 @@ def test_multipart_upload_in_one_byte_chunks(tmp_path):
 
 def test_batch_survives_kill_9(model, tmp_path):
     data_dir = tmp_path / "data"
-    lines = batch_lines(16, max_tokens=150)
+    lines = batch_lines(
+        24, max_tokens=400
+    )  # long enough to be mid-way when the progress (checkpointed each s) shows
     args = ("--batch-concurrency", "2", "--max-num-seqs", "2")
     first = ServerProcess(model, data_dir, *args).start()
     try:
@@ -185,13 +187,13 @@ def test_batch_survives_kill_9(model, tmp_path):
     try:
         client = openai.OpenAI(base_url=second.url + "/v1", api_key="unused", max_retries=0)
         done = client.batches.retrieve(batch.id)
-        assert done.status == "in_progress" and done.request_counts.completed < 16, (
+        assert done.status == "in_progress" and done.request_counts.completed < len(lines), (
             "the batch finished before the kill"
         )
         done = wait_final(client, batch.id, timeout=120)
         assert (
             done.status == "completed"
-            and done.request_counts.completed == 16
+            and done.request_counts.completed == len(lines)
             and done.request_counts.failed == 0
         )
         output = read_jsonl(client.files.content(done.output_file_id).text)
