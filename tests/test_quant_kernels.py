@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as T
 
 from shoal.kernels.build import ISA_FLAGS, compiler, isa_runs, load_library
 from shoal.kernels.cpu import bind, gather_columns, gemm, pack_parts, pack_weight
-from shoal.kernels.formats import QuantizedTensor, integer_form, join_rows, kept_form, layout_runs
+from shoal.kernels.formats import QuantizedTensor, integer_form, kept_form, layout_runs
 
 BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)] if compiler() else []  # without a compiler: torch only
 K_QUANTS = {
@@ -140,11 +140,14 @@ def test_parts_of_different_types_run_as_one_matrix_each_in_its_own_format(lib):
 
 
 def test_fused_parts_of_different_types_keep_every_value(lib):
-    parts = [random_weight(t, 32, 256, seed=i) for i, t in enumerate([T.Q4_K, T.Q6_K, T.Q4_0, T.Q8_0])]
-    joined = join_rows([integer_form(p) for p in parts])
-    assert np.array_equal(joined.dequantize(), np.concatenate([p.dequantize() for p in parts]))
+    types = [T.Q4_K, T.Q4_K, T.Q6_K, T.Q4_0, T.Q8_0]
+    parts = [random_weight(t, 32, 256, seed=i) for i, t in enumerate(types)]
+    runs = layout_runs([integer_form(p) for p in parts])
+    assert len(runs) == 4  # the two Q4_K parts joined, the others each in their own layout
+    dequantized = np.concatenate([run.dequantize() for run in runs])
+    assert np.array_equal(dequantized, np.concatenate([p.dequantize() for p in parts]))
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
-    assert_float32_close(gemm(lib, x, pack_weight(joined)), x, joined.dequantize())
+    assert_float32_close(gemm(lib, x, pack_parts(runs)), x, dequantized)
 
 
 @pytest.mark.parametrize(

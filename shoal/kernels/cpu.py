@@ -93,7 +93,7 @@ class PackedWeight:
     bias: torch.Tensor | None = None
     high: torch.Tensor | None = None  # q5, q6: the bits above each value's nibble
     zero: int = 0  # q4 to q6: subtracted from each value
-    super_scales: torch.Tensor | None = None  # factored: scales (and mins) are int8, times these float16
+    super_scales: torch.Tensor | None = None  # factored: scales (and mins) are int8, times these (float16)
     super_mins: torch.Tensor | None = None
     next: PackedWeight | None = None
     struct: _PackedStruct = field(init=False)
@@ -241,18 +241,16 @@ def pack_weight(
 
 def _scales(weight: IntWeights) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
     """Scales and offsets in panels: as their int8 factors and float16 supers where the matrix has them
-    (K-quants: as small as the file holds them), else each value in float16 where that is exact, or float32."""
-    factors, has_min = weight.factors, weight.mins is not None
-    if factors is not None and (factors.sub_min is not None) == has_min:
-        supers = [a for a in (factors.super, factors.super_min) if a is not None]
-        halves = [a.astype(np.float16) for a in supers]
-        if all(np.array_equal(h.astype(np.float32), a) for h, a in zip(halves, supers, strict=True)):
+    (K-quants: as small as the file holds them; the supers are the file's float16 values), else each value
+    in float16 where that is exact, or float32."""
+    factors = weight.factors
+    if factors is not None:
 
-            def panels(a: np.ndarray | None) -> torch.Tensor | None:
-                return None if a is None else torch.from_numpy(_panels(a))
+        def panels(a: np.ndarray | None, dtype: type) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(_panels(a.astype(dtype, copy=False)))
 
-            supers = [torch.from_numpy(_panels(h.view(np.uint16))) for h in halves]
-            return panels(factors.sub), panels(factors.sub_min), (supers[0], supers[1] if has_min else None)
+        supers = (panels(factors.super, np.float16), panels(factors.super_min, np.float16))
+        return panels(factors.sub, np.int8), panels(factors.sub_min, np.int8), supers
     scales, mins = _half_if_exact(weight.scales, weight.mins)
     mins = None if mins is None else torch.from_numpy(_panels(mins))
     return torch.from_numpy(_panels(scales)), mins, (None, None)

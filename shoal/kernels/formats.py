@@ -63,10 +63,6 @@ class ScaleFactors:
     sub_min: np.ndarray | None = None  # int8 [N, K / group]
     super_min: np.ndarray | None = None  # float32 [N, K / 256] (minus the file's dmin), exact in float16
 
-    def regroup(self, repeat: int) -> ScaleFactors:
-        sub_min = None if self.sub_min is None else np.repeat(self.sub_min, repeat, axis=1)
-        return ScaleFactors(np.repeat(self.sub, repeat, axis=1), self.super, sub_min, self.super_min)
-
     def rows(self, n: int) -> ScaleFactors:
         """Per row of the matrix, from per block (n rows)."""
 
@@ -77,7 +73,8 @@ class ScaleFactors:
 
     @staticmethod
     def join(parts: list[ScaleFactors | None]) -> ScaleFactors | None:
-        if any(p is None for p in parts) or len({p.sub_min is None for p in parts}) > 1:
+        """Of matrices of one layout: all factored alike, or none."""
+        if parts[0] is None:
             return None
 
         def cat(name: str) -> np.ndarray | None:
@@ -113,56 +110,12 @@ class IntWeights:
     def shape(self) -> tuple[int, int]:
         return self.q.shape
 
-    def values(self) -> np.ndarray:
-        """q - zero, as int16."""
-        return self.q.astype(np.int16) - self.zero
-
     def dequantize(self) -> np.ndarray:
-        q = self.values().astype(np.float32).reshape(self.q.shape[0], -1, self.group)
+        q = (self.q.astype(np.int16) - self.zero).astype(np.float32).reshape(self.q.shape[0], -1, self.group)
         values = q * self.scales[..., None]
         if self.mins is not None:
             values = values + self.mins[..., None]
         return values.reshape(self.q.shape)
-
-    def to_q8(self) -> IntWeights:
-        if self.bits == 8:
-            return self
-        return IntWeights(
-            self.values().astype(np.int8), self.scales, self.mins, self.group, 8, 0, self.factors
-        )
-
-    def widen(self, bits: int) -> IntWeights:
-        """The same values in a layout of `bits` (4 to 6) bits."""
-        return IntWeights(self.q, self.scales, self.mins, self.group, bits, self.zero, self.factors)
-
-    def without_zero(self) -> IntWeights:
-        """zero folded into the offsets: s * (q - z) + m == s * q + (m - s * z), exact for GGUF's types, which
-        have a zero (a power of two, so s * z is exact) or offsets, never both."""
-        if not self.zero:
-            return self
-        assert self.mins is None, "a zero and offsets"
-        mins = -(self.scales * np.float32(self.zero))
-        factors = self.factors
-        if factors is not None:  # (-z * super) * sub == -(z * (super * sub)): z is a power of two
-            factors = ScaleFactors(
-                factors.sub, factors.super, factors.sub, factors.super * -np.float32(self.zero)
-            )
-        return IntWeights(self.q, self.scales, mins, self.group, self.bits, 0, factors)
-
-    def regroup(self, group: int) -> IntWeights:
-        """The same weights with scales repeated for a smaller group."""
-        if group == self.group:
-            return self
-        repeat = self.group // group
-        mins = None if self.mins is None else np.repeat(self.mins, repeat, axis=1)
-        factors = None if self.factors is None else self.factors.regroup(repeat)
-        scales = np.repeat(self.scales, repeat, axis=1)
-        return IntWeights(self.q, scales, mins, group, self.bits, self.zero, factors)
-
-    def with_mins(self) -> IntWeights:
-        if self.mins is not None:
-            return self
-        return IntWeights(self.q, self.scales, np.zeros_like(self.scales), self.group, self.bits, self.zero)
 
 
 Weight = torch.Tensor | QuantizedTensor  # what loaders hand to a back end for one matrix
@@ -318,7 +271,7 @@ def _layout(part: IntWeights | torch.Tensor) -> tuple:
 def layout_runs(parts: list[IntWeights | torch.Tensor]) -> list[IntWeights | torch.Tensor]:
     """Matrices stacked along N (fused q/k/v or gate/up) as runs of one layout each, neighbours of the same
     layout joined: each part keeps its own size (a Q6_K v beside Q4_K q and k stays q6, they q4). Float parts
-    among quantized ones make one float run, as join_rows does."""
+    among quantized ones make one float run."""
     if any(isinstance(p, torch.Tensor) for p in parts):
         return [join_rows(parts)]
     runs: list[list[IntWeights]] = []
@@ -331,7 +284,8 @@ def layout_runs(parts: list[IntWeights | torch.Tensor]) -> list[IntWeights | tor
 
 
 def join_rows(parts: list[IntWeights | torch.Tensor]) -> IntWeights | torch.Tensor:
-    """Several matrices stacked along N (fused q/k/v or gate/up), in one form that holds each exactly."""
+    """Matrices of one layout stacked along N (a run of layout_runs), exactly; or, when some are float,
+    every part as a float tensor of their common dtype (float32 if they differ)."""
     if len(parts) == 1:
         return parts[0]
     if any(isinstance(p, torch.Tensor) for p in parts):
@@ -339,21 +293,12 @@ def join_rows(parts: list[IntWeights | torch.Tensor]) -> IntWeights | torch.Tens
         dtypes = {t.dtype for t in tensors}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         return torch.cat([t.to(dtype) for t in tensors])
-    group = min(p.group for p in parts)
-    parts = [p.regroup(group) for p in parts]
-    bits = max(p.bits for p in parts)
-    if bits == 8:
-        parts = [p.to_q8() for p in parts]
-    elif len({(p.bits, p.zero) for p in parts}) > 1:  # the widest layout holds every part's values
-        zeros = {p.zero for p in parts}
-        parts = [(p if len(zeros) == 1 else p.without_zero()).widen(bits) for p in parts]
-    if len({p.mins is None for p in parts}) > 1:
-        parts = [p.with_mins() for p in parts]
+    assert len({_layout(p) for p in parts}) == 1, "join_rows takes one layout; see layout_runs"
     first = parts[0]
     mins = None if first.mins is None else np.concatenate([p.mins for p in parts])
     q, scales = np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts])
     factors = ScaleFactors.join([p.factors for p in parts])
-    return IntWeights(q, scales, mins, group, first.bits, first.zero, factors)
+    return IntWeights(q, scales, mins, first.group, first.bits, first.zero, factors)
 
 
 # ---- converting at load: the `quantization` option ----
