@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -89,18 +89,12 @@ def _token_ids(schema: dict[str, Any]) -> None:
 def _prompt(schema: dict[str, Any]) -> None:
     """Token ids or text, none of it empty (an empty prompt has nothing to continue)."""
     _token_ids(schema)
-    for branch in [schema, *schema.get("anyOf", [])]:
-        if branch.get("type") == "array":
-            branch["minItems"] = 1
-            if isinstance(branch.get("items"), dict):
-                _prompt(branch["items"])
-        if branch.get("type") == "string":
-            branch["minLength"] = 1
+    _non_empty(schema, texts=True)
 
 
 def _token_id_list(schema: dict[str, Any]) -> None:
     """Token ids to decode: any number of them (none too), up to the context."""
-    schema["items"].update({"minimum": 0, LIMIT: "token_id"})
+    _token_ids(schema)
     schema[LIMIT] = "max_model_len"
 
 
@@ -116,12 +110,15 @@ def non_empty(default: Any = ...) -> Any:
     return Field(default, json_schema_extra=_non_empty)
 
 
-def _non_empty(schema: dict[str, Any]) -> None:
+def _non_empty(schema: dict[str, Any], texts: bool = False) -> None:
+    """Every array in the field, nested ones too, non-empty (and with texts, every string)."""
     for branch in [schema, *schema.get("anyOf", [])]:
         if branch.get("type") == "array":
             branch["minItems"] = 1
-            if isinstance(branch.get("items"), dict) and branch["items"].get("type") == "array":
-                branch["items"]["minItems"] = 1
+            if isinstance(branch.get("items"), dict):
+                _non_empty(branch["items"], texts)
+        if texts and branch.get("type") == "string":
+            branch["minLength"] = 1
 
 
 # ---------------------------------------------------------------- requests
@@ -199,9 +196,7 @@ class _GenerationRequest(_Body):
     stream_options: StreamOptions | None = None
     priority: Int = bounded("priority", 0)  # extension: lower runs first
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra=_bias_map)  # token id -> bias
-    prompt_logprobs: Int | None = bounded(
-        "prompt_logprobs"
-    )  # vLLM's extension: top-N logprobs per prompt token
+    prompt_logprobs: Int | None = bounded("prompt_logprobs")  # vLLM's extension: top-N per prompt token
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension
     # vLLM's older names for structured_outputs
     guided_json: dict[str, Any] | str | None = None
@@ -228,7 +223,8 @@ class CompletionRequest(_GenerationRequest):
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-TEXT_PARTS = ("text", "input_text", "output_text")  # the Responses API names its text parts so
+TextPart = Literal["text", "input_text", "output_text"]  # the Responses API names its text parts so
+TEXT_PARTS = get_args(TextPart)
 
 
 class ContentPart(BaseModel):

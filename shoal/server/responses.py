@@ -22,6 +22,7 @@ from shoal.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Int,
+    TextPart,
     _Body,
     bounded,
     needs_when,
@@ -65,7 +66,7 @@ class TextConfig(_Body):
 
 
 class InputText(_Body):
-    type: Literal["input_text", "output_text", "text"] = "input_text"
+    type: TextPart = "input_text"
     text: str
 
 
