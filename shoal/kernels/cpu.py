@@ -231,6 +231,7 @@ def pack_weight(
         high = torch.from_numpy(np.ascontiguousarray(high))
         q = q & 15
     if weight.bits != 8:
+        assert not (weight.zero and weight.mins is not None), "the kernels take offsets or a zero, not both"
         q, zero = q[:, 0::2, :] | (q[:, 1::2, :] << 4), weight.zero
     quants = torch.from_numpy(np.ascontiguousarray(q))
     scales, mins, supers = _scales(weight)

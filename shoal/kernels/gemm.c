@@ -199,15 +199,11 @@ static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, 
 }
 #endif
 
-/* The scale (or offset) vector of panel p's 16 columns for group g: stored, in its precision, or made of
- * its factors, super * sub (one float32 product, as gguf computes it). */
-static inline pv scale_at(const struct packed_weight *w, const void *base, const uint16_t *supers, int64_t p,
-                          int64_t g) {
-    const int64_t at = (p * (w->k / w->group) + g) * PANEL;
-    if (w->factored) {
-        const pv super = pv_f16(supers + (p * (w->k / 256) + g * w->group / 256) * PANEL);
-        return pv_mul(super, pv_q8((const int8_t *)base + at));
-    }
+/* The scale (or offset) vector of 16 columns at `at` (and their super-scales at `super_at`): stored, in its
+ * precision, or made of its factors, super * sub (one float32 product, as gguf computes it). */
+static inline pv scale_at(const struct packed_weight *w, const void *base, const uint16_t *supers, int64_t at,
+                          int64_t super_at) {
+    if (w->factored) return pv_mul(pv_f16(supers + super_at), pv_q8((const int8_t *)base + at));
     return w->half_scales ? pv_f16((const uint16_t *)base + at) : pv_f32((const float *)base + at);
 }
 
@@ -260,10 +256,12 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
  * ascending order for every element, whatever the tile. xsum: [R][groups], each row's group sums of x. */
 #define GROUP_END(R, U, HAS_MIN)                                                                      \
     UNROLL for (int u = 0; u < U; u++) {                                                           \
-        const pv s = scale_at(w, w->scales, w->super_scales, p + u, g);                               \
+        const int64_t at = ((p + u) * groups + g) * PANEL;                                            \
+        const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                     \
+        const pv s = scale_at(w, w->scales, w->super_scales, at, super_at);                           \
         UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fmav(s, b[r][u], c[r][u]);                    \
         if (HAS_MIN) {                                                                                \
-            const pv m = scale_at(w, w->mins, w->super_mins, p + u, g);                               \
+            const pv m = scale_at(w, w->mins, w->super_mins, at, super_at);                           \
             UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fma(xsum[r * groups + g], m, c[r][u]);    \
         }                                                                                             \
     }
@@ -291,7 +289,7 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
                            const float *xsum, float *out) {                                                  \
         ZEROS(c, R, U)                                                                                          \
         const int64_t group = w->group, groups = k / group, half = k / 2;                                    \
-        const int zero = w->zero;                                                                            \
+        const int zero = HAS_MIN ? 0 : w->zero; /* offsets or a zero, never both: 0 folds the subtraction away */ \
         const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
         for (int64_t g = 0; g < groups; g++) {                                                               \
             ZEROS(b, R, U)                                                                                      \
@@ -313,7 +311,7 @@ static inline float scale_value(const struct packed_weight *w, const void *base,
         ZEROS(c, R, U)                                                                                          \
         enum { HIGH = BITS - 4, PER = 8 / HIGH }; /* high bits per value, values per byte of them */         \
         const int64_t group = w->group, groups = k / group, half = k / 2, chunks = k / PER;                  \
-        const int zero = w->zero;                                                                            \
+        const int zero = HAS_MIN ? 0 : w->zero; /* offsets or a zero, never both: 0 folds the subtraction away */ \
         const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
         const uint8_t *highs = (const uint8_t *)w->high + p * chunks * PANEL;                                \
         for (int64_t g = 0; g < groups; g++) {                                                               \

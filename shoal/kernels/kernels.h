@@ -14,7 +14,7 @@ struct packed_weight {
     int32_t group;       /* k values per scale (quant formats) */
     int32_t has_min;     /* an offset is added after scaling */
     int32_t half_scales; /* scales and offsets are stored as float16 (when that holds them exactly) */
-    int32_t zero;        /* q4, q5, q6: subtracted from each value, in integers */
+    int32_t zero;        /* q4, q5, q6 without offsets: subtracted from each value, in integers */
     int32_t factored;    /* scales and offsets are int8 factors of supers (K-quants): super * sub */
     const void *quants;
     const void *scales;
