@@ -22,6 +22,7 @@ _HELP = {
     "kv_cache_dtype": "KV cache storage: auto (as the activations, float32 by default), float32, float16 or bfloat16 (half the memory)",
     "kernels": "compute path: auto (default), avx512, avx2, portable (shoal's C kernels) or torch",
     "weight_cache": "save a GGUF file's packed weights beside it and map them on later loads (default: on)",
+    "precision": "products with quantized weights: float32 (default, transformers' numbers) or int8 (activations in int8 as llama.cpp: faster batches and prefill)",
 }
 
 

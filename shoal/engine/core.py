@@ -27,7 +27,13 @@ def resolve_model(model: str | LoadedModel | None, config: EngineConfig) -> Load
     if isinstance(model, LoadedModel):
         return model
     return load_model(
-        model, config.device, config.dtype, config.quantization, config.kernels, config.weight_cache
+        model,
+        config.device,
+        config.dtype,
+        config.quantization,
+        config.kernels,
+        config.weight_cache,
+        config.precision,
     )
 
 

@@ -5,7 +5,8 @@ kernel for it), builds the attention metadata of a step, runs a decoder layer's 
 many rows a step must be padded to. Model code calls it without knowing which one it has.
 
 - CpuBackend: shoal's C kernels (AVX-512, AVX2 or portable C build); float32 activations; weights kept as
-  float32, float16, bfloat16 or integer quants (formats.py). Batch-invariant for any row count.
+  float32, float16, bfloat16 or integer quants (formats.py). Batch-invariant for any row count. With
+  precision "int8", integer weights multiply activations quantized per row to int8 (gemm_int8.c).
 - TorchBackend: torch ops (CUDA, or a CPU without a C compiler, where MKL's packed sgemm runs the linear
   layers with rows padded to a count whose results do not depend on it). Weights dequantized at load.
 """
@@ -27,6 +28,7 @@ from shoal.kernels.packed_cache import PackedCache
 
 logger = logging.getLogger("shoal")
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
+PRECISIONS = ("float32", "int8")
 MKL_PACK_HINT = 64
 MKL_INVARIANT_ROWS = 16
 
@@ -135,14 +137,18 @@ def release_stored(parts: list[Weight]) -> None:
 
 
 class CpuBackend(Backend):
-    def __init__(self, lib, isa: str):
-        self.lib, self.name, self.isa = cpu.bind(lib), f"c-{isa}", isa
+    def __init__(self, lib, isa: str, precision: str = "float32"):
+        self.lib, self.name, self.isa, self.precision = cpu.bind(lib), f"c-{isa}", isa, precision
+        if precision == "int8":
+            self.name += "-int8"
         self.pack_cache: PackedCache | None = None  # set while a GGUF file's model is built (loaded.py)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
         cache = self.pack_cache
         if cache is not None and (cached := cache.take(parts, bias)) is not None:
+            if self.precision == "int8":
+                cached.take_int8_activations()
             return cached
         if len(parts) == 1 and isinstance(parts[0], QuantizedTensor):
             packed = cpu.pack_in_chunks(parts[0], bias)
@@ -151,13 +157,15 @@ class CpuBackend(Backend):
             release_stored(parts)
         if cache is not None:
             cache.record(parts, bias, packed)
+        if self.precision == "int8":
+            packed.take_int8_activations()
         return packed
 
     def weight_bytes(self, linear: cpu.PackedWeight) -> int:
         return linear.nbytes
 
     def describe(self, linear: cpu.PackedWeight) -> str:
-        return linear.format_name
+        return linear.format_name + (" x int8" if linear.int8_activations else "")
 
     def embed(self, table: cpu.PackedWeight, ids: torch.Tensor) -> torch.Tensor:
         return cpu.gather_columns(self.lib, table, ids)
@@ -303,10 +311,24 @@ class TorchLinear:
     packed: torch.Tensor | None  # MKL's reordered copy, on CPU float32
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, kernels: str = "auto") -> Backend:
+def select_backend(
+    device: torch.device, dtype: torch.dtype, kernels: str = "auto", precision: str = "float32"
+) -> Backend:
     """The one place where the compute path is chosen."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    backend = _select_backend(device, dtype, kernels, precision)
+    if precision == "int8" and not isinstance(backend, CpuBackend):
+        raise ValueError(
+            f"precision='int8' runs on shoal's C kernels only (this load uses {backend.name}); "
+            "use precision='float32', or device='cpu', dtype='float32' and kernels other than 'torch'"
+        )
+    return backend
+
+
+def _select_backend(device: torch.device, dtype: torch.dtype, kernels: str, precision: str) -> Backend:
     if kernels == "torch" or device.type != "cpu":
         return TorchBackend(device, dtype)
     if dtype != torch.float32:
@@ -322,4 +344,4 @@ def select_backend(device: torch.device, dtype: torch.dtype, kernels: str = "aut
         raise ValueError(f"kernels={kernels!r}: shoal's C kernels could not be built here (see the log)")
     if lib is None:
         return TorchBackend(device, dtype)
-    return CpuBackend(lib, isa)
+    return CpuBackend(lib, isa, precision)

@@ -1,6 +1,6 @@
 """Compiling shoal's C kernels for the CPU at hand, once, cached by a hash of sources, flags and CPU.
 
-Three builds of the same sources: AVX-512 (F, BW, VL, DQ), AVX2 + FMA + F16C, and portable C (any compiler,
+Three builds of the same sources: AVX-512 (F, BW, VL, DQ, VNNI), AVX2 + FMA + F16C, and portable C (any compiler,
 ARM included). A CPU flag is not proof that an instruction runs (hypervisors hide some), so before a build
 is used, a probe compiled with the same flags is run in a child process; "auto" takes the widest that runs.
 """
@@ -20,11 +20,20 @@ from pathlib import Path
 
 logger = logging.getLogger("shoal")
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("gemm.c", "paged_attention.c", "layer_ops.c", "layer.c")]
-HEADERS = [HERE / "simd_math.h", HERE / "kernels.h"]
+SOURCES = [HERE / name for name in ("gemm.c", "gemm_int8.c", "paged_attention.c", "layer_ops.c", "layer.c")]
+HEADERS = [HERE / "simd_math.h", HERE / "kernels.h", HERE / "panel.h"]
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx512vnni",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+    ],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "portable": [],
 }
@@ -45,6 +54,8 @@ int main(void) {
     __m256 low = _mm256_max_ps(_mm512_castps512_ps256(v), _mm256_setzero_ps()); /* AVX512VL via -mavx512vl */
     v = _mm512_insertf32x8(v, low, 0);                                          /* AVX512DQ */
     v = _mm512_add_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, w)));
+    v = _mm512_add_ps(v, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, w))); /* VNNI: 3 * 3 */
+    v = _mm512_sub_ps(v, _mm512_set1_ps(9.0f));
     _mm512_storeu_ps(out, v);
 #else
     __m256 v = _mm256_loadu_ps((const float *)in);

@@ -25,6 +25,7 @@ class _PackedStruct(ctypes.Structure):
         ("half_scales", ctypes.c_int32),
         ("zero", ctypes.c_int32),
         ("factored", ctypes.c_int32),
+        ("int8_x", ctypes.c_int32),
         ("quants", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("mins", ctypes.c_void_p),
@@ -105,7 +106,7 @@ class PackedWeight:
         half = self.scales is not None and self.scales.dtype == torch.float16
         factored = self.super_scales is not None
         self.struct = _PackedStruct(
-            self.format, self.group, int(self.mins is not None), int(half), self.zero, int(factored),
+            self.format, self.group, int(self.mins is not None), int(half), self.zero, int(factored), 0,
             address(self.quants), address(self.scales), address(self.mins), address(self.high),
             address(self.super_scales), address(self.super_mins), address(self.bias), self.n, self.k,
             None if self.next is None else ctypes.addressof(self.next.struct),
@@ -138,6 +139,17 @@ class PackedWeight:
     @property
     def format_name(self) -> str:
         return "+".join(FORMAT_NAMES[part.format] for part in self.parts())
+
+    def take_int8_activations(self) -> None:
+        """Its integer parts multiply x quantized to int8 (gemm_int8.c) from now on; float parts, and groups
+        other than 16 or 32 k, keep float32 arithmetic."""
+        for part in self.parts():
+            if part.format >= FORMAT_Q8 and part.k % 32 == 0 and part.group in (16, 32):
+                part.struct.int8_x = 1
+
+    @property
+    def int8_activations(self) -> bool:
+        return any(part.struct.int8_x for part in self.parts())
 
 
 def _panels(a: np.ndarray) -> np.ndarray:

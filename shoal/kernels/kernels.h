@@ -16,6 +16,7 @@ struct packed_weight {
     int32_t half_scales; /* scales and offsets are stored as float16 (when that holds them exactly) */
     int32_t zero;        /* q4, q5, q6 without offsets: subtracted from each value, in integers */
     int32_t factored;    /* scales and offsets are int8 factors of supers (K-quants): super * sub */
+    int32_t int8_x;      /* x is quantized to int8 for this part (gemm_int8.c): integer dot products */
     const void *quants;
     const void *scales;
     const void *mins;
@@ -28,6 +29,18 @@ struct packed_weight {
 
 int64_t weight_columns(const struct packed_weight *w); /* all its parts' */
 int64_t xsum_size(const struct packed_weight *w, int64_t m);
+/* x quantized per row in blocks of 32 k: q = round(x / d), d = max|x| / 127; sums: q's sums per 16 k. */
+struct int8_rows {
+    int8_t *q;     /* [m][k] */
+    float *d;      /* [m][k / 32] */
+    int32_t *sums; /* [m][k / 16] */
+    int64_t k;
+};
+void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
+/* The tile of `rows` rows from `row` against the panels from p (units of `wide` ? 2 * UNIT : UNIT panels) of an
+ * int8_x part; out as gemm.c's tiles. */
+void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,
+               float *out);
 /* xsum: scratch of xsum_size(w, m) floats. */
 void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, float *xsum);
 void rms_norm_body(const float *x, int64_t rows, int64_t dim, const float *weight, float eps, float *out);

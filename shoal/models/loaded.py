@@ -110,6 +110,7 @@ def load_model(
     quantization: str = "auto",
     kernels: str = "auto",
     weight_cache: bool = True,
+    precision: str = "float32",
 ) -> LoadedModel:
     """Loads weights and tokenizer once (the default SmolLM2-135M-Instruct GGUF when path is None).
 
@@ -117,6 +118,9 @@ def load_model(
     converts every matrix at load: float32, float16, bfloat16, q8_0, q4_0, q4_1.
     kernels: "auto" (shoal's C kernels for the widest instruction set that runs here, else torch), or
     "avx512", "avx2", "portable", "torch" to force one.
+    precision: "float32" (quantized weights made into float32 values in registers: transformers' numbers),
+    or "int8" (activations quantized per row to int8 against them, as llama.cpp: faster from a few rows up,
+    logits within about 1% of float32; shoal's C kernels only).
     weight_cache: a GGUF file's packed weights are saved beside it (or under ~/.cache/shoal/packed) on the
     first load and mapped by the later ones: no repacking, and one copy shared by every process.
     """
@@ -124,7 +128,7 @@ def load_model(
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     try:
         quantization = canonical_quantization(quantization)
-        backend = select_backend(pick_device(device), DTYPES[dtype], kernels)
+        backend = select_backend(pick_device(device), DTYPES[dtype], kernels, precision)
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
     ckpt = load_checkpoint(path)

@@ -1,0 +1,274 @@
+/* y = x @ W^T on integer weights (q8, q4, q5, q6) with x quantized to int8: integer dot products, as
+ * llama.cpp computes, for steps bound by compute (many rows, prefill). Chosen per part by its int8_x flag.
+ *
+ * Each row of x is quantized on its own, in blocks of 32 k: d = max|x| / 127, q = round(x * 127 / max|x|)
+ * (ties to even), so a row's int8 values depend on that row only. Per group of the weight, the dot product
+ * of the weights' integers with q is exact in int32 (in whatever order the instructions add it), then
+ * acc = (s * d) * dot + acc and, with offsets, acc = m * (d * sum of q over the group) + acc (the sum of x as
+ * quantized, so that the offset's share of the quantization error cancels as it does in the weights), groups in
+ * ascending order: the same float operations in every build, so a row's bits depend on nothing but that row.
+ *
+ * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], made in registers from the panel
+ * layout, weights as the unsigned operand (their values before the zero, which is taken off afterwards as
+ * zero * sum(q)) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset by 128 to be unsigned),
+ * AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
+ * 255 * 127 * 2), or plain C.
+ */
+#include "panel.h"
+
+#define XBLOCK 32  /* k values per activation scale */
+#define SUM_BLOCK 16 /* k values per sum of q */
+
+void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
+    const int64_t k = xq->k, blocks = k / XBLOCK;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *v = x + r * k + b * XBLOCK;
+            int8_t *q = xq->q + r * k + b * XBLOCK;
+            float amax = 0.0f;
+            for (int j = 0; j < XBLOCK; j++) amax = fmaxf(amax, fabsf(v[j]));
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int j = 0; j < XBLOCK; j++) {
+                const float t = nearbyintf(v[j] * inv);
+                q[j] = (int8_t)(t >= -127.0f && t <= 127.0f ? t : t > 0.0f ? 127.0f : -127.0f);
+            }
+            xq->d[r * blocks + b] = amax / 127.0f;
+            for (int h = 0; h < XBLOCK / SUM_BLOCK; h++) {
+                int32_t sum = 0;
+                for (int j = 0; j < SUM_BLOCK; j++) sum += q[h * SUM_BLOCK + j];
+                xq->sums[r * (k / SUM_BLOCK) + b * (XBLOCK / SUM_BLOCK) + h] = sum;
+            }
+        }
+    }
+}
+
+static inline int32_t four_bytes(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return v;
+}
+
+/* iv: 16 int32 sums, one per column; bv: 4 k of 16 columns as bytes [16][4]. */
+#if defined(__AVX512F__)
+#ifndef __AVX512VNNI__
+#error "the AVX-512 build uses AVX-512 VNNI"
+#endif
+typedef struct {
+    __m512i v;
+} iv;
+typedef struct {
+    __m512i v;
+} bv;
+#define Q8_ZERO 128
+static inline iv iv_zero(void) { return (iv){_mm512_setzero_si512()}; }
+static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
+    return (iv){_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(four_bytes(x)))};
+}
+#define iv_dot_q8 iv_dot
+static inline pv iv_float(iv acc, int32_t minus) {
+    return (pv){_mm512_cvtepi32_ps(_mm512_sub_epi32(acc.v, _mm512_set1_epi32(minus)))};
+}
+/* Lanes of 16 bytes, each one k of the 16 columns (lane j holds k = `order`[j]) -> [16 columns][4 k]. */
+static inline __m512i columns(__m512i rows, __m512i dwords) {
+    const __m512i by_lane = _mm512_permutexvar_epi32(dwords, rows); /* lane c: [k][4 columns] */
+    const __m128i transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_shuffle_epi8(by_lane, _mm512_broadcast_i32x4(transpose));
+}
+static inline bv bv_q8(const int8_t *p) {
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return (bv){_mm512_xor_si512(columns(_mm512_loadu_si512(p), order), _mm512_set1_epi8((char)0x80))};
+}
+/* A q4 pair of rows (k, k + 1 in each byte; k + 2, k + 3) as lanes k, k + 2, k + 1, k + 3. */
+static inline __m512i nibble_rows(const uint8_t *p) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), low = _mm256_set1_epi8(15);
+    const __m256i even = _mm256_and_si256(bytes, low), odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+}
+static inline __m512i nibble_order(void) { return _mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15); }
+static inline bv bv_q4(const uint8_t *p) { return (bv){columns(nibble_rows(p), nibble_order())}; }
+static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) {
+    const __m512i high = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)h));
+    const __m512i at = _mm512_setr_epi32(shift, shift, shift, shift, shift + 2 * bits, shift + 2 * bits, shift + 2 * bits,
+                                         shift + 2 * bits, shift + bits, shift + bits, shift + bits, shift + bits,
+                                         shift + 3 * bits, shift + 3 * bits, shift + 3 * bits, shift + 3 * bits);
+    const __m512i above = _mm512_and_si512(_mm512_srlv_epi32(high, at), _mm512_set1_epi8((char)((1 << bits) - 1)));
+    return (bv){columns(_mm512_or_si512(nibble_rows(p), _mm512_slli_epi16(above, 4)), nibble_order())};
+}
+#elif defined(__AVX2__)
+/* Columns 0-3 and 8-11 in a, 4-7 and 12-15 in b (the order the byte transposition leaves them in). */
+typedef struct {
+    __m256i a, b;
+} iv;
+typedef struct {
+    __m256i a, b;
+} bv;
+#define Q8_ZERO 0
+static inline iv iv_zero(void) { return (iv){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
+    const __m256i xv = _mm256_set1_epi32(four_bytes(x));
+    return (iv){dot8(acc.a, w.a, xv), dot8(acc.b, w.b, xv)};
+}
+static inline iv iv_dot_q8(iv acc, bv w, const int8_t *x) { /* q8 signed: |w| times x with w's sign */
+    const __m256i xv = _mm256_set1_epi32(four_bytes(x));
+    return (iv){dot8(acc.a, _mm256_abs_epi8(w.a), _mm256_sign_epi8(xv, w.a)),
+                dot8(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(xv, w.b))};
+}
+static inline pv iv_float(iv acc, int32_t minus) {
+    const __m256i z = _mm256_set1_epi32(minus), a = _mm256_sub_epi32(acc.a, z), b = _mm256_sub_epi32(acc.b, z);
+    return (pv){_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, b, 0x20)),
+                _mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, b, 0x31))};
+}
+/* x, y: lanes of 16 bytes (one k of 16 columns each), interleaved by vpermd into (x, y) pairs of 4 columns;
+ * `joined` takes them to [k][4 columns] per lane, then each lane is transposed to [4 columns][4 k]. */
+static inline __m256i lanes_transposed(__m256i v) {
+    const __m256i transpose = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12,
+                                               1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm256_shuffle_epi8(v, transpose);
+}
+static inline __m256i pair_columns(__m256i v) { return _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); }
+static inline bv bv_q8(const int8_t *p) { /* rows k, k + 1 in one vector, k + 2, k + 3 in the other */
+    const __m256i x = pair_columns(_mm256_loadu_si256((const __m256i *)p));
+    const __m256i y = pair_columns(_mm256_loadu_si256((const __m256i *)(p + 32)));
+    return (bv){lanes_transposed(_mm256_unpacklo_epi64(x, y)), lanes_transposed(_mm256_unpackhi_epi64(x, y))};
+}
+static inline bv from_nibble_rows(__m256i even, __m256i odd) { /* even: rows k, k + 2; odd: k + 1, k + 3 */
+    const __m256i x = pair_columns(even), y = pair_columns(odd);
+    return (bv){lanes_transposed(_mm256_unpacklo_epi32(x, y)), lanes_transposed(_mm256_unpackhi_epi32(x, y))};
+}
+static inline bv bv_q4(const uint8_t *p) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), low = _mm256_set1_epi8(15);
+    return from_nibble_rows(_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low));
+}
+static inline __m256i high_bits(__m256i high, int first, int second, int bits) {
+    const __m256i at = _mm256_setr_epi32(first, first, first, first, second, second, second, second);
+    const __m256i above = _mm256_and_si256(_mm256_srlv_epi32(high, at), _mm256_set1_epi8((char)((1 << bits) - 1)));
+    return _mm256_slli_epi16(above, 4);
+}
+static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), low = _mm256_set1_epi8(15);
+    const __m256i high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)h));
+    const __m256i even = _mm256_or_si256(_mm256_and_si256(bytes, low), high_bits(high, shift, shift + 2 * bits, bits));
+    const __m256i odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low),
+                                        high_bits(high, shift + bits, shift + 3 * bits, bits));
+    return from_nibble_rows(even, odd);
+}
+#else /* portable C */
+typedef struct {
+    int32_t v[PANEL];
+} iv;
+typedef struct {
+    int16_t v[PANEL][4];
+} bv;
+#define Q8_ZERO 0
+static inline iv iv_zero(void) { return (iv){{0}}; }
+static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
+    LANES for (int j = 0; j < 4; j++) acc.v[l] += w.v[l][j] * x[j];
+    return acc;
+}
+#define iv_dot_q8 iv_dot
+static inline pv iv_float(iv acc, int32_t minus) {
+    pv r;
+    LANES r.v[l] = (float)(acc.v[l] - minus);
+    return r;
+}
+static inline bv bv_q8(const int8_t *p) {
+    bv r;
+    LANES for (int j = 0; j < 4; j++) r.v[l][j] = p[j * PANEL + l];
+    return r;
+}
+static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) {
+    bv r;
+    LANES for (int j = 0; j < 4; j++) {
+        const uint8_t byte = p[(j / 2) * PANEL + l];
+        const int nibble = j % 2 ? byte >> 4 : byte & 15;
+        r.v[l][j] = (int16_t)(nibble | (h ? ((h[l] >> (shift + j * bits)) & ((1 << bits) - 1)) << 4 : 0));
+    }
+    return r;
+}
+static inline bv bv_q4(const uint8_t *p) { return bv_qh(p, NULL, 0, 0); }
+#endif
+
+/* 4 k from i of the panel's 16 columns, per layout; and the value each layout's integers are offset by. */
+static inline bv q8_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+    return bv_q8((const int8_t *)w->quants + (panel * w->k + i) * PANEL);
+}
+static inline bv q4_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+    return bv_q4((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL);
+}
+static inline bv qh_load(const struct packed_weight *w, int64_t panel, int64_t i, int bits) {
+    const int high = bits - 4, per = 8 / high; /* high bits per value, values per byte of them */
+    const uint8_t *nibbles = (const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL;
+    return bv_qh(nibbles, (const uint8_t *)w->high + (panel * (w->k / per) + i / per) * PANEL, (int)(i % per) * high,
+                 high);
+}
+static inline bv q5_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 5); }
+static inline bv q6_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 6); }
+static inline int q8_zero(const struct packed_weight *w, int has_min) { return (void)w, (void)has_min, Q8_ZERO; }
+static inline int q4_zero(const struct packed_weight *w, int has_min) { return has_min ? 0 : w->zero; }
+#define q5_zero q4_zero
+#define q6_zero q4_zero
+#define q4_dot iv_dot
+#define q5_dot iv_dot
+#define q6_dot iv_dot
+#define q8_dot iv_dot_q8
+
+/* Per group: the integer dots of R rows x U panels, then c = (s * d) * (dot - zero * sum(q)) + c and, with
+ * offsets, c = m * (d * sum(q)) + c. */
+#define DEFINE_I8_TILE(NAME, R, SUF, U, HAS_MIN, KIND)                                                              \
+    static void NAME##_##R##SUF(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,  \
+                                float *out) {                                                                   \
+        const int64_t k = w->k, group = w->group, groups = k / group, sums = k / 16, blocks = k / 32;           \
+        const int zero = KIND##_zero(w, HAS_MIN);                                                               \
+        const int8_t *x = xq->q + row * k;                                                                      \
+        ZEROS(c, R, U)                                                                                          \
+        for (int64_t g = 0; g < groups; g++) {                                                                  \
+            iv dot[R][U];                                                                                       \
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) dot[r][u] = iv_zero();        \
+            for (int64_t i = g * group; i < (g + 1) * group; i += 4) {                                          \
+                bv wv[U];                                                                                       \
+                UNROLL for (int u = 0; u < U; u++) wv[u] = KIND##_load(w, p + u, i);                            \
+                UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++)                           \
+                    dot[r][u] = KIND##_dot(dot[r][u], wv[u], x + r * k + i);                                    \
+            }                                                                                                   \
+            UNROLL for (int u = 0; u < U; u++) {                                                                \
+                const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
+                const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                       \
+                const pv s = scale_at(w, w->scales, w->super_scales, at, super_at);                             \
+                const pv m = HAS_MIN ? scale_at(w, w->mins, w->super_mins, at, super_at) : pv_zero();           \
+                UNROLL for (int r = 0; r < R; r++) {                                                            \
+                    int32_t qsum = 0;                                                                           \
+                    for (int64_t j = g * group / 16; j < (g + 1) * group / 16; j++) qsum += xq->sums[(row + r) * sums + j]; \
+                    const float d = xq->d[(row + r) * blocks + g * group / 32];                                 \
+                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d)), iv_float(dot[r][u], zero * qsum), c[r][u]);       \
+                    if (HAS_MIN) c[r][u] = pv_fma(d * (float)qsum, m, c[r][u]);                                 \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        TILE_EPILOGUE(R, U)                                                                                     \
+    }
+
+TILES_OF(DEFINE_I8_TILE, q8, 0, q8)
+TILES_OF(DEFINE_I8_TILE, q8m, 1, q8)
+TILES_OF(DEFINE_I8_TILE, q4, 0, q4)
+TILES_OF(DEFINE_I8_TILE, q4m, 1, q4)
+TILES_OF(DEFINE_I8_TILE, q5, 0, q5)
+TILES_OF(DEFINE_I8_TILE, q5m, 1, q5)
+TILES_OF(DEFINE_I8_TILE, q6, 0, q6)
+TILES_OF(DEFINE_I8_TILE, q6m, 1, q6)
+
+typedef void (*int8_tile_fn)(const struct int8_rows *, int64_t, const struct packed_weight *, int64_t, float *);
+#define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
+#define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
+#define INT_FORMATS(T) {T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m)}
+static const int8_tile_fn NARROW_INT8[8][8] = INT_FORMATS(NARROW_TABLE);
+static const int8_tile_fn WIDE_INT8[8][3] = INT_FORMATS(WIDE_TABLE);
+
+void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,
+               float *out) {
+    const int f = 2 * (w->format - FMT_Q8) + (w->has_min != 0);
+    (wide ? WIDE_INT8[f] : NARROW_INT8[f])[rows - 1](xq, row, w, p, out);
+}

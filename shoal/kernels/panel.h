@@ -1,0 +1,237 @@
+/* What the GEMMs (gemm.c, gemm_int8.c) share: a panel of 16 output columns as vectors of the build's
+ * instruction set, the scales of a group as one such vector, and the macros that make tiles of rows x panels. */
+#ifndef SHOAL_PANEL_H
+#define SHOAL_PANEL_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "simd_math.h"
+
+#define PANEL 16
+
+/* ---- one panel of 16 columns as vectors ---- */
+#if defined(__AVX512F__)
+#define UNIT 2
+#define FLOAT_ROWS 8
+#define QUANT_ROWS 6
+typedef struct {
+    __m512 v;
+} pv;
+static inline pv pv_zero(void) { return (pv){_mm512_setzero_ps()}; }
+static inline pv pv_set1(float x) { return (pv){_mm512_set1_ps(x)}; }
+static inline pv pv_fma(float x, pv w, pv acc) { return (pv){_mm512_fmadd_ps(_mm512_set1_ps(x), w.v, acc.v)}; }
+static inline pv pv_f32(const float *p) { return (pv){_mm512_loadu_ps(p)}; }
+static inline void pv_store(float *p, pv a) { _mm512_storeu_ps(p, a.v); }
+static inline pv pv_f16(const uint16_t *p) { return (pv){_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p))}; }
+static inline pv pv_bf16(const uint16_t *p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return (pv){_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+}
+static inline pv pv_q8(const int8_t *p) {
+    return (pv){_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)))};
+}
+static inline pv pv_fmav(pv a, pv b, pv acc) { return (pv){_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
+static inline pv pv_mul(pv a, pv b) { return (pv){_mm512_mul_ps(a.v, b.v)}; }
+static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), z = _mm512_set1_epi32(zero);
+    even->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), z));
+    odd->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), z));
+}
+/* pv_qh: the values at k = 2i and 2i + 1 of q5/q6 from their nibble byte and their byte of high bits h, whose
+ * `bits` bits per value (1 or 2) for k = 2i start at `shift`. */
+typedef struct {
+    __m512i v;
+} hv;
+static inline hv hv_load(const uint8_t *p) { return (hv){_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))}; }
+static inline __m512i qh_value(__m512i nibble, hv h, int shift, int mask, int zero) {
+    const __m512i high = _mm512_and_si512(_mm512_srli_epi32(h.v, shift), _mm512_set1_epi32(mask));
+    return _mm512_sub_epi32(_mm512_or_si512(nibble, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(zero));
+}
+static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const int mask = (1 << bits) - 1;
+    even->v = _mm512_cvtepi32_ps(qh_value(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), h, shift, mask, zero));
+    odd->v = _mm512_cvtepi32_ps(qh_value(_mm512_srli_epi32(bytes, 4), h, shift + bits, mask, zero));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define UNIT 1
+#define FLOAT_ROWS 4
+#define QUANT_ROWS 3
+typedef struct {
+    __m256 a, b;
+} pv;
+static inline pv pv_zero(void) { return (pv){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline pv pv_set1(float x) { return (pv){_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+static inline pv pv_fma(float x, pv w, pv acc) {
+    const __m256 b = _mm256_set1_ps(x);
+    return (pv){_mm256_fmadd_ps(b, w.a, acc.a), _mm256_fmadd_ps(b, w.b, acc.b)};
+}
+static inline pv pv_f32(const float *p) { return (pv){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline void pv_store(float *p, pv x) {
+    _mm256_storeu_ps(p, x.a);
+    _mm256_storeu_ps(p + 8, x.b);
+}
+static inline pv pv_f16(const uint16_t *p) {
+    return (pv){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)))};
+}
+static inline __m256 bf16x8(const uint16_t *p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline pv pv_bf16(const uint16_t *p) { return (pv){bf16x8(p), bf16x8(p + 8)}; }
+static inline __m256 i8x8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline pv pv_q8(const int8_t *p) { return (pv){i8x8(p), i8x8(p + 8)}; }
+static inline pv pv_fmav(pv x, pv y, pv acc) { return (pv){_mm256_fmadd_ps(x.a, y.a, acc.a), _mm256_fmadd_ps(x.b, y.b, acc.b)}; }
+static inline pv pv_mul(pv x, pv y) { return (pv){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+static inline void q4x8(const uint8_t *p, int zero, __m256 *even, __m256 *odd) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), z = _mm256_set1_epi32(zero);
+    *even = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), z));
+    *odd = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bytes, 4), z));
+}
+static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
+    q4x8(p, zero, &even->a, &odd->a);
+    q4x8(p + 8, zero, &even->b, &odd->b);
+}
+typedef struct {
+    __m256i a, b;
+} hv;
+static inline __m256i u8x8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline hv hv_load(const uint8_t *p) { return (hv){u8x8(p), u8x8(p + 8)}; }
+static inline __m256 qh_value(__m256i nibble, __m256i h, int shift, int mask, int zero) {
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi32(h, shift), _mm256_set1_epi32(mask));
+    const __m256i q = _mm256_or_si256(nibble, _mm256_slli_epi32(high, 4));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(zero)));
+}
+static inline void qhx8(const uint8_t *p, __m256i h, int shift, int bits, int zero, __m256 *even, __m256 *odd) {
+    const __m256i bytes = u8x8(p);
+    const int mask = (1 << bits) - 1;
+    *even = qh_value(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), h, shift, mask, zero);
+    *odd = qh_value(_mm256_srli_epi32(bytes, 4), h, shift + bits, mask, zero);
+}
+static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
+    qhx8(p, h.a, shift, bits, zero, &even->a, &odd->a);
+    qhx8(p + 8, h.b, shift, bits, zero, &even->b, &odd->b);
+}
+#else /* portable C: the same operations one lane at a time */
+#define UNIT 1
+#define FLOAT_ROWS 4
+#define QUANT_ROWS 4
+typedef struct {
+    float v[PANEL];
+} pv;
+#define LANES for (int l = 0; l < PANEL; l++)
+static inline pv pv_zero(void) { return (pv){{0}}; }
+static inline pv pv_set1(float x) {
+    pv r;
+    LANES r.v[l] = x;
+    return r;
+}
+static inline pv pv_fma(float x, pv w, pv acc) {
+    LANES acc.v[l] = fmaf(x, w.v[l], acc.v[l]);
+    return acc;
+}
+static inline pv pv_f32(const float *p) {
+    pv r;
+    memcpy(r.v, p, sizeof r.v);
+    return r;
+}
+static inline void pv_store(float *p, pv a) { memcpy(p, a.v, sizeof a.v); }
+static inline pv pv_f16(const uint16_t *p) {
+    pv r;
+    LANES r.v[l] = half_to_float(p[l]);
+    return r;
+}
+static inline pv pv_bf16(const uint16_t *p) {
+    pv r;
+    LANES {
+        const uint32_t bits = (uint32_t)p[l] << 16;
+        memcpy(&r.v[l], &bits, 4);
+    }
+    return r;
+}
+static inline pv pv_q8(const int8_t *p) {
+    pv r;
+    LANES r.v[l] = (float)p[l];
+    return r;
+}
+static inline pv pv_fmav(pv a, pv b, pv acc) {
+    LANES acc.v[l] = fmaf(a.v[l], b.v[l], acc.v[l]);
+    return acc;
+}
+static inline pv pv_mul(pv a, pv b) {
+    LANES a.v[l] = a.v[l] * b.v[l];
+    return a;
+}
+static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
+    LANES {
+        even->v[l] = (float)((p[l] & 15) - zero);
+        odd->v[l] = (float)((p[l] >> 4) - zero);
+    }
+}
+typedef struct {
+    uint8_t v[PANEL];
+} hv;
+static inline hv hv_load(const uint8_t *p) {
+    hv r;
+    memcpy(r.v, p, sizeof r.v);
+    return r;
+}
+static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
+    const int mask = (1 << bits) - 1;
+    LANES {
+        even->v[l] = (float)(((p[l] & 15) | (((h.v[l] >> shift) & mask) << 4)) - zero);
+        odd->v[l] = (float)(((p[l] >> 4) | (((h.v[l] >> (shift + bits)) & mask) << 4)) - zero);
+    }
+}
+#endif
+
+/* The scale (or offset) vector of 16 columns at `at` (and their super-scales at `super_at`): stored, in its
+ * precision, or made of its factors, super * sub (one float32 product, as gguf computes it). */
+static inline pv scale_at(const struct packed_weight *w, const void *base, const uint16_t *supers, int64_t at,
+                          int64_t super_at) {
+    if (w->factored) return pv_mul(pv_f16(supers + super_at), pv_q8((const int8_t *)base + at));
+    return w->half_scales ? pv_f16((const uint16_t *)base + at) : pv_f32((const float *)base + at);
+}
+
+static inline float scale_value(const struct packed_weight *w, const void *base, const uint16_t *supers,
+                                int64_t col, int64_t i) {
+    const int64_t p = col / PANEL, lane = col % PANEL, g = i / w->group;
+    const int64_t at = (p * (w->k / w->group) + g) * PANEL + lane;
+    if (w->factored) {
+        const float super = half_to_float(supers[(p * (w->k / 256) + g * w->group / 256) * PANEL + lane]);
+        return super * (float)((const int8_t *)base)[at];
+    }
+    return w->half_scales ? half_to_float(((const uint16_t *)base)[at]) : ((const float *)base)[at];
+}
+
+#define UNROLL _Pragma("GCC unroll 16")
+
+/* One k step for all R rows: ACC[r][u] += x[r][I] * W[u]. */
+#define FMA_ROWS(ACC, R, U, W, I)                                                                \
+    UNROLL for (int r = 0; r < R; r++) {                                                         \
+        const float xv = a[r * lda + (I)];                                                       \
+        UNROLL for (int u = 0; u < U; u++) ACC[r][u] = pv_fma(xv, W[u], ACC[r][u]);              \
+    }
+
+#define ZEROS(ACC, R, U) \
+    pv ACC[R][U];        \
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) ACC[r][u] = pv_zero();
+
+#define TILE_EPILOGUE(R, U) \
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) pv_store(out + (r * U + u) * PANEL, c[r][u]);
+
+/* Narrow tiles (UNIT panels, up to FLOAT_ROWS / QUANT_ROWS rows) for batches of 4 rows and more; wide tiles
+ * (2 * UNIT panels, up to 3 rows) for fewer, where independent chains over more panels hide FMA latency. */
+#define WIDE (2 * UNIT)
+#define TILES_OF(X, NAME, ...)                                                                                   \
+    X(NAME, 1, n, UNIT, __VA_ARGS__) X(NAME, 2, n, UNIT, __VA_ARGS__) X(NAME, 3, n, UNIT, __VA_ARGS__)           \
+    X(NAME, 4, n, UNIT, __VA_ARGS__) X(NAME, 5, n, UNIT, __VA_ARGS__) X(NAME, 6, n, UNIT, __VA_ARGS__)           \
+    X(NAME, 7, n, UNIT, __VA_ARGS__) X(NAME, 8, n, UNIT, __VA_ARGS__) X(NAME, 1, w, WIDE, __VA_ARGS__)           \
+    X(NAME, 2, w, WIDE, __VA_ARGS__) X(NAME, 3, w, WIDE, __VA_ARGS__)
+#define WIDE_ROWS 3
+#endif

@@ -1,0 +1,104 @@
+"""The int8-activation GEMM (precision="int8", gemm_int8.c) on every integer layout and kernel build this
+machine runs: exact integer dot products (against float64 on the same int8 activations, quantized here in
+numpy), each row's bits the same for any row count, position, thread count and build, and its distance from
+the float32 path."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from test_quant_kernels import BUILDS, assert_float32_close, random_weight
+
+from shoal.kernels.build import load_library
+from shoal.kernels.cpu import bind, gemm, pack_parts, pack_weight
+from shoal.kernels.formats import kept_form
+
+INT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+@pytest.fixture(scope="module", params=BUILDS)
+def lib(request):
+    return bind(load_library(request.param))
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels quantize it, per row in blocks of 32: d = max|x| / 127, q = round(x * (127 / max|x|))
+    (float32 arithmetic, ties to even), returned as d * q in float64."""
+    blocks = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint((blocks * inv).astype(np.float32)), -127, 127)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return torch.from_numpy((q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape))
+
+
+def int8_packed(w, bias=None):
+    packed = pack_weight(kept_form(w), bias)
+    packed.take_int8_activations()
+    assert packed.int8_activations
+    return packed
+
+
+@pytest.mark.parametrize("qtype", INT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize(("n", "k"), [(40, 256), (70, 512)])
+def test_int8_gemm_is_exact_on_the_quantized_activations_and_each_row_keeps_its_bits(lib, qtype, n, k):
+    w = random_weight(qtype, n, k, seed=n + k)
+    g = torch.Generator().manual_seed(n)
+    x, bias = torch.randn(40, k, generator=g) * 3, torch.randn(n, generator=g)
+    x[5, :32] = 0  # an all-zero block
+    packed = int8_packed(w, bias)
+    full = gemm(lib, x, packed)
+    assert_float32_close(full, int8_activations(x).float(), w.dequantize(), bias)
+    for m in range(1, 40):  # every tile shape and remainder, at the start and at the end of the batch
+        assert torch.equal(gemm(lib, x[:m], packed), full[:m]), m
+        assert torch.equal(gemm(lib, x[40 - m :], packed), full[40 - m :]), m
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert torch.equal(gemm(lib, x, packed), full)
+    finally:
+        torch.set_num_threads(threads)
+    residual = torch.randn(7, n, generator=g)
+    assert torch.equal(gemm(lib, x[:7], packed, out=residual.clone()), residual + full[:7])
+
+
+@pytest.mark.parametrize("qtype", INT_TYPES, ids=lambda t: t.name)
+def test_every_build_gives_the_same_int8_bits(qtype):
+    """Integer sums are exact in any order, and the float steps after them are the same in every build."""
+    libs = [bind(load_library(isa)) for isa in BUILDS]
+    w = random_weight(qtype, 48, 512, seed=3)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(3))
+    packed = int8_packed(w)
+    outs = [gemm(lib, x, packed) for lib in libs]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:]), BUILDS
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_int8_stays_within_a_percent_of_float32(lib, qtype):
+    """What the option costs: on normal activations the products move by under 1.5% of their largest."""
+    w = random_weight(qtype, 64, 1024, seed=5)
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(5))
+    exact = gemm(lib, x, pack_weight(kept_form(w)))
+    approx = gemm(lib, x, int8_packed(w))
+    error = ((approx - exact).abs().max() / exact.abs().max()).item()
+    assert 0 < error < 0.015, error
+
+
+def test_float_parts_and_other_groups_keep_float32_arithmetic(lib):
+    """Parts of one matrix in several layouts, a float16 one among them: the integer parts take int8
+    activations, the float part does not, and its columns are exactly the float32 path's."""
+    types = [(T.Q4_K, 128), (T.Q6_K, 64), (T.F16, 32), (T.Q8_0, 64)]
+    parts = [random_weight(t, n, 256, seed=i) for i, (t, n) in enumerate(types)]
+    float32 = pack_parts([kept_form(p) for p in parts])
+    int8 = pack_parts([kept_form(p) for p in parts])
+    int8.take_int8_activations()
+    assert [bool(p.struct.int8_x) for p in int8.parts()] == [True, True, False, True]
+    x = torch.randn(11, 256, generator=torch.Generator().manual_seed(2))
+    a, b = gemm(lib, x, float32), gemm(lib, x, int8)
+    assert torch.equal(a[:, 192:224], b[:, 192:224])
+    assert not torch.equal(a[:, :192], b[:, :192])
+    quantized = int8_activations(x).float()
+    assert_float32_close(b[:, :192], quantized, np.concatenate([p.dequantize() for p in parts[:2]]))
+    for m in (1, 2, 3, 4, 7, 10):
+        assert torch.equal(gemm(lib, x[:m], int8), b[:m]), m
