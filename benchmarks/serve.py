@@ -1,11 +1,18 @@
-"""Load test for a running `shoal serve`: throughput and latency at rising concurrency.
+"""Load test of OpenAI-compatible servers: throughput and latency at rising concurrency.
 
     shoal serve &                      # or any OpenAI-compatible server
     python benchmarks/serve.py --url http://127.0.0.1:8000 --max-tokens 32
 
+    python benchmarks/serve.py --against-llama-server [--gguf FILE] [--precision int8]
+
 Per concurrency level it sends a fixed set of streaming chat requests (ignore_eos, so every answer has exactly
 --max-tokens tokens) with that many in flight, and reports requests/s, output tokens/s, time to first token
 (TTFT) and inter-token latency (ITL, the gaps between streamed chunks) at p50/p99. Writes JSON and a PNG plot.
+
+--against-llama-server starts `shoal serve` and then llama.cpp's `llama-server` (64 slots, continuous
+batching, its default KV layout; built from the llama-cpp-python sdist as vs_llamacpp.py builds llama.cpp) on
+the same GGUF file (default: the default model), one after the other on an idle machine, runs the same levels
+against each with the same threads, and prints them side by side with the ratio shoal / llama-server.
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +102,7 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
     except httpx.HTTPError:
         return result
     result.latency = time.perf_counter() - start
+    result.output_tokens = result.output_tokens or len(result.gaps) + (last is not None)  # no usage: chunks
     result.ok = True
     return result
 
@@ -162,12 +173,10 @@ def plot(levels: list[LevelResult], path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-async def main_async(args: argparse.Namespace) -> list[LevelResult]:
+async def main_async(args: argparse.Namespace, url: str) -> list[LevelResult]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.levels) + 4)
-    async with httpx.AsyncClient(
-        base_url=args.url, headers=headers, timeout=args.timeout, limits=limits
-    ) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.timeout, limits=limits) as http:
         model = args.model or (await http.get("/v1/models")).json()["data"][0]["id"]
         await one_request(http, model, "Hello", 4)  # warm-up
         levels = []
@@ -181,6 +190,95 @@ async def main_async(args: argparse.Namespace) -> list[LevelResult]:
             )
             levels.append(level)
         return levels
+
+
+# ---- both servers, started here on the same file ----
+
+SLOTS, CONTEXT_PER_SLOT = 64, 256
+
+
+def llama_server_binary() -> str | None:
+    """llama-server on PATH or in vs_llamacpp.py's build (its target built there when missing)."""
+    from vs_llamacpp import BUILD_DIR, build_llama_cpp
+
+    binary = BUILD_DIR / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return str(binary)
+    if build_llama_cpp() is None:  # the source, configured, and its other tools
+        return None
+    print("building llama-server ...", flush=True)
+    built = subprocess.run(
+        ["cmake", "--build", str(BUILD_DIR / "build"), "-j", str(os.cpu_count() or 2), "--target", "llama-server"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if built.returncode != 0:
+        print(f"building llama-server failed:\n{built.stderr[-3000:]}")
+        return None
+    return str(binary)
+
+
+def wait_ready(process: subprocess.Popen, url: str, path: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode} before answering {url}{path}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}{path} did not answer within {timeout:.0f} s")
+
+
+def serve_and_measure(command: list[str], ready_path: str, port: int, args, log: Path) -> list[LevelResult]:
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(process, url, ready_path)
+            return asyncio.run(main_async(args, url))
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def compare_with_llama_server(args: argparse.Namespace) -> dict:
+    from machine import cpu_name
+
+    from shoal.models.loader import default_model_path
+
+    gguf = args.gguf or default_model_path()
+    binary = llama_server_binary()
+    if binary is None:
+        raise SystemExit("llama-server could not be found or built (needs cmake and a C/C++ compiler)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    shoal_command = [sys.executable, "-m", "shoal.cli", "serve", "--model", gguf, "--port", "8123",
+                     "--num-threads", str(args.threads), "--max-num-seqs", str(SLOTS),
+                     "--precision", args.precision]  # fmt: skip
+    llama_command = [binary, "-m", gguf, "--port", "8124", "-t", str(args.threads), "-np", str(SLOTS), "-cb",
+                     "-c", str(SLOTS * CONTEXT_PER_SLOT), "-b", "2048", "-ub", "512"]  # fmt: skip
+    print(f"CPU: {cpu_name()}; {args.threads} threads; {gguf}", flush=True)
+    print("shoal serve:", flush=True)
+    ours = serve_and_measure(shoal_command, "/v1/models", 8123, args, Path(f"{args.out}.shoal.log"))
+    print("llama-server:", flush=True)
+    theirs = serve_and_measure(llama_command, "/health", 8124, args, Path(f"{args.out}.llama-server.log"))
+    print("\n| concurrency | shoal tok/s | llama-server tok/s | ratio | ITL p50 shoal / llama-server (ms) |")
+    print("|---:|---:|---:|---:|---:|")
+    for a, b in zip(ours, theirs, strict=True):
+        ratio = a.output_tokens_per_s / b.output_tokens_per_s if b.output_tokens_per_s else float("nan")
+        print(f"| {a.concurrency} | {a.output_tokens_per_s:.1f} | {b.output_tokens_per_s:.1f} | {ratio:.2f}x | "
+              f"{a.itl_p50_ms:.1f} / {b.itl_p50_ms:.1f} |")  # fmt: skip
+    return {
+        "cpu": cpu_name(),
+        "gguf": str(gguf),
+        "precision": args.precision,
+        "shoal": [asdict(r) for r in ours],
+        "llama_server": [asdict(r) for r in theirs],
+    }
 
 
 def main() -> None:
@@ -200,9 +298,20 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=256, help="cap per level")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
+    parser.add_argument(
+        "--against-llama-server", action="store_true", help="start shoal serve and llama-server, compare them"
+    )
+    parser.add_argument("--gguf", help="the file both servers load (default: the default model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="float32", help="shoal's precision option")
     args = parser.parse_args()
 
-    levels = asyncio.run(main_async(args))
+    if args.against_llama_server:
+        result = compare_with_llama_server(args)
+        Path(f"{args.out}-vs-llama-server.json").write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}-vs-llama-server.json")
+        return
+    levels = asyncio.run(main_async(args, args.url))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
     Path(f"{args.out}.json").write_text(

@@ -9,8 +9,9 @@ Both engines run each file at batch 1, 4, 16 and 64 (32-token prompts, 64 new to
 batch 1 after a 2,048-token prompt; each is run twice and its best figures kept (llama.cpp's batch-1 speed
 varies between runs). llama.cpp runs with its default KV layout (not -kvu, which is slower from 16 up).
 Printed: decode and prefill tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the
-batch-1 bandwidth limit (this machine's read bandwidth over the bytes each token reads). Writes
-benchmarks/results/vs_llamacpp.json.
+batch-1 bandwidth limit (this machine's read bandwidth over the bytes each token reads). shoal runs once
+per --precision (default both: float32, its default and transformers' numbers, and int8, activations in
+int8 as llama.cpp computes). Writes benchmarks/results/vs_llamacpp.json.
 
 Run it on an idle machine: llama.cpp's threads spin, and any other load distorts its figures badly.
 Never run in CI. Without a compiler or cmake, llama.cpp is skipped with a message and shoal runs alone.
@@ -144,7 +145,7 @@ def llama_cpp_run(tools: dict[str, str], model: str, threads: int, log: Path) ->
 # ---- shoal, in a child process of its own (for its peak RSS) ----
 
 
-def shoal_child(model: str, threads: int, kv_memory: int) -> None:
+def shoal_child(model: str, threads: int, kv_memory: int, precision: str) -> None:
     """Load time, the batches and the long prompt, printed as one SHOAL_RESULT line."""
     import random
 
@@ -152,7 +153,9 @@ def shoal_child(model: str, threads: int, kv_memory: int) -> None:
     from shoal.engine.request import OutputKind
 
     loading = time.perf_counter()
-    llm = shoal.LLM(model, kv_cache_memory=kv_memory, num_threads=threads, max_num_seqs=64)
+    llm = shoal.LLM(
+        model, kv_cache_memory=kv_memory, num_threads=threads, max_num_seqs=64, precision=precision
+    )
     load_s = time.perf_counter() - loading
     engine, vocab = llm.engine, llm.model.config.vocab_size
     params = shoal.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -183,8 +186,9 @@ def shoal_child(model: str, threads: int, kv_memory: int) -> None:
                                         "weight_bytes": llm.model.weight_bytes, "load_s": load_s}))  # fmt: skip
 
 
-def shoal_run(model: str, threads: int, kv_memory: int, log: Path) -> dict:
-    command = [sys.executable, __file__, "--child", model, "--threads", str(threads), "--kv", str(kv_memory)]
+def shoal_run(model: str, threads: int, kv_memory: int, precision: str, log: Path) -> dict:
+    command = [sys.executable, __file__, "--child", model, "--threads", str(threads), "--kv", str(kv_memory),
+               "--precision", precision]  # fmt: skip
     status, rss = run_measured(command, log)
     text = log.read_text()
     match = re.search(r"^SHOAL_RESULT (.*)$", text, re.MULTILINE)
@@ -302,10 +306,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv", type=int, help="shoal's KV pool in bytes (default: 64 x 96 tokens' worth)")
     parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument(
+        "--precision", default="float32,int8", help="shoal's precision option(s), comma-separated"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        shoal_child(args.child, args.threads, args.kv or kv_memory(args.child))
+        shoal_child(args.child, args.threads, args.kv or kv_memory(args.child), args.precision)
         return
 
     from shoal.models.loader import default_model_path
@@ -344,15 +351,22 @@ def main() -> None:
     }
     for model in models:
         name, kv = Path(model).name, args.kv or kv_memory(model)
-        ours, theirs = [], []
+        precisions = args.precision.split(",")
+        ours: dict[str, list[dict]] = {p: [] for p in precisions}
+        theirs = []
         for _ in range(RUNS):  # alternating, so a slow spell of the machine does not fall on one engine only
-            ours.append(shoal_run(model, args.threads, kv, out_dir / f"{name}.shoal.log"))
+            for precision in precisions:
+                log = out_dir / f"{name}.shoal-{precision}.log"
+                ours[precision].append(shoal_run(model, args.threads, kv, precision, log))
             if tools:
                 theirs.append(llama_cpp_run(tools, model, args.threads, out_dir / f"{name}.llama.log"))
-        ours, theirs = best_of(ours), best_of(theirs)
+        theirs = best_of(theirs)
         size = Path(model).stat().st_size / 2**20
-        report(name, size, ours, theirs, bandwidth)
-        results["files"][name] = {"file_mib": size, "shoal": ours, "llama_cpp": theirs}
+        results["files"][name] = {"file_mib": size, "llama_cpp": theirs}
+        for precision, runs in ours.items():
+            best = best_of(runs)
+            report(f"{name}, shoal precision={precision}", size, best, theirs, bandwidth)
+            results["files"][name][f"shoal_{precision}"] = best
     (out_dir / "vs_llamacpp.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out_dir / 'vs_llamacpp.json'}")
 

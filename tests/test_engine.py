@@ -25,13 +25,15 @@ SEEDED = SamplingParams(
 )
 
 
-@pytest.fixture(scope="module", params=["float32", "Q4_1", "Q8_0"])
+@pytest.fixture(scope="module", params=["float32", "Q4_1", "Q8_0", "Q4_1 int8"])
 def tiny_llama(request, tiny_dirs, tmp_path_factory) -> shoal.LoadedModel:
-    """Every test here runs on float32 weights and on weights kept quantized (a GGUF of the same model)."""
+    """Every test here runs on float32 weights, on weights kept quantized (a GGUF of the same model), and
+    on those against int8 activations (precision="int8")."""
     if request.param == "float32":
         return shoal.load_model(tiny_dirs["llama"])
-    path = tmp_path_factory.mktemp("quantized") / f"llama-{request.param}.gguf"
-    return shoal.load_model(write_gguf(tiny_dirs["llama"], path, request.param))
+    qtype, _, precision = request.param.partition(" ")
+    path = tmp_path_factory.mktemp("quantized") / f"llama-{qtype}.gguf"
+    return shoal.load_model(write_gguf(tiny_dirs["llama"], path, qtype), precision=precision or "float32")
 
 
 @pytest.fixture(scope="module")

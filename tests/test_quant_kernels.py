@@ -105,13 +105,15 @@ FILE_BITS = {
     T.Q4_K: 4.5,
     T.Q5_K: 5.5,
     T.Q6_K: 6.5625,
+    T.Q3_K: 3.4375,
+    T.Q2_K: 2.625,
 }
 
 
 @pytest.mark.parametrize("qtype", list(FILE_BITS), ids=lambda t: t.name)
 def test_each_format_is_held_at_its_files_size(qtype):
     """Packed with its scales, a matrix takes at most 1.05x the bytes of its blocks in the file (K-quants'
-    scales kept as their 8-bit factors and float16 supers, as the file has them)."""
+    scales kept as their 8-bit factors, Q2_K's as its 4-bit ones, and float16 supers, as the file has them)."""
     n, k = 256, 1024
     w = random_weight(qtype, n, k, seed=7)
     assert w.data.nbytes == n * k * FILE_BITS[qtype] / 8

@@ -17,7 +17,7 @@ from shoal.kernels.build import ISA_FLAGS, compiler, isa_runs
 BUILDS = [isa for isa in ISA_FLAGS if isa_runs(isa)] if compiler() else []
 ARCHS = ["llama", "qwen2", "qwen3"]
 KEPT = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q5", "Q5_1": "q5", "Q4_K": "q4", "Q5_K": "q5",
-        "Q6_K": "q6", "Q2_K": "q4", "Q3_K": "q4", "F16": "float16", "BF16": "bfloat16"}  # fmt: skip
+        "Q6_K": "q6", "Q2_K": "q2", "Q3_K": "q3", "F16": "float16", "BF16": "bfloat16"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,29 @@ def test_the_torch_path_dequantizes_at_load_and_matches_transformers(tiny_dirs, 
     assert {model.backend.describe(w) for w in model.module.linears} == {"float32"}
     ids = prompt_ids(model)
     assert_close_to(shoal_logits(model, ids, chunks=[17, 9]), reference_logits(transformers_on(path), ids))
+
+
+@pytest.mark.parametrize("isa", BUILDS)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_int8_precision_stays_near_transformers_and_keeps_each_rows_bits(wide_dirs, tmp_path, qtype, isa):
+    """precision="int8" changes the numbers (activations in int8): within 3% of the logits' range of
+    transformers reading the same file; a row's bits still do not depend on how many rows run with it."""
+    path = write_gguf(wide_dirs["qwen3"], tmp_path / f"{qtype}.gguf", qtype)
+    model = shoal.load_model(path, kernels=isa, precision="int8")
+    assert all(model.backend.describe(w).endswith(" x int8") for w in model.module.linears)
+    ids = prompt_ids(model)
+    ref = reference_logits(transformers_on(path), ids)
+    ours = shoal_logits(model, ids, chunks=[17, 9])
+    error = ((ours - ref).abs().max() / (ref.max() - ref.min())).item()
+    assert TOL < error < 0.03, error  # really int8, and close
+    whole = shoal_logits(model, ids, chunks=[len(ids)])
+    assert torch.equal(shoal_logits(model, ids[:9], chunks=[9]), whole[:9])
+
+
+def test_int8_precision_needs_the_c_kernels(tiny_dirs):
+    with pytest.raises(shoal.ModelLoadError, match="precision='int8' runs on shoal's C kernels only"):
+        shoal.load_model(tiny_dirs["llama"], kernels="torch", precision="int8")
+    with pytest.raises(shoal.ModelLoadError, match="precision must be one of float32, int8"):
+        shoal.load_model(tiny_dirs["llama"], precision="int4")
+    with pytest.raises(shoal.InvalidRequestError, match="precision must be one of float32, int8"):
+        shoal.LLM(tiny_dirs["llama"], precision="int4")

@@ -66,3 +66,21 @@ def test_prefill_logits_match_transformers(smollm2, reference):
     top = out.outputs[0].logprobs[0]
     for token_id, lp in top.items():
         assert lp.logprob == pytest.approx(ref[token_id].item(), abs=1e-3)
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_int8_precision_on_the_default_model_stays_near_float32(smollm2):
+    """What precision="int8" costs on the default model (README): over a prompt's positions, the logits move
+    by under 4% of their range and the top token stays the same at 90% of positions or more."""
+    from test_model_logits import shoal_logits
+
+    import shoal
+
+    int8 = shoal.load_model(precision="int8")
+    ids = smollm2.tokenizer.encode(
+        "The history of the Roman Empire begins with the founding of Rome in 753 BC, when the twins"
+    )
+    exact, approx = shoal_logits(smollm2, ids, [len(ids)]), shoal_logits(int8, ids, [len(ids)])
+    assert 0 < (exact - approx).abs().max() < 0.04 * (exact.max() - exact.min())
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.9

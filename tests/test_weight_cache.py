@@ -49,6 +49,20 @@ def test_the_second_load_maps_the_saved_weights_and_gives_the_same_logits(wide_d
     assert torch.equal(shoal_logits(second, ids, chunks=[17, 9]), shoal_logits(first, ids, chunks=[17, 9]))
 
 
+def test_int8_precision_from_the_cache_is_int8_precision_packed_afresh(wide_dir, tmp_path):
+    """The cache holds the layout only: precision="int8" applies to mapped weights as to fresh ones, and a
+    float32 load of the same cache stays float32."""
+    path = write_gguf(wide_dir, tmp_path / "m.gguf", "Q4_K", MIX)
+    fresh = shoal.load_model(path, precision="int8", weight_cache=False)
+    shoal.load_model(path)  # writes the cache
+    mapped = shoal.load_model(path, precision="int8")
+    assert mapped.backend.describe(mapped.module.layers[0].qkv_proj) == "q4+q6 x int8"
+    ids = prompt_ids(fresh)
+    int8 = shoal_logits(mapped, ids, chunks=[17, 9])
+    assert torch.equal(int8, shoal_logits(fresh, ids, chunks=[17, 9]))
+    assert not torch.equal(int8, shoal_logits(shoal.load_model(path), ids, chunks=[17, 9]))
+
+
 def test_a_changed_file_is_packed_again_and_its_old_cache_removed(wide_dir, tmp_path):
     path = write_gguf(wide_dir, tmp_path / "m.gguf", "Q8_0")
     shoal.load_model(path)

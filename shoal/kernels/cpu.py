@@ -12,8 +12,9 @@ from shoal.kernels.formats import IntWeights, QuantizedTensor, kept_form
 
 PANEL = 16
 FORMATS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FORMAT_Q8, FORMAT_Q4, FORMAT_Q5, FORMAT_Q6 = 3, 4, 5, 6
-INT_FORMATS = {8: FORMAT_Q8, 4: FORMAT_Q4, 5: FORMAT_Q5, 6: FORMAT_Q6}  # by bits per value
+FORMAT_Q8, FORMAT_Q4, FORMAT_Q5, FORMAT_Q6, FORMAT_Q2, FORMAT_Q3 = 3, 4, 5, 6, 7, 8
+FACTORS_4BIT = 2  # kernels.h: K-quant factors of 4 bits, a scale's and an offset's in one byte
+INT_FORMATS = {8: FORMAT_Q8, 4: FORMAT_Q4, 5: FORMAT_Q5, 6: FORMAT_Q6, 2: FORMAT_Q2, 3: FORMAT_Q3}  # by bits
 FORMAT_NAMES = {0: "float32", 1: "float16", 2: "bfloat16", **{f: f"q{b}" for b, f in INT_FORMATS.items()}}
 
 
@@ -92,9 +93,11 @@ class PackedWeight:
     mins: torch.Tensor | None = None
     group: int = 0
     bias: torch.Tensor | None = None
-    high: torch.Tensor | None = None  # q5, q6: the bits above each value's nibble
+    high: torch.Tensor | None = None  # q5, q6 (q3): the bits above each value's nibble (its 2 low bits)
     zero: int = 0  # q4 to q6: subtracted from each value
-    super_scales: torch.Tensor | None = None  # factored: scales (and mins) are int8, times these (float16)
+    super_scales: torch.Tensor | None = (
+        None  # factored: scales (and mins) are int8 (or uint8 pairs of 4-bit), times these
+    )
     super_mins: torch.Tensor | None = None
     next: PackedWeight | None = None
     struct: _PackedStruct = field(init=False)
@@ -104,9 +107,10 @@ class PackedWeight:
             return None if t is None else t.data_ptr()
 
         half = self.scales is not None and self.scales.dtype == torch.float16
-        factored = self.super_scales is not None
+        factored = 0 if self.super_scales is None else FACTORS_4BIT if self.scales.dtype == torch.uint8 else 1
+        has_min = self.mins is not None or self.super_mins is not None
         self.struct = _PackedStruct(
-            self.format, self.group, int(self.mins is not None), int(half), self.zero, int(factored), 0,
+            self.format, self.group, int(has_min), int(half), self.zero, factored, 0,
             address(self.quants), address(self.scales), address(self.mins), address(self.high),
             address(self.super_scales), address(self.super_mins), address(self.bias), self.n, self.k,
             None if self.next is None else ctypes.addressof(self.next.struct),
@@ -237,14 +241,18 @@ def pack_weight(
         return PackedWeight(n, k, FORMATS[weight.dtype], quants, bias=bias, next=next)
     n, k = weight.shape
     q, high, zero = _panels(weight.q), None, 0
-    if weight.bits in (5, 6):  # nibbles as q4, the bits above them packed 8 / (bits - 4) to a byte
-        per, above = 8 // (weight.bits - 4), q >> 4
-        high = sum(above[:, j::per, :] << (j * (weight.bits - 4)) for j in range(per)).astype(np.uint8)
+    low_bits = 2 if weight.bits in (2, 3) else 4  # values' low bits: nibbles, or (q2, q3) pairs of bits
+    if weight.bits in (3, 5, 6):  # the bits above them packed 8 / (bits - low_bits) to a byte
+        width = weight.bits - low_bits
+        per, above = 8 // width, q >> low_bits
+        high = sum(above[:, j::per, :] << (j * width) for j in range(per)).astype(np.uint8)
         high = torch.from_numpy(np.ascontiguousarray(high))
-        q = q & 15
+        q = q & ((1 << low_bits) - 1)
     if weight.bits != 8:
         assert not (weight.zero and weight.mins is not None), "the kernels take offsets or a zero, not both"
-        q, zero = q[:, 0::2, :] | (q[:, 1::2, :] << 4), weight.zero
+        per = 8 // low_bits
+        q = sum(q[:, j::per, :] << (j * low_bits) for j in range(per)).astype(np.uint8)
+        zero = weight.zero
     quants = torch.from_numpy(np.ascontiguousarray(q))
     scales, mins, supers = _scales(weight)
     return PackedWeight(
@@ -263,10 +271,17 @@ def _scales(weight: IntWeights) -> tuple[torch.Tensor, torch.Tensor | None, tupl
             return None if a is None else torch.from_numpy(_panels(a.astype(dtype, copy=False)))
 
         supers = (panels(factors.super, np.float16), panels(factors.super_min, np.float16))
+        if factors.sub_min is not None and _fits_4_bits(factors.sub) and _fits_4_bits(factors.sub_min):
+            both = factors.sub.astype(np.uint8) | (factors.sub_min.astype(np.uint8) << 4)  # Q2_K's own bytes
+            return panels(both, np.uint8), None, supers
         return panels(factors.sub, np.int8), panels(factors.sub_min, np.int8), supers
     scales, mins = _half_if_exact(weight.scales, weight.mins)
     mins = None if mins is None else torch.from_numpy(_panels(mins))
     return torch.from_numpy(_panels(scales)), mins, (None, None)
+
+
+def _fits_4_bits(a: np.ndarray) -> bool:
+    return bool(((a >= 0) & (a < 16)).all())
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:

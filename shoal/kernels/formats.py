@@ -14,12 +14,12 @@ size, without loss:
 | Q5_0 | q5, zero 16 | 32 | d * (q - 16) |
 | Q5_1, Q5_K | q5 + offset | 32 | as Q4_1, Q4_K with 5-bit q |
 | Q6_K | q6, zero 32 | 16 | (d * sc) * (q - 32) |
-| Q2_K | q4 + offset | 16 | (d * sc) * q - (dmin * mn), 2-bit q |
-| Q3_K | q4, zero 4 | 16 | (d * (sc - 32)) * (q - 4), 3-bit q |
+| Q2_K | q2 + offset | 16 | (d * sc) * q - (dmin * mn) |
+| Q3_K | q3, zero 4 | 16 | (d * (sc - 32)) * (q - 4) |
 
-q5 and q6 are q4's nibbles plus one or two high bits per value. Q2_K and Q3_K have no 2- or 3-bit layout:
-they are kept in the nearest one, q4. F16, BF16 and F32 stay as they are. Other GGUF types (the IQ*
-family, ...) are dequantized to float32 at load.
+q5 and q6 are q4's nibbles plus one or two high bits per value; q3 is q2's pairs of bits plus one high bit.
+F16, BF16 and F32 stay as they are. Other GGUF types (the IQ* family, ...) are dequantized to float32 at
+load.
 """
 
 from __future__ import annotations
@@ -96,14 +96,14 @@ def _factors(super_: np.ndarray, sub: np.ndarray, super_min=None, sub_min=None) 
 @dataclass
 class IntWeights:
     """W = s * (q - zero) (+ m) per group of `group` k values: q [N, K], int8 values for bits 8, unsigned
-    values below 2**bits for bits 4, 5 and 6."""
+    values below 2**bits for bits 2 to 6."""
 
     q: np.ndarray
     scales: np.ndarray  # float32 [N, K / group]
     mins: np.ndarray | None  # float32 [N, K / group], added after scaling
     group: int
-    bits: int  # 8, 6, 5 or 4
-    zero: int = 0  # subtracted from each value (bits 4 to 6)
+    bits: int  # 8, 6, 5, 4, 3 or 2
+    zero: int = 0  # subtracted from each value (bits 2 to 6)
     factors: ScaleFactors | None = None  # how the scales and offsets are made, for K-quants
 
     @property
@@ -189,7 +189,7 @@ def _decode_blocks(ggml_type: T, b: np.ndarray) -> IntWeights:
         d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
         q = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
         sc, mn = (scales & 0x0F).astype(np.float32), (scales >> 4).astype(np.float32)
-        return IntWeights(q.reshape(-1, QK_K), d * sc, -(dmin * mn), 16, 4, 0, _factors(d, sc, -dmin, mn))
+        return IntWeights(q.reshape(-1, QK_K), d * sc, -(dmin * mn), 16, 2, 0, _factors(d, sc, -dmin, mn))
     if ggml_type == T.Q3_K:
         hmask, qs, packed, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
         low = (packed[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(
@@ -202,13 +202,12 @@ def _decode_blocks(ggml_type: T, b: np.ndarray) -> IntWeights:
         ql = (qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
         qh = (hmask.reshape(-1, 1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
         q = ql.reshape(-1, QK_K) + (qh.reshape(-1, QK_K) << 2)  # q - 4 * (1 - high bit), stored plus 4
-        return IntWeights(q.astype(np.uint8), d * sc, None, 16, 4, 4, _factors(d, sc))
+        return IntWeights(q.astype(np.uint8), d * sc, None, 16, 3, 4, _factors(d, sc))
     raise ValueError(f"no integer form for {ggml_type.name}")
 
 
 INTEGER_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
-EXPANDED_TYPES = (T.Q2_K, T.Q3_K)  # kept in a wider layout
 
 
 def integer_form(t: QuantizedTensor) -> IntWeights:
@@ -245,10 +244,6 @@ def kept_form(weight: Weight) -> IntWeights | torch.Tensor:
     if weight.ggml_type in FLOAT_TYPES:
         return float_form(weight)
     if weight.ggml_type in INTEGER_TYPES:
-        if weight.ggml_type in EXPANDED_TYPES:
-            _log_once(
-                f"{weight.ggml_type.name} has no layout of its own: kept exactly as q4, half a byte per value"
-            )
         return integer_form(weight)
     _log_once(f"{weight.ggml_type.name} has no kernel in shoal: converting those weights to float32 at load")
     return torch.from_numpy(weight.dequantize())

@@ -13,6 +13,8 @@
  * is k = 2i and high nibble k = 2i + 1. q5 and q6 hold q4's nibbles and, in `high`, the bits above them:
  * [k/8][16] bytes for q5 (bit j of byte t: k = 8t + j), [k/4][16] for q6 (bits 2j, 2j + 1: k = 4t + j);
  * their value is (nibble | high << 4) - zero, q4's nibble - zero: exact small integers made in registers.
+ * q2 holds [k/4][16] bytes of four 2-bit values (bits 2j, 2j + 1 of byte t: k = 4t + j); q3 adds q5's plane
+ * of one high bit: (q2 value | high << 2) - zero.
  * Scales and offsets: [panels][k / group][16].
  * Parts flagged int8_x run on x quantized to int8 instead (gemm_int8.c), with the same layouts.
  * A thread takes units of panels (two on AVX-512, one otherwise; twice that for 1-3 rows) and runs each tile
@@ -50,10 +52,10 @@
     UNROLL for (int u = 0; u < U; u++) {                                                           \
         const int64_t at = ((p + u) * groups + g) * PANEL;                                            \
         const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                     \
-        const pv s = scale_at(w, w->scales, w->super_scales, at, super_at);                           \
+        const pv s = scale_at(w, 0, at, super_at);                                                    \
         UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fmav(s, b[r][u], c[r][u]);                    \
         if (HAS_MIN) {                                                                                \
-            const pv m = scale_at(w, w->mins, w->super_mins, at, super_at);                           \
+            const pv m = scale_at(w, 1, at, super_at);                                                \
             UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fma(xsum[r * groups + g], m, c[r][u]);    \
         }                                                                                             \
     }
@@ -124,6 +126,35 @@
         TILE_EPILOGUE(R, U)                                                                                  \
     }
 
+/* q2 and q3 (BITS): a byte of four 2-bit values per column for every 4 values of k, and for q3 a byte of high
+ * bits for every 8. */
+#define DEFINE_Q23_TILE(NAME, R, SUF, U, HAS_MIN, BITS)                                                      \
+    static void NAME##_##R##SUF(const float *a, int64_t lda, const struct packed_weight *w, int64_t p, int64_t k, \
+                           const float *xsum, float *out) {                                                  \
+        ZEROS(c, R, U)                                                                                       \
+        const int64_t group = w->group, groups = k / group, quarter = k / 4, eighth = k / 8;                 \
+        const int zero = HAS_MIN ? 0 : w->zero; /* offsets or a zero, never both: 0 folds the subtraction away */ \
+        const uint8_t *base = (const uint8_t *)w->quants + p * quarter * PANEL;                              \
+        const uint8_t *highs = (const uint8_t *)w->high + p * eighth * PANEL;                                \
+        for (int64_t g = 0; g < groups; g++) {                                                               \
+            ZEROS(b, R, U)                                                                                   \
+            for (int64_t i = g * group; i < (g + 1) * group; i += 4) {                                       \
+                hv low[U], high[U];                                                                          \
+                UNROLL for (int u = 0; u < U; u++) {                                                         \
+                    low[u] = hv_load(base + (u * quarter + i / 4) * PANEL);                                  \
+                    high[u] = BITS == 3 ? hv_load(highs + (u * eighth + i / 8) * PANEL) : low[u];            \
+                }                                                                                            \
+                UNROLL for (int j = 0; j < 4; j++) {                                                         \
+                    pv v[U];                                                                                 \
+                    UNROLL for (int u = 0; u < U; u++) v[u] = pv_q23(low[u], j, high[u], (int)(i % 8) + j, BITS == 3, zero); \
+                    FMA_ROWS(b, R, U, v, i + j)                                                              \
+                }                                                                                            \
+            }                                                                                                \
+            GROUP_END(R, U, HAS_MIN)                                                                         \
+        }                                                                                                    \
+        TILE_EPILOGUE(R, U)                                                                                  \
+    }
+
 TILES_OF(DEFINE_FLOAT_TILE, f32, float, pv_f32)
 TILES_OF(DEFINE_FLOAT_TILE, f16, uint16_t, pv_f16)
 TILES_OF(DEFINE_FLOAT_TILE, bf16, uint16_t, pv_bf16)
@@ -135,13 +166,18 @@ TILES_OF(DEFINE_QH_TILE, q5, 0, 5)
 TILES_OF(DEFINE_QH_TILE, q5m, 1, 5)
 TILES_OF(DEFINE_QH_TILE, q6, 0, 6)
 TILES_OF(DEFINE_QH_TILE, q6m, 1, 6)
+TILES_OF(DEFINE_Q23_TILE, q2, 0, 2)
+TILES_OF(DEFINE_Q23_TILE, q2m, 1, 2)
+TILES_OF(DEFINE_Q23_TILE, q3, 0, 3)
+TILES_OF(DEFINE_Q23_TILE, q3m, 1, 3)
 
 typedef void (*tile_fn)(const float *, int64_t, const struct packed_weight *, int64_t, int64_t, const float *, float *);
 #define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
 #define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
-#define ALL_FORMATS(T) {T(f32), T(f16), T(bf16), T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m)}
-static const tile_fn NARROW_TILES[11][8] = ALL_FORMATS(NARROW_TABLE);
-static const tile_fn WIDE_TILES[11][3] = ALL_FORMATS(WIDE_TABLE);
+#define ALL_FORMATS(T) \
+    {T(f32), T(f16), T(bf16), T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m), T(q2), T(q2m), T(q3), T(q3m)}
+static const tile_fn NARROW_TILES[15][8] = ALL_FORMATS(NARROW_TABLE);
+static const tile_fn WIDE_TILES[15][3] = ALL_FORMATS(WIDE_TABLE);
 
 static int format_index(const struct packed_weight *w) {
     return w->format < FMT_Q8 ? w->format : FMT_Q8 + 2 * (w->format - FMT_Q8) + (w->has_min != 0);
@@ -284,6 +320,11 @@ static float weight_at(const struct packed_weight *w, int64_t k, int64_t col, in
     float q;
     if (w->format == FMT_Q8) {
         q = (float)((const int8_t *)w->quants)[(p * k + i) * PANEL + lane];
+    } else if (w->format == FMT_Q2 || w->format == FMT_Q3) {
+        const uint8_t *low = (const uint8_t *)w->quants, *high = (const uint8_t *)w->high;
+        int value = (low[(p * (k / 4) + i / 4) * PANEL + lane] >> (2 * (i % 4))) & 3;
+        if (w->format == FMT_Q3) value |= ((high[(p * (k / 8) + i / 8) * PANEL + lane] >> (i % 8)) & 1) << 2;
+        q = (float)(value - w->zero);
     } else {
         const uint8_t byte = ((const uint8_t *)w->quants)[(p * (k / 2) + i / 2) * PANEL + lane];
         int value = (i % 2) ? byte >> 4 : byte & 15;
@@ -294,8 +335,8 @@ static float weight_at(const struct packed_weight *w, int64_t k, int64_t col, in
         }
         q = (float)(value - w->zero);
     }
-    const float v = q * scale_value(w, w->scales, w->super_scales, col, i);
-    return w->has_min ? v + scale_value(w, w->mins, w->super_mins, col, i) : v;
+    const float v = q * scale_value(w, 0, col, i);
+    return w->has_min ? v + scale_value(w, 1, col, i) : v;
 }
 
 /* out[r] = column ids[r] of the packed matrix (an embedding lookup in the lm_head's packed table). */

@@ -1,4 +1,4 @@
-/* y = x @ W^T on integer weights (q8, q4, q5, q6) with x quantized to int8: integer dot products, as
+/* y = x @ W^T on integer weights (q2 to q8) with x quantized to int8: integer dot products, as
  * llama.cpp computes, for steps bound by compute (many rows, prefill). Chosen per part by its int8_x flag.
  *
  * Each row of x is quantized on its own, in blocks of 32 k: d = max|x| / 127, q = round(x * 127 / max|x|)
@@ -95,6 +95,20 @@ static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) 
     const __m512i above = _mm512_and_si512(_mm512_srlv_epi32(high, at), _mm512_set1_epi8((char)((1 << bits) - 1)));
     return (bv){columns(_mm512_or_si512(nibble_rows(p), _mm512_slli_epi16(above, 4)), nibble_order())};
 }
+/* q2 (q3): each column's byte of four 2-bit values (and its high bits from `shift`) as its 4 bytes. */
+static inline __m512i spread(__m512i byte, int step, int mask) { /* bits step*j.. of the byte -> byte j */
+    const __m512i x = _mm512_or_si512(_mm512_or_si512(byte, _mm512_slli_epi32(byte, 8 - step)),
+                                      _mm512_or_si512(_mm512_slli_epi32(byte, 16 - 2 * step), _mm512_slli_epi32(byte, 24 - 3 * step)));
+    return _mm512_and_si512(x, _mm512_set1_epi32(mask * 0x01010101));
+}
+static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
+    __m512i v = spread(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)low)), 2, 3);
+    if (high) {
+        const __m512i h = _mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)high)), shift);
+        v = _mm512_or_si512(v, _mm512_slli_epi32(spread(h, 1, 1), 2));
+    }
+    return (bv){v};
+}
 #elif defined(__AVX2__)
 /* Columns 0-3 and 8-11 in a, 4-7 and 12-15 in b (the order the byte transposition leaves them in). */
 typedef struct {
@@ -156,6 +170,28 @@ static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) 
                                         high_bits(high, shift + bits, shift + 3 * bits, bits));
     return from_nibble_rows(even, odd);
 }
+static inline __m256i spread(__m256i byte, int step, int mask) {
+    const __m256i x = _mm256_or_si256(_mm256_or_si256(byte, _mm256_slli_epi32(byte, 8 - step)),
+                                      _mm256_or_si256(_mm256_slli_epi32(byte, 16 - 2 * step), _mm256_slli_epi32(byte, 24 - 3 * step)));
+    return _mm256_and_si256(x, _mm256_set1_epi32(mask * 0x01010101));
+}
+static inline void columns_a_b(const uint8_t *p, __m256i *a, __m256i *b) { /* bytes of columns 0-3, 8-11; 4-7, 12-15 */
+    const __m128i order = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+    const __m128i bytes = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)p), order);
+    *a = _mm256_cvtepu8_epi32(bytes);
+    *b = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes));
+}
+static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
+    __m256i a, b;
+    columns_a_b(low, &a, &b);
+    bv r = {spread(a, 2, 3), spread(b, 2, 3)};
+    if (high) {
+        columns_a_b(high, &a, &b);
+        r.a = _mm256_or_si256(r.a, _mm256_slli_epi32(spread(_mm256_srli_epi32(a, shift), 1, 1), 2));
+        r.b = _mm256_or_si256(r.b, _mm256_slli_epi32(spread(_mm256_srli_epi32(b, shift), 1, 1), 2));
+    }
+    return r;
+}
 #else /* portable C */
 typedef struct {
     int32_t v[PANEL];
@@ -190,6 +226,12 @@ static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) 
     return r;
 }
 static inline bv bv_q4(const uint8_t *p) { return bv_qh(p, NULL, 0, 0); }
+static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
+    bv r;
+    LANES for (int j = 0; j < 4; j++)
+        r.v[l][j] = (int16_t)(((low[l] >> (2 * j)) & 3) | (high ? ((high[l] >> (shift + j)) & 1) << 2 : 0));
+    return r;
+}
 #endif
 
 /* 4 k from i of the panel's 16 columns, per layout; and the value each layout's integers are offset by. */
@@ -205,12 +247,23 @@ static inline bv qh_load(const struct packed_weight *w, int64_t panel, int64_t i
     return bv_qh(nibbles, (const uint8_t *)w->high + (panel * (w->k / per) + i / per) * PANEL, (int)(i % per) * high,
                  high);
 }
+static inline bv q2_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+    return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, NULL, 0);
+}
+static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+    const uint8_t *high = (const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL;
+    return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, high, (int)(i % 8));
+}
 static inline bv q5_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 5); }
 static inline bv q6_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 6); }
 static inline int q8_zero(const struct packed_weight *w, int has_min) { return (void)w, (void)has_min, Q8_ZERO; }
 static inline int q4_zero(const struct packed_weight *w, int has_min) { return has_min ? 0 : w->zero; }
+#define q2_zero q4_zero
+#define q3_zero q4_zero
 #define q5_zero q4_zero
 #define q6_zero q4_zero
+#define q2_dot iv_dot
+#define q3_dot iv_dot
 #define q4_dot iv_dot
 #define q5_dot iv_dot
 #define q6_dot iv_dot
@@ -237,8 +290,8 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
                 const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                       \
-                const pv s = scale_at(w, w->scales, w->super_scales, at, super_at);                             \
-                const pv m = HAS_MIN ? scale_at(w, w->mins, w->super_mins, at, super_at) : pv_zero();           \
+                const pv s = scale_at(w, 0, at, super_at);                                                      \
+                const pv m = HAS_MIN ? scale_at(w, 1, at, super_at) : pv_zero();                                \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
                     int32_t qsum = 0;                                                                           \
                     for (int64_t j = g * group / 16; j < (g + 1) * group / 16; j++) qsum += xq->sums[(row + r) * sums + j]; \
@@ -259,13 +312,17 @@ TILES_OF(DEFINE_I8_TILE, q5, 0, q5)
 TILES_OF(DEFINE_I8_TILE, q5m, 1, q5)
 TILES_OF(DEFINE_I8_TILE, q6, 0, q6)
 TILES_OF(DEFINE_I8_TILE, q6m, 1, q6)
+TILES_OF(DEFINE_I8_TILE, q2, 0, q2)
+TILES_OF(DEFINE_I8_TILE, q2m, 1, q2)
+TILES_OF(DEFINE_I8_TILE, q3, 0, q3)
+TILES_OF(DEFINE_I8_TILE, q3m, 1, q3)
 
 typedef void (*int8_tile_fn)(const struct int8_rows *, int64_t, const struct packed_weight *, int64_t, float *);
 #define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
 #define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
-#define INT_FORMATS(T) {T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m)}
-static const int8_tile_fn NARROW_INT8[8][8] = INT_FORMATS(NARROW_TABLE);
-static const int8_tile_fn WIDE_INT8[8][3] = INT_FORMATS(WIDE_TABLE);
+#define INT_FORMATS(T) {T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m), T(q2), T(q2m), T(q3), T(q3m)}
+static const int8_tile_fn NARROW_INT8[12][8] = INT_FORMATS(NARROW_TABLE);
+static const int8_tile_fn WIDE_INT8[12][3] = INT_FORMATS(WIDE_TABLE);
 
 void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,
                float *out) {

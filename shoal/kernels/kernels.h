@@ -6,7 +6,8 @@
 #define SHOAL_KERNELS_H
 #include <stdint.h>
 
-enum format { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4, FMT_Q5 = 5, FMT_Q6 = 6 };
+enum format { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4, FMT_Q5 = 5, FMT_Q6 = 6, FMT_Q2 = 7, FMT_Q3 = 8 };
+enum { FACTORS_4BIT = 2 };
 enum kv_type { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
 
 struct packed_weight {
@@ -14,13 +15,14 @@ struct packed_weight {
     int32_t group;       /* k values per scale (quant formats) */
     int32_t has_min;     /* an offset is added after scaling */
     int32_t half_scales; /* scales and offsets are stored as float16 (when that holds them exactly) */
-    int32_t zero;        /* q4, q5, q6 without offsets: subtracted from each value, in integers */
-    int32_t factored;    /* scales and offsets are int8 factors of supers (K-quants): super * sub */
+    int32_t zero;        /* q2 to q6 without offsets: subtracted from each value, in integers */
+    int32_t factored;    /* scales and offsets are factors of supers (K-quants): super * sub; the factors int8, or
+                            FACTORS_4BIT: a byte per group, the scale's factor in its low nibble, the offset's above */
     int32_t int8_x;      /* x is quantized to int8 for this part (gemm_int8.c): integer dot products */
     const void *quants;
     const void *scales;
     const void *mins;
-    const void *high;    /* q5 and q6: each value's bits above its low nibble */
+    const void *high;    /* q5, q6 (q3): each value's bits above its low nibble (its low 2 bits) */
     const uint16_t *super_scales, *super_mins; /* factored: float16, one per 256 values of k */
     const float *bias;
     int64_t n, k;                      /* this part's columns */

@@ -45,6 +45,9 @@ typedef struct {
     __m512i v;
 } hv;
 static inline hv hv_load(const uint8_t *p) { return (hv){_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))}; }
+static inline pv pv_nibble(hv h, int shift) {
+    return (pv){_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(h.v, shift), _mm512_set1_epi32(15)))};
+}
 static inline __m512i qh_value(__m512i nibble, hv h, int shift, int mask, int zero) {
     const __m512i high = _mm512_and_si512(_mm512_srli_epi32(h.v, shift), _mm512_set1_epi32(mask));
     return _mm512_sub_epi32(_mm512_or_si512(nibble, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(zero));
@@ -54,6 +57,13 @@ static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, 
     const int mask = (1 << bits) - 1;
     even->v = _mm512_cvtepi32_ps(qh_value(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), h, shift, mask, zero));
     odd->v = _mm512_cvtepi32_ps(qh_value(_mm512_srli_epi32(bytes, 4), h, shift + bits, mask, zero));
+}
+/* pv_q23: the value at k = 4t + j of q2 (q3) from its byte of 2-bit values and (q3) its byte of high bits h,
+ * whose bit for that k is `at`. */
+static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
+    __m512i v = _mm512_and_si512(_mm512_srli_epi32(low.v, 2 * j), _mm512_set1_epi32(3));
+    if (has_high) v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h.v, at), _mm512_set1_epi32(1)), 2));
+    return (pv){_mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(zero)))};
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define UNIT 1
@@ -102,6 +112,10 @@ typedef struct {
 } hv;
 static inline __m256i u8x8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static inline hv hv_load(const uint8_t *p) { return (hv){u8x8(p), u8x8(p + 8)}; }
+static inline __m256 nibble8(__m256i h, int shift) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(h, shift), _mm256_set1_epi32(15)));
+}
+static inline pv pv_nibble(hv h, int shift) { return (pv){nibble8(h.a, shift), nibble8(h.b, shift)}; }
 static inline __m256 qh_value(__m256i nibble, __m256i h, int shift, int mask, int zero) {
     const __m256i high = _mm256_and_si256(_mm256_srli_epi32(h, shift), _mm256_set1_epi32(mask));
     const __m256i q = _mm256_or_si256(nibble, _mm256_slli_epi32(high, 4));
@@ -116,6 +130,14 @@ static inline void qhx8(const uint8_t *p, __m256i h, int shift, int bits, int ze
 static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
     qhx8(p, h.a, shift, bits, zero, &even->a, &odd->a);
     qhx8(p + 8, h.b, shift, bits, zero, &even->b, &odd->b);
+}
+static inline __m256 q23x8(__m256i low, int j, __m256i h, int at, int has_high, int zero) {
+    __m256i v = _mm256_and_si256(_mm256_srli_epi32(low, 2 * j), _mm256_set1_epi32(3));
+    if (has_high) v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, at), _mm256_set1_epi32(1)), 2));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(zero)));
+}
+static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
+    return (pv){q23x8(low.a, j, h.a, at, has_high, zero), q23x8(low.b, j, h.b, at, has_high, zero)};
 }
 #else /* portable C: the same operations one lane at a time */
 #define UNIT 1
@@ -181,6 +203,11 @@ static inline hv hv_load(const uint8_t *p) {
     memcpy(r.v, p, sizeof r.v);
     return r;
 }
+static inline pv pv_nibble(hv h, int shift) {
+    pv r;
+    LANES r.v[l] = (float)((h.v[l] >> shift) & 15);
+    return r;
+}
 static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
     const int mask = (1 << bits) - 1;
     LANES {
@@ -188,22 +215,33 @@ static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, 
         odd->v[l] = (float)(((p[l] >> 4) | (((h.v[l] >> (shift + bits)) & mask) << 4)) - zero);
     }
 }
+static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
+    pv r;
+    LANES r.v[l] = (float)((((low.v[l] >> (2 * j)) & 3) | (has_high ? ((h.v[l] >> at) & 1) << 2 : 0)) - zero);
+    return r;
+}
 #endif
 
-/* The scale (or offset) vector of 16 columns at `at` (and their super-scales at `super_at`): stored, in its
- * precision, or made of its factors, super * sub (one float32 product, as gguf computes it). */
-static inline pv scale_at(const struct packed_weight *w, const void *base, const uint16_t *supers, int64_t at,
-                          int64_t super_at) {
+/* The scale (offsets: the offset) vector of 16 columns at `at` (and their super-scales at `super_at`): stored,
+ * in its precision, or made of its factors, super * sub (one float32 product, as gguf computes it); with
+ * FACTORS_4BIT, each byte of `scales` holds a group's scale factor (low nibble) and offset factor. */
+static inline pv scale_at(const struct packed_weight *w, int offsets, int64_t at, int64_t super_at) {
+    const uint16_t *supers = offsets ? w->super_mins : w->super_scales;
+    if (w->factored == FACTORS_4BIT)
+        return pv_mul(pv_f16(supers + super_at), pv_nibble(hv_load((const uint8_t *)w->scales + at), offsets ? 4 : 0));
+    const void *base = offsets ? w->mins : w->scales;
     if (w->factored) return pv_mul(pv_f16(supers + super_at), pv_q8((const int8_t *)base + at));
     return w->half_scales ? pv_f16((const uint16_t *)base + at) : pv_f32((const float *)base + at);
 }
 
-static inline float scale_value(const struct packed_weight *w, const void *base, const uint16_t *supers,
-                                int64_t col, int64_t i) {
+static inline float scale_value(const struct packed_weight *w, int offsets, int64_t col, int64_t i) {
     const int64_t p = col / PANEL, lane = col % PANEL, g = i / w->group;
     const int64_t at = (p * (w->k / w->group) + g) * PANEL + lane;
+    const void *base = offsets ? w->mins : w->scales;
     if (w->factored) {
+        const uint16_t *supers = offsets ? w->super_mins : w->super_scales;
         const float super = half_to_float(supers[(p * (w->k / 256) + g * w->group / 256) * PANEL + lane]);
+        if (w->factored == FACTORS_4BIT) return super * (float)((((const uint8_t *)w->scales)[at] >> (offsets ? 4 : 0)) & 15);
         return super * (float)((const int8_t *)base)[at];
     }
     return w->half_scales ? half_to_float(((const uint16_t *)base)[at]) : ((const float *)base)[at];
