@@ -73,6 +73,17 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    """One streamed chat; sent again once if the server closed its kept-alive connection before answering
+    (llama-server does now and then: a race of the connection pool, not a failed request)."""
+    for _ in range(2):
+        try:
+            return await stream_one(http, model, prompt, max_tokens)
+        except httpx.RemoteProtocolError:
+            continue
+    return RequestResult(ok=False)
+
+
+async def stream_one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> RequestResult:
     body = {
         "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
         "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -99,6 +110,10 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
                 else:
                     result.gaps.append(now - last)
                 last = now
+    except httpx.RemoteProtocolError:
+        if last is None:
+            raise
+        return result
     except httpx.HTTPError:
         return result
     result.latency = time.perf_counter() - start

@@ -283,7 +283,7 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             }
             const int64_t groups = groups_of(part);
             const tile_fn *tiles = wide ? WIDE_TILES[format_index(part)] : NARROW_TILES[format_index(part)];
-            const int max_rows = wide ? WIDE_ROWS : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
+            const int max_rows = wide ? WIDE_ROWS : uses_int8(part) ? INT8_ROWS : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
             for (int64_t row = row0; row < row1;) {
                 const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
                 if (uses_int8(part))

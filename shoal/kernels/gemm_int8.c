@@ -287,17 +287,21 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
                 UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++)                           \
                     dot[r][u] = KIND##_dot(dot[r][u], wv[u], x + r * k + i);                                    \
             }                                                                                                   \
+            float d[R];                                                                                         \
+            int32_t qsum[R];                                                                                    \
+            UNROLL for (int r = 0; r < R; r++) {                                                                \
+                d[r] = xq->d[(row + r) * blocks + g * group / 32];                                              \
+                qsum[r] = 0;                                                                                    \
+                for (int64_t j = g * group / 16; j < (g + 1) * group / 16; j++) qsum[r] += xq->sums[(row + r) * sums + j]; \
+            }                                                                                                   \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
                 const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                       \
                 const pv s = scale_at(w, 0, at, super_at);                                                      \
                 const pv m = HAS_MIN ? scale_at(w, 1, at, super_at) : pv_zero();                                \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
-                    int32_t qsum = 0;                                                                           \
-                    for (int64_t j = g * group / 16; j < (g + 1) * group / 16; j++) qsum += xq->sums[(row + r) * sums + j]; \
-                    const float d = xq->d[(row + r) * blocks + g * group / 32];                                 \
-                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d)), iv_float(dot[r][u], zero * qsum), c[r][u]);       \
-                    if (HAS_MIN) c[r][u] = pv_fma(d * (float)qsum, m, c[r][u]);                                 \
+                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d[r])), iv_float(dot[r][u], zero * qsum[r]), c[r][u]); \
+                    if (HAS_MIN) c[r][u] = pv_fma(d[r] * (float)qsum[r], m, c[r][u]);                           \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
