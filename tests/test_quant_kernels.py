@@ -52,6 +52,22 @@ def assert_float32_close(got: torch.Tensor, x: torch.Tensor, w: np.ndarray, bias
     assert (got.double() - reference).abs().max() > 0 or x.shape[1] < 64  # a real float32 chain, not float64
 
 
+def assert_each_row_keeps_its_bits(lib, x: torch.Tensor, packed, full: torch.Tensor) -> None:
+    """x's 40 rows give `full` in every row count (every tile shape and remainder, at the start and at the
+    end of the batch), with another thread count, and added to a residual."""
+    for m in range(1, 40):
+        assert torch.equal(gemm(lib, x[:m], packed), full[:m]), m
+        assert torch.equal(gemm(lib, x[40 - m :], packed), full[40 - m :]), m
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert torch.equal(gemm(lib, x, packed), full)
+    finally:
+        torch.set_num_threads(threads)
+    residual = torch.randn(7, full.shape[1], generator=torch.Generator().manual_seed(7))
+    assert torch.equal(gemm(lib, x[:7], packed, out=residual.clone()), residual + full[:7])
+
+
 TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
@@ -72,17 +88,7 @@ def test_gemm_matches_gguf_dequantize_and_each_row_keeps_its_bits(lib, qtype, n,
     packed = pack_weight(kept_form(w), bias)
     full = gemm(lib, x, packed)
     assert_float32_close(full, x, w.dequantize(), bias)
-    for m in range(1, 40):  # every tile shape and remainder, at the start and at the end of the batch
-        assert torch.equal(gemm(lib, x[:m], packed), full[:m]), m
-        assert torch.equal(gemm(lib, x[40 - m :], packed), full[40 - m :]), m
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if threads > 1 else 2)
-    try:
-        assert torch.equal(gemm(lib, x, packed), full)
-    finally:
-        torch.set_num_threads(threads)
-    residual = torch.randn(7, n, generator=g)
-    assert torch.equal(gemm(lib, x[:7], packed, out=residual.clone()), residual + full[:7])
+    assert_each_row_keeps_its_bits(lib, x, packed, full)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q5_K, T.Q6_K], ids=lambda t: t.name)

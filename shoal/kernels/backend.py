@@ -145,10 +145,14 @@ class CpuBackend(Backend):
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
+        packed = self._packed(parts, bias)
+        if self.precision == "int8":
+            packed.take_int8_activations()
+        return packed
+
+    def _packed(self, parts: list[Weight], bias: torch.Tensor | None) -> cpu.PackedWeight:
         cache = self.pack_cache
         if cache is not None and (cached := cache.take(parts, bias)) is not None:
-            if self.precision == "int8":
-                cached.take_int8_activations()
             return cached
         if len(parts) == 1 and isinstance(parts[0], QuantizedTensor):
             packed = cpu.pack_in_chunks(parts[0], bias)
@@ -157,8 +161,6 @@ class CpuBackend(Backend):
             release_stored(parts)
         if cache is not None:
             cache.record(parts, bias, packed)
-        if self.precision == "int8":
-            packed.take_int8_activations()
         return packed
 
     def weight_bytes(self, linear: cpu.PackedWeight) -> int:

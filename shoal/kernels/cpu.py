@@ -94,10 +94,9 @@ class PackedWeight:
     group: int = 0
     bias: torch.Tensor | None = None
     high: torch.Tensor | None = None  # q5, q6 (q3): the bits above each value's nibble (its 2 low bits)
-    zero: int = 0  # q4 to q6: subtracted from each value
-    super_scales: torch.Tensor | None = (
-        None  # factored: scales (and mins) are int8 (or uint8 pairs of 4-bit), times these
-    )
+    zero: int = 0  # q2 to q6: subtracted from each value
+    # factored: scales (and mins) are int8, or uint8 pairs of 4-bit factors, times these (float16)
+    super_scales: torch.Tensor | None = None
     super_mins: torch.Tensor | None = None
     next: PackedWeight | None = None
     struct: _PackedStruct = field(init=False)

@@ -1,5 +1,5 @@
 /* y = x @ W^T (+ bias) on weights packed in one of shoal's formats: float32, float16, bfloat16, or integer
- * quants (8 or 4 bits) with a scale s, and optionally an offset m, per group of k: w = s*q + m (float32, or
+ * quants (8 to 2 bits) with a scale s, and optionally an offset m, per group of k: w = s*q + m (float32, or
  * float16 where that holds them exactly).
  *
  * Float formats: every output element is one FMA chain over k in ascending order. Quant formats: for each
