@@ -71,3 +71,20 @@ def test_layer_ops_match_torch_and_do_not_depend_on_the_batch(kernel):
         fused[:, : heads * d].view(9, heads, d), q_ref
     )  # the same operations, in the same order
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.skipif(compiler() is None, reason="needs a C compiler")
+def test_a_source_that_does_not_compile_is_reported_with_the_compilers_words(tmp_path, monkeypatch):
+    """The sources compile in parallel, one process each: one failing fails the build, with its errors."""
+    from shoal.kernels import build
+
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return missing_name; }\n")
+    monkeypatch.setattr(build, "SOURCES", [*build.SOURCES, broken])
+    quick = [*build.BASE_FLAGS, "-O0"]  # what is tested is the compiling, not the code
+    error = build._compile(compiler(), quick, tmp_path, tmp_path / "k.so")
+    assert error is not None and "missing_name" in error
+    assert not (tmp_path / "k.so").exists()
+    monkeypatch.setattr(build, "SOURCES", build.SOURCES[:-1])
+    assert build._compile(compiler(), quick, tmp_path, tmp_path / "k.so") is None
+    assert (tmp_path / "k.so").stat().st_size > 0

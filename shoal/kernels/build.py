@@ -174,10 +174,26 @@ def load_library(isa: str) -> ctypes.CDLL | None:
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
             built = Path(tmp) / library.name
-            command = [cc, *flags, *map(str, SOURCES), "-o", str(built), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                logger.warning("building shoal's C kernels (%s) failed:\n%s", isa, result.stderr)
+            error = _compile(cc, flags, Path(tmp), built)
+            if error is not None:
+                logger.warning("building shoal's C kernels (%s) failed:\n%s", isa, error)
                 return None
             os.replace(built, library)  # atomic: concurrent builders never load half a file
     return ctypes.CDLL(str(library))
+
+
+def _compile(cc: str, flags: list[str], tmp: Path, library: Path) -> str | None:
+    """Every source compiled at once, each by a process of its own (the two GEMM files take most of the
+    time), then linked. Returns the compiler's error text, or None."""
+    objects = [tmp / (source.stem + ".o") for source in SOURCES]
+    compiling = [
+        subprocess.Popen([cc, *flags, "-c", str(src), "-o", str(obj)], stderr=subprocess.PIPE, text=True)
+        for src, obj in zip(SOURCES, objects, strict=True)
+    ]
+    errors = [process.communicate()[1] for process in compiling]
+    if any(process.returncode for process in compiling):
+        return "\n".join(e for p, e in zip(compiling, errors, strict=True) if p.returncode)
+    linked = subprocess.run(
+        [cc, *flags, *map(str, objects), "-o", str(library), "-lm"], capture_output=True, text=True
+    )
+    return linked.stderr if linked.returncode else None
