@@ -172,8 +172,6 @@ TILES_OF(DEFINE_Q23_TILE, q3, 0, 3)
 TILES_OF(DEFINE_Q23_TILE, q3m, 1, 3)
 
 typedef void (*tile_fn)(const float *, int64_t, const struct packed_weight *, int64_t, int64_t, const float *, float *);
-#define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
-#define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
 #define ALL_FORMATS(T) \
     {T(f32), T(f16), T(bf16), T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m), T(q2), T(q2m), T(q3), T(q3m)}
 static const tile_fn NARROW_TILES[15][8] = ALL_FORMATS(NARROW_TABLE);

@@ -322,8 +322,6 @@ TILES_OF(DEFINE_I8_TILE, q3, 0, q3)
 TILES_OF(DEFINE_I8_TILE, q3m, 1, q3)
 
 typedef void (*int8_tile_fn)(const struct int8_rows *, int64_t, const struct packed_weight *, int64_t, float *);
-#define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
-#define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
 #define INT_FORMATS(T) {T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m), T(q2), T(q2m), T(q3), T(q3m)}
 static const int8_tile_fn NARROW_INT8[12][8] = INT_FORMATS(NARROW_TABLE);
 static const int8_tile_fn WIDE_INT8[12][3] = INT_FORMATS(WIDE_TABLE);

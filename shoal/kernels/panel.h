@@ -275,4 +275,7 @@ static inline float scale_value(const struct packed_weight *w, int offsets, int6
     X(NAME, 7, n, UNIT, __VA_ARGS__) X(NAME, 8, n, UNIT, __VA_ARGS__) X(NAME, 1, w, WIDE, __VA_ARGS__)           \
     X(NAME, 2, w, WIDE, __VA_ARGS__) X(NAME, 3, w, WIDE, __VA_ARGS__)
 #define WIDE_ROWS 3
+/* The tiles TILES_OF made for one format, by row count: narrow, then wide. */
+#define NARROW_TABLE(N) {N##_1n, N##_2n, N##_3n, N##_4n, N##_5n, N##_6n, N##_7n, N##_8n}
+#define WIDE_TABLE(N) {N##_1w, N##_2w, N##_3w}
 #endif
