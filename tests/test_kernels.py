@@ -42,7 +42,7 @@ def test_gemm_gives_each_row_the_same_bits_for_any_row_count_and_thread_count(ke
 
 
 def test_layer_ops_match_torch_and_do_not_depend_on_the_batch(kernel):
-    from shoal.kernels.cpu import rms_norm_c, rope_store_c, silu_mul_c
+    from shoal.kernels.cpu import gated_activation_c, head_norm_c, rms_norm_c, rope_store_c
     from shoal.kernels.torch_ops import apply_rope, rms_norm, write_kv
 
     g = torch.Generator().manual_seed(1)
@@ -53,7 +53,14 @@ def test_layer_ops_match_torch_and_do_not_depend_on_the_batch(kernel):
 
     gate_up = torch.randn(9, 2 * 44, generator=g) * 4
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(silu_mul_c(kernel, gate_up), torch.nn.functional.silu(gate) * up)
+    silu = gated_activation_c(kernel, gate_up, "silu")
+    torch.testing.assert_close(silu, torch.nn.functional.silu(gate) * up)
+    gelu = gated_activation_c(kernel, gate_up, "gelu_tanh")
+    torch.testing.assert_close(gelu, torch.nn.functional.gelu(gate, approximate="tanh") * up)
+    for rows in (slice(0, 1), slice(3, 9)):  # each row on its own
+        part = gate_up[rows].contiguous()
+        assert torch.equal(gated_activation_c(kernel, part, "silu"), silu[rows])
+        assert torch.equal(gated_activation_c(kernel, part, "gelu_tanh"), gelu[rows])
 
     heads, kv_heads, d, block = 4, 2, 16, 8
     qkv = torch.randn(9, (heads + 2 * kv_heads) * d, generator=g)
@@ -71,6 +78,16 @@ def test_layer_ops_match_torch_and_do_not_depend_on_the_batch(kernel):
         fused[:, : heads * d].view(9, heads, d), q_ref
     )  # the same operations, in the same order
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+    q_norm, k_norm = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    normed_heads = qkv.clone()
+    head_norm_c(kernel, normed_heads, q_norm, k_norm, heads, kv_heads, 1e-6)
+    q_out, k_out, v_out = normed_heads.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    expected_q = rms_norm(q.reshape(9, heads, d), q_norm, 1e-6)
+    expected_k = rms_norm(k.reshape(9, kv_heads, d), k_norm, 1e-6)
+    torch.testing.assert_close(q_out.reshape(9, heads, d), expected_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k_out.reshape(9, kv_heads, d), expected_k, rtol=1e-5, atol=1e-6)
+    assert torch.equal(v_out, v)  # v as it was
 
 
 @pytest.mark.skipif(compiler() is None, reason="needs a C compiler")

@@ -131,3 +131,20 @@ def test_sliding_window_attention_matches_transformers(tiny_dirs, tmp_path, c_ke
     assert (ref[8:] - full[8:]).abs().max() > 1e-2 and torch.equal(ref[:8], full[:8])
     ours = shoal_logits(model, ids, chunks=[17, 9])
     torch.testing.assert_close(ours, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(tiny_dirs, tmp_path, arch, precision, monkeypatch):
+    """layer.c runs a Llama-family layer in one call; the model's own forward composes the same operations."""
+    from shoal.kernels.backend import CpuBackend
+
+    gguf_path = write_gguf(tiny_dirs[arch], tmp_path / f"{arch}.gguf", qtype="Q8_0")
+    fused = shoal.load_model(gguf_path, precision=precision, weight_cache=False)
+    assert all(layer.fused is not None for layer in fused.module.layers)
+    ids = prompt_ids(fused)
+    expected = shoal_logits(fused, ids, chunks=[17, 9])
+    monkeypatch.setattr(CpuBackend, "fuse_layer", lambda self, layer: None)
+    composed = shoal.load_model(gguf_path, precision=precision, weight_cache=False)
+    assert all(layer.fused is None for layer in composed.module.layers)
+    assert torch.equal(shoal_logits(composed, ids, chunks=[17, 9]), expected)

@@ -75,8 +75,8 @@ def test_a_q4_k_m_mix_keeps_each_part_in_its_own_format(wide_dirs, tmp_path):
     )
     model = shoal.load_model(path)
     layer = model.module.layers[0]
-    assert model.backend.describe(layer.qkv_proj) == "q4+q6"
-    assert model.backend.describe(layer.down_proj) == "q6"
+    assert model.backend.describe(layer.attn.qkv) == "q4+q6"
+    assert model.backend.describe(layer.mlp.down) == "q6"
     file_bytes = sum(t.n_bytes for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2)
     assert model.weight_bytes <= 1.05 * file_bytes, model.weight_bytes / file_bytes
     ids = prompt_ids(model)

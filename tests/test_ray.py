@@ -108,6 +108,8 @@ def ray_server(model: str, address: str, folder: Path, timeout: float) -> Iterat
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until(lambda: _healthy(url, server), timeout=timeout, interval=1)
+            # the driver's Batch API starts once the replicas answer: wait for it too
+            wait_until(lambda: httpx.get(url + "/v1/batches").status_code == 200, timeout=60)
             yield url
         finally:
             server.terminate()
@@ -116,7 +118,6 @@ def ray_server(model: str, address: str, folder: Path, timeout: float) -> Iterat
 
 def test_shoal_serve_on_ray_answers_like_one_process_and_spreads_requests(model, tmp_path):
     with ray_server(model, "local", tmp_path, timeout=240) as url:
-        wait_until(lambda: httpx.get(url + "/v1/batches").status_code == 200, timeout=60)  # the driver's part
         with ServerThread(model, ServerConfig(), **ENGINE) as single:
             for base in (url, single.url):
                 client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)

@@ -41,7 +41,7 @@ def test_the_second_load_maps_the_saved_weights_and_gives_the_same_logits(wide_d
     with caplog.at_level(logging.INFO, logger="shoal"):
         second = shoal.load_model(path)
     assert any("no repacking" in r.getMessage() for r in caplog.records)
-    qkv = second.module.layers[0].qkv_proj
+    qkv = second.module.layers[0].attn.qkv
     assert qkv.format_name == "q4+q6"
     mapped = Path("/proc/self/maps").read_text()
     assert str(cache) in mapped  # the weights are the file's pages, not a copy
@@ -56,7 +56,7 @@ def test_int8_precision_from_the_cache_is_int8_precision_packed_afresh(wide_dir,
     fresh = shoal.load_model(path, precision="int8", weight_cache=False)
     shoal.load_model(path)  # writes the cache
     mapped = shoal.load_model(path, precision="int8")
-    assert mapped.backend.describe(mapped.module.layers[0].qkv_proj) == "q4+q6 x int8"
+    assert mapped.backend.describe(mapped.module.layers[0].attn.qkv) == "q4+q6 x int8"
     ids = prompt_ids(fresh)
     int8 = shoal_logits(mapped, ids, chunks=[17, 9])
     assert torch.equal(int8, shoal_logits(fresh, ids, chunks=[17, 9]))

@@ -16,15 +16,19 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+NEW_ARCHS = ("gemma3", "qwen3_moe", "mixtral")  # issue 19's families
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -43,7 +47,15 @@ TRAINING_TEXT = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n",
 ]
 
-_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+_CONFIGS = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "gemma3": Gemma3TextConfig,
+    "qwen3_moe": Qwen3MoeConfig,
+    "mixtral": MixtralConfig,
+}
 # Per architecture: what makes it differ from plain Llama, so each loader path gets exercised.
 _VARIANTS: dict[str, dict] = {
     "llama": {"tie_word_embeddings": True},
@@ -51,6 +63,27 @@ _VARIANTS: dict[str, dict] = {
     "qwen2": {"tie_word_embeddings": False, "use_sliding_window": False},
     # head_dim 128 != 64 / 4 heads, as in real Qwen3 (and the one transformers assumes for a Qwen3 GGUF)
     "qwen3": {"tie_word_embeddings": True, "head_dim": 128, "use_sliding_window": False},
+    # Gemma 3 as its GGUF files assume it: every sixth layer global, the others sliding (a window of 8 here),
+    # local RoPE base 10,000, global 1,000,000, head_dim 256 (the query scale's default), one KV head
+    "gemma3": {
+        "tie_word_embeddings": True,
+        "num_hidden_layers": 6,
+        "head_dim": 256,
+        "num_key_value_heads": 1,
+        "sliding_window": 8,
+        "rope_theta": 1_000_000.0,
+    },
+    # eight experts, two per token, each a gated MLP of 32
+    "qwen3_moe": {
+        "tie_word_embeddings": False,
+        "head_dim": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "use_sliding_window": False,
+    },
+    "mixtral": {"tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2},
 }
 
 
@@ -138,6 +171,14 @@ FAMILIES = {
         eos="<|eot_id|>",
         adds_bos=True,
     ),  # fmt: skip
+    "gemma3": Family(
+        "gemma3",
+        "gemma3.jinja",
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+        bos="<bos>",
+        eos="<end_of_turn>",
+        adds_bos=True,
+    ),
     "mistral-v0.3": Family(
         "mistral",
         "mistral-v0.3.jinja",
@@ -204,23 +245,25 @@ def make_tiny_hf_model(
     """Saves a tiny random `arch` model (safetensors, in `dtype`) with its tokenizer and chat template into
     `path` (the tiny ChatML tokenizer unless one is given). K-quant GGUFs need hidden and intermediate sizes
     that are multiples of 256."""
+    if tokenizer is None and arch == "gemma3":
+        tokenizer = make_family_tokenizer("gemma3")
     tokenizer = tokenizer or make_tiny_tokenizer(qwen=arch.startswith("qwen"))
-    config = _CONFIGS[arch](
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=context,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **_VARIANTS[arch],
-    )
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.2,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = _CONFIGS[arch](**(shape | _VARIANTS[arch]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -242,6 +285,19 @@ def _randomize_vectors(model: torch.nn.Module) -> None:
                 param.copy_(base + 0.2 * torch.randn_like(param))
 
 
+def hf_safetensors(hf_dir: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the names it was saved with (Mixtral's experts as w1/w2/w3), without
+    the tied copy of the embeddings."""
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(hf_dir).glob("*.safetensors")):
+        weights |= load_file(path)
+    if json.loads((Path(hf_dir) / "config.json").read_text()).get("tie_word_embeddings"):
+        weights.pop("lm_head.weight", None)
+    return weights
+
+
 def hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
     """What transformers holds for the model in `hf_dir`, without the tied copy of the embeddings."""
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -253,7 +309,15 @@ def hf_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
 
 # ---- GGUF, written the way llama.cpp's convert_hf_to_gguf.py writes it ----
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "gemma3_text": "gemma3",
+}
 _GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -274,12 +338,43 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+_GEMMA3_LAYER_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     if hf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+    if module in ("mlp.gate", "block_sparse_moe.gate"):
+        return f"blk.{layer}.ffn_gate_inp.{kind}"
+    names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _GGUF_LAYER_NAMES
+    return f"blk.{layer}.{names[module]}.{kind}"
+
+
+def _stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's experts' matrices as the GGUF converter stacks them: [experts, n, k] under
+    model.layers.i.experts.<gate_proj|up_proj|down_proj> (Mixtral's w1/w3/w2 read as those)."""
+    import re
+
+    pattern = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+    plain = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    stacks: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    out = {}
+    for name, tensor in weights.items():
+        if (m := pattern.fullmatch(name)) is None:
+            out[name] = tensor
+            continue
+        stacks.setdefault((m[1], plain.get(m[3], m[3])), {})[int(m[2])] = tensor
+    for (layer, kind), experts in stacks.items():
+        out[f"experts.{layer}.{kind}"] = torch.stack([experts[e] for e in sorted(experts)])
+    return out
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -329,19 +424,29 @@ def write_gguf(
     writer = gguf.GGUFWriter(str(out_path), arch)
     _write_model_metadata(writer, arch, hf)
     _write_tokenizer_metadata(writer, PreTrainedTokenizerFast.from_pretrained(hf_dir), arch)
-    for name, tensor in hf_state_dict(hf_dir).items():
-        data = tensor.numpy()
+    for name, tensor in _stack_experts(hf_safetensors(hf_dir)).items():
+        data = tensor.float().numpy()
         if arch == "llama" and ".self_attn.q_proj." in name:
             data = llama_cpp_permute(data, hf["num_attention_heads"])
         elif arch == "llama" and ".self_attn.k_proj." in name:
             data = llama_cpp_permute(data, hf["num_key_value_heads"])
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1.0  # convert_hf_to_gguf stores Gemma's norms as 1 + w
         kind = next((t for part, t in (mix or {}).items() if part in name), qtype)
-        qt = gguf.GGMLQuantizationType[kind] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if kind in RANDOM_BLOCK_SCALES and data.ndim == 2:
-            raw = random_blocks(kind, data.shape[0], data.shape[1], seed=len(name) * 7919 + data.size)
+        router = name.endswith(".gate.weight")  # llama-quantize leaves routers in F32
+        qt = gguf.GGMLQuantizationType[kind] if data.ndim >= 2 and not router else gguf.GGMLQuantizationType.F32
+        if kind in RANDOM_BLOCK_SCALES and data.ndim >= 2 and not router:
+            rows = data.size // data.shape[-1]
+            raw = random_blocks(kind, rows, data.shape[-1], seed=len(name) * 7919 + data.size)
+            raw = raw.reshape(*data.shape[:-1], -1)
         else:
             raw = gguf.quants.quantize(data.astype(np.float32), qt)
-        writer.add_tensor(gguf_tensor_name(name), raw, raw_dtype=qt)
+        if name.startswith("experts."):
+            _, layer, kind_name = name.split(".")
+            gguf_name = f"blk.{layer}.{_EXPERT_NAMES[kind_name]}.weight"
+        else:
+            gguf_name = gguf_tensor_name(name, arch)
+        writer.add_tensor(gguf_name, raw, raw_dtype=qt)
     if (hf.get("rope_parameters") or {}).get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(hf))
     writer.write_header_to_file()
@@ -380,6 +485,7 @@ def _write_model_metadata(writer, arch: str, hf: dict) -> None:
     writer.add_head_count_kv(hf["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
     rope = hf.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' (the file's only one)
     writer.add_rope_freq_base(hf.get("rope_theta") or rope["rope_theta"])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     writer.add_key_length(head_dim)
@@ -387,6 +493,13 @@ def _write_model_metadata(writer, arch: str, hf: dict) -> None:
     if arch == "llama":
         writer.add_vocab_size(hf["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
+    if experts := hf.get("num_experts") or hf.get("num_local_experts"):
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(hf["num_experts_per_tok"])
+        if "moe_intermediate_size" in hf:
+            writer.add_expert_feed_forward_length(hf["moe_intermediate_size"])
+    if arch == "gemma3":
+        writer.add_sliding_window(hf["sliding_window"])
 
 
 def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast, arch: str) -> None:

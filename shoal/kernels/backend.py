@@ -1,12 +1,15 @@
 """The compute back ends: one object per device and path, chosen once when a model loads.
 
 A back end packs each matrix into the layout its kernels read (keeping the stored format where it has a
-kernel for it), builds the attention metadata of a step, runs a decoder layer's operations, and says how
-many rows a step must be padded to. Model code calls it without knowing which one it has.
+kernel for it), builds the attention metadata of a step, offers the operations model files compose their
+layers from (linear, norms, rotary embedding with the KV write, attention, gated activations), may fuse a
+whole pre-norm decoder layer it knows into one call, and says how many rows a step must be padded to.
+Model code calls it without knowing which one it has.
 
 - CpuBackend: shoal's C kernels (AVX-512, AVX2 or portable C build); float32 activations; weights kept as
   float32, float16, bfloat16 or integer quants (formats.py). Batch-invariant for any row count. With
-  precision "int8", integer weights multiply activations quantized per row to int8 (gemm_int8.c).
+  precision "int8", integer weights multiply activations quantized per row to int8 (gemm_int8.c). A
+  Llama-family layer runs as one C call (layer.c): the same kernel bodies, the same bits, fewer wake-ups.
 - TorchBackend: torch ops (CUDA, or a CPU without a C compiler, where MKL's packed sgemm runs the linear
   layers with rows padded to a count whose results do not depend on it). Weights dequantized at load.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +33,7 @@ from shoal.kernels.packed_cache import PackedCache
 logger = logging.getLogger("shoal")
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
 PRECISIONS = ("float32", "int8")
+ACTIVATIONS = ("silu", "gelu_tanh")
 MKL_PACK_HINT = 64
 MKL_INVARIANT_ROWS = 16
 
@@ -51,6 +56,40 @@ class KernelAttentionMetadata:
     tables: torch.Tensor
     row_positions: torch.Tensor
     step: Any = None  # the C struct of the step, made at its first layer
+
+
+@dataclass(frozen=True)
+class Heads:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Rope:
+    """A step's rotary tables: cos, sin [T, 1, head_dim] (rotate-half layout), contiguous."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass(eq=False)
+class PreNormLayer:
+    """A Llama-family decoder layer as a back end may fuse it: x += o(attn(rope(qkv(norm(x))))), then
+    x += down(silu(gate) * up(norm(x))); q/k norms per head where given."""
+
+    qkv: Any
+    o: Any
+    gate_up: Any
+    down: Any
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    heads: Heads
+    window: int
+    eps: float
+    scale: float
 
 
 class Backend(ABC):
@@ -91,15 +130,28 @@ class Backend(ABC):
     @abstractmethod
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
-    def prepare_layer(self, layer: Any) -> Any:
-        """What decoder_layer needs of a layer beyond its attributes, made once at load (None: nothing)."""
-        return None
+    @abstractmethod
+    def head_norm(self, qkv: torch.Tensor, q_norm, k_norm, heads: Heads, eps: float) -> None:
+        """RMSNorm of each q head (weight q_norm) and each k head (k_norm) of qkv [T, (H + 2 Hkv) D], in place."""
 
     @abstractmethod
-    def decoder_layer(self, layer: Any, x: torch.Tensor, cos, sin, kv_cache, meta) -> torch.Tensor:
-        """A Llama-family decoder layer (models/llama.py's DecoderLayer holds its weights): RMSNorm, fused
-        q/k/v, (q/k norms), rotary embedding with the KV write, attention, output projection + x, RMSNorm,
-        fused gate/up, SiLU * up, down projection + x."""
+    def rope_store(self, qkv: torch.Tensor, rope: Rope, kv_cache, meta, heads: Heads) -> None:
+        """Rotates qkv's q and k heads in place and writes its k and v to the rows' KV slots."""
+
+    @abstractmethod
+    def attention(
+        self, qkv: torch.Tensor, kv_cache, meta, heads: Heads, scale: float, window: int
+    ) -> torch.Tensor:
+        """Each row's q heads (in qkv) over its sequence's cached keys and values: [T, H * D]."""
+
+    @abstractmethod
+    def gated_activation(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+        """gate_up [T, 2 I] (gate, then up) -> act(gate) * up [T, I]; activation one of ACTIVATIONS."""
+
+    def fuse_layer(self, layer: PreNormLayer) -> Callable[..., torch.Tensor] | None:
+        """A call running the whole layer, (x, rope, kv_cache, meta) -> x, where this back end has one
+        (the same bits as composing the operations); None: the model composes them."""
+        return None
 
     @abstractmethod
     def attention_metadata(
@@ -120,12 +172,11 @@ class Backend(ABC):
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
 
-def _qkv_views(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
-    t = qkv.shape[0]
-    d = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-    q = qkv[:, : num_heads * d].view(t, num_heads, d)
-    k = qkv[:, num_heads * d : (num_heads + num_kv_heads) * d].view(t, num_kv_heads, d)
-    v = qkv[:, (num_heads + num_kv_heads) * d :].view(t, num_kv_heads, d)
+def _qkv_views(qkv: torch.Tensor, heads: Heads):
+    t, h, hkv, d = qkv.shape[0], heads.num_heads, heads.num_kv_heads, heads.head_dim
+    q = qkv[:, : h * d].view(t, h, d)
+    k = qkv[:, h * d : (h + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (h + hkv) * d :].view(t, hkv, d)
     return q, k, v
 
 
@@ -178,18 +229,28 @@ class CpuBackend(Backend):
     def rms_norm(self, x, weight, eps):
         return cpu.rms_norm_c(self.lib, x.contiguous(), weight, eps)
 
-    def prepare_layer(self, layer):
-        weights = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
-        qk = [layer.q_norm, layer.k_norm] if layer.cfg.qk_norm else [None, None]
-        return cpu.plan_layer(
-            weights, [layer.input_norm, layer.post_attention_norm, *qk], layer.cfg, layer.window
-        )
+    def head_norm(self, qkv, q_norm, k_norm, heads: Heads, eps: float) -> None:
+        cpu.head_norm_c(self.lib, qkv, q_norm, k_norm, heads.num_heads, heads.num_kv_heads, eps)
 
-    def decoder_layer(self, layer, x, cos, sin, kv_cache, meta: KernelAttentionMetadata):
-        """The whole layer in one C call (layer.c): the same kernels as the op-by-op path, one thread wake-up."""
-        if meta.step is None:  # the same for every layer of a step
-            meta.step = cpu.step_struct(meta, cos, sin, kv_cache[0].shape[2], kv_cache[0].dtype)
-        return cpu.decoder_layer(self.lib, layer.backend_plan, x.contiguous(), meta.step, *kv_cache)
+    def rope_store(self, qkv, rope: Rope, kv_cache, meta: KernelAttentionMetadata, heads: Heads) -> None:
+        cpu.rope_store_c(self.lib, qkv, rope.cos, rope.sin, *kv_cache, meta.slot_mapping, heads.num_heads)
+
+    def attention(self, qkv, kv_cache, meta: KernelAttentionMetadata, heads: Heads, scale, window):
+        return cpu.attention_c(self.lib, qkv, *kv_cache, meta, heads.num_heads, scale, window)
+
+    def gated_activation(self, gate_up, activation: str):
+        return cpu.gated_activation_c(self.lib, gate_up, activation)
+
+    def fuse_layer(self, layer: PreNormLayer):
+        """layer.c's one call: one thread wake-up a layer instead of a dozen Python calls and wake-ups."""
+        plan = cpu.plan_layer(layer)
+
+        def run(x: torch.Tensor, rope: Rope, kv_cache, meta: KernelAttentionMetadata) -> torch.Tensor:
+            if meta.step is None:  # the same for every layer of a step
+                meta.step = cpu.step_struct(meta, rope.cos, rope.sin, kv_cache[0].shape[2], kv_cache[0].dtype)
+            return cpu.decoder_layer(self.lib, plan, x.contiguous(), meta.step, *kv_cache)
+
+        return run
 
     def attention_metadata(
         self, slices, slots, total_rows, scratch_block, block_size
@@ -244,37 +305,26 @@ class TorchBackend(Backend):
     def rms_norm(self, x, weight, eps):
         return torch_ops.rms_norm(x, weight, eps)
 
-    def rope_store(
-        self, qkv, cos, sin, kv_cache, meta: torch_ops.TorchAttentionMetadata, num_heads, num_kv_heads
-    ):
-        q, k, v = _qkv_views(qkv, num_heads, num_kv_heads)
-        q.copy_(torch_ops.apply_rope(q, cos, sin))
-        k.copy_(torch_ops.apply_rope(k, cos, sin))
+    def head_norm(self, qkv, q_norm, k_norm, heads: Heads, eps: float) -> None:
+        q, k, _ = _qkv_views(qkv, heads)
+        q.copy_(torch_ops.rms_norm(q, q_norm, eps))
+        k.copy_(torch_ops.rms_norm(k, k_norm, eps))
+
+    def rope_store(self, qkv, rope: Rope, kv_cache, meta: torch_ops.TorchAttentionMetadata, heads: Heads):
+        q, k, v = _qkv_views(qkv, heads)
+        q.copy_(torch_ops.apply_rope(q, rope.cos, rope.sin))
+        k.copy_(torch_ops.apply_rope(k, rope.cos, rope.sin))
         torch_ops.write_kv(kv_cache[0], kv_cache[1], k, v, meta.slot_mapping)
-        return q
 
-    def attention(self, q, kv_cache, meta, scale, window):
-        return torch_ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, scale, window)
+    def attention(self, qkv, kv_cache, meta, heads: Heads, scale, window):
+        q, _, _ = _qkv_views(qkv, heads)
+        out = torch_ops.paged_attention(q, kv_cache[0], kv_cache[1], meta, scale, window)
+        return out.reshape(qkv.shape[0], -1)
 
-    def silu_mul(self, gate_up):
+    def gated_activation(self, gate_up, activation: str):
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    def decoder_layer(self, layer: Any, x: torch.Tensor, cos, sin, kv_cache, meta) -> torch.Tensor:
-        """Op by op, in torch."""
-        cfg, t = layer.cfg, x.shape[0]
-        qkv = self.linear(self.rms_norm(x, layer.input_norm, cfg.rms_norm_eps), layer.qkv_proj)
-        if cfg.qk_norm:
-            q, k, _ = _qkv_views(qkv, cfg.num_heads, cfg.num_kv_heads)
-            q.copy_(torch_ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps))
-            k.copy_(torch_ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps))
-        q = self.rope_store(qkv, cos, sin, kv_cache, meta, cfg.num_heads, cfg.num_kv_heads)
-        attn = self.attention(q, kv_cache, meta, layer.scale, layer.window)
-        x = self.linear(attn.reshape(t, -1), layer.o_proj, residual=x)
-        gate_up = self.linear(
-            self.rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps), layer.gate_up_proj
-        )
-        return self.linear(self.silu_mul(gate_up), layer.down_proj, residual=x)
+        act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+        return act * up
 
     def attention_metadata(self, slices, slots, total_rows, scratch_block, block_size):
         decode_rows, decode_tables, decode_positions, prefills = [], [], [], []

@@ -292,6 +292,27 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
         "rope_store_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i32, ptr, i64, i32],
         "silu_mul_f32": [ptr, i64, i64, ptr, i32],
+        "gelu_tanh_mul_f32": [ptr, i64, i64, ptr, i32],
+        "head_norm_f32": [ptr, i64, i64, i64, i64, ptr, ptr, f32, i32],
+        "attention_f32": [
+            ptr,
+            i64,
+            ptr,
+            ptr,
+            i32,
+            ptr,
+            ptr,
+            ptr,
+            ptr,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            f32,
+            i32,
+        ],
         "decoder_layer_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i32],
     }
     for name, argtypes in signatures.items():
@@ -342,23 +363,44 @@ def rope_store_c(lib, qkv, cos, sin, k_cache, v_cache, slots, num_heads: int) ->
     )  # fmt: skip
 
 
-def silu_mul_c(lib, gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2 I] contiguous (gate, then up) -> silu(gate) * up, [T, I]."""
+def gated_activation_c(lib, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """gate_up [T, 2 I] contiguous (gate, then up) -> act(gate) * up, [T, I]; act "silu" or "gelu_tanh"."""
+    function = {"silu": lib.silu_mul_f32, "gelu_tanh": lib.gelu_tanh_mul_f32}[activation]
     inter = gate_up.shape[1] // 2
     out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
-    lib.silu_mul_f32(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads())
+    function(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def plan_layer(
-    weights: list[PackedWeight], norms: list[torch.Tensor | None], cfg, window: int
-) -> _LayerStruct:
-    """One decoder layer as layer.c reads it (the tensors it points to are kept alive by the model).
-    weights: qkv, o, gate_up, down; norms: input, post-attention, q, k (the last two None but for Qwen3)."""
+def head_norm_c(lib, qkv, q_norm, k_norm, num_heads: int, num_kv_heads: int, eps: float) -> None:
+    """RMSNorm of each q and k head of qkv [T, (H + 2 Hkv) * D] (contiguous), in place."""
+    d = q_norm.shape[0]
+    lib.head_norm_f32(
+        qkv.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, d, q_norm.data_ptr(), k_norm.data_ptr(), eps,
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def attention_c(lib, qkv, k_cache, v_cache, meta, num_heads: int, scale: float, window: int) -> torch.Tensor:
+    """Paged attention of qkv's q heads (its k and v already in the caches [NB, Hkv, B, D]): [T, H * D]."""
+    _, num_kv_heads, block_size, d = k_cache.shape
+    out = torch.empty(qkv.shape[0], num_heads * d, dtype=torch.float32)
+    lib.attention_f32(
+        qkv.data_ptr(), qkv.shape[1], k_cache.data_ptr(), v_cache.data_ptr(), KV_TYPES[k_cache.dtype],
+        out.data_ptr(), meta.row_table_offset.data_ptr(), meta.tables.data_ptr(), meta.row_positions.data_ptr(),
+        qkv.shape[0], num_heads, num_kv_heads, d, block_size, window, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def plan_layer(layer) -> _LayerStruct:
+    """A backend.PreNormLayer as layer.c reads it (the tensors it points to are kept alive by the model)."""
+    norms = (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm)
+    h = layer.heads
     return _LayerStruct(
-        *(w.struct for w in weights),
+        *(w.struct for w in (layer.qkv, layer.o, layer.gate_up, layer.down)),
         *(None if t is None else t.data_ptr() for t in norms),
-        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, window, cfg.rms_norm_eps, cfg.head_dim**-0.5,
+        h.num_heads, h.num_kv_heads, h.head_dim, layer.window, layer.eps, layer.scale,
     )  # fmt: skip
 
 

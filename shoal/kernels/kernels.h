@@ -52,6 +52,7 @@ void rope_store_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv
                      const float *cos, const float *sin, void *k_cache, void *v_cache, int kv_type,
                      const int64_t *slots, int64_t block_size);
 void silu_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out);
+void gelu_tanh_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out);
 void attention_body(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_type,
                     float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
                     int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

@@ -51,6 +51,12 @@ void head_norm_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_
         }
 }
 
+void head_norm_f32(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t D, const float *q_norm,
+                   const float *k_norm, float eps, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (rows * (num_heads + num_kv_heads) * D >= PARALLEL_MIN_FLOATS)
+    head_norm_body(qkv, rows, num_heads, num_kv_heads, D, q_norm, k_norm, eps);
+}
+
 /* Rotates one head in place, Hugging Face's rotate-half convention: x * cos + rotate_half(x) * sin. */
 static void rotate(float *x, const float *cos, const float *sin, int64_t D) {
     const int64_t half = D / 2;
@@ -122,4 +128,38 @@ void silu_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out
 void silu_mul_f32(const float *gate_up, int64_t rows, int64_t inter, float *out, int num_threads) {
 #pragma omp parallel num_threads(num_threads) if (rows * inter >= PARALLEL_MIN_FLOATS)
     silu_mul_body(gate_up, rows, inter, out);
+}
+
+/* gate_up: [rows, 2 * inter]; out = gelu(gate) * up with GELU's tanh form (Gemma's GeGLU):
+ * 0.5 * g * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 * g^3))), tanh(y) taken as 1 - 2 / (e^(2y) + 1). */
+void gelu_tanh_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out) {
+    const float c = 0.7978845608028654f, a = 0.044715f;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * inter, *u = g + inter;
+        float *o = out + r * inter;
+        int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+        const __m256 vc = _mm256_set1_ps(c), va = _mm256_set1_ps(a);
+        for (; i + 8 <= inter; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 inner = _mm256_mul_ps(vc, _mm256_add_ps(x, _mm256_mul_ps(va, _mm256_mul_ps(x, _mm256_mul_ps(x, x)))));
+            const __m256 e = exp8(_mm256_mul_ps(two, inner));
+            const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < inter; i++) {
+            const float x = g[i], inner = c * (x + a * (x * (x * x)));
+            const float tanh = 1.0f - 2.0f / (expf(2.0f * inner) + 1.0f);
+            o[i] = 0.5f * x * (1.0f + tanh) * u[i];
+        }
+    }
+}
+
+void gelu_tanh_mul_f32(const float *gate_up, int64_t rows, int64_t inter, float *out, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (rows * inter >= PARALLEL_MIN_FLOATS)
+    gelu_tanh_mul_body(gate_up, rows, inter, out);
 }

@@ -187,3 +187,14 @@ void attention_body(const float *q, int64_t q_stride, const void *k_cache, const
         free(identity);
     }
 }
+
+#define PARALLEL_MIN_TASKS 4 /* fewer (row, KV head) tasks run on one thread */
+
+void attention_f32(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_type,
+                   float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
+                   int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                   int64_t window, float scale, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (num_rows * num_kv_heads >= PARALLEL_MIN_TASKS)
+    attention_body(q, q_stride, k_cache, v_cache, kv_type, out, row_table_offset, tables, positions, num_rows,
+                   num_heads, num_kv_heads, head_dim, block_size, window, scale);
+}

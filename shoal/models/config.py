@@ -7,7 +7,16 @@ from typing import Any
 
 from shoal.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+)
+GEMMA3_QUERY_SCALAR = 256  # transformers' default query_pre_attn_scalar
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,15 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()  # per layer: its sliding window, 0 for full attention
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    hidden_activation: str = "silu"  # of the gated MLP: "silu" or "gelu_tanh" (Gemma)
+    attention_scale: float | None = None  # scores' factor; None: head_dim ** -0.5
+    local_rope_theta: float | None = None  # sliding-window layers' own RoPE base (Gemma 3)
+    final_logit_softcapping: float | None = None  # logits = c * tanh(logits / c)
+    moe: MoEConfig | None = None
+
+    @property
+    def family(self) -> str:
+        return "gemma3" if self.architecture == "Gemma3ForCausalLM" else "llama"
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -50,6 +68,12 @@ class ModelConfig:
             rope_params if rope_params.get("rope_type", "default") != "default" else None
         )
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        gemma = arch == "Gemma3ForCausalLM"
+        if gemma:
+            rope_theta, rope_scaling, local_theta = _gemma3_rope(hf)
+        else:
+            rope_theta = hf.get("rope_theta") or rope_params.get("rope_theta", 10000.0)
+            local_theta = None
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -60,25 +84,82 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hidden // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta") or rope_params.get("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             rope_scaling=rope_scaling,
             layer_windows=layer_windows(hf, window),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hidden_activation="gelu_tanh" if gemma else "silu",
+            attention_scale=hf.get("query_pre_attn_scalar", GEMMA3_QUERY_SCALAR) ** -0.5 if gemma else None,
+            local_rope_theta=local_theta,
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            moe=MoEConfig.from_hf(hf, arch),
         )
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs: each token's router picks `top_k` of `num_experts` gated MLPs."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    normalize_top_k: bool  # the chosen experts' weights rescaled to sum to 1
+    sparse_layers: tuple[bool, ...]  # per layer: experts (True) or a dense MLP
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], arch: str) -> MoEConfig | None:
+        experts = hf.get("num_experts") or hf.get("num_local_experts") or 0  # Qwen's name, transformers 5's
+        if arch == "MixtralForCausalLM":
+            return cls(
+                experts,
+                hf["num_experts_per_tok"],
+                hf["intermediate_size"],
+                True,
+                (True,) * hf["num_hidden_layers"],
+            )
+        if arch == "Qwen3MoeForCausalLM":
+            step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
+            sparse = tuple(
+                i not in dense and experts > 0 and (i + 1) % step == 0
+                for i in range(hf["num_hidden_layers"])
+            )
+            return cls(
+                experts,
+                hf["num_experts_per_tok"],
+                hf["moe_intermediate_size"],
+                bool(hf.get("norm_topk_prob", False)),
+                sparse,
+            )
+        return None
+
+
+def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
+    """Global layers' base and scaling, and the sliding layers' base: from `rope_parameters` per layer type
+    (transformers 5), or the older rope_theta / rope_scaling / rope_local_base_freq."""
+    params = hf.get("rope_parameters") or {}
+    full, sliding = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    theta = full.get("rope_theta") or hf.get("rope_theta") or 1_000_000.0
+    scaling = full if full.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+    local = sliding.get("rope_theta") or hf.get("rope_local_base_freq") or 10_000.0
+    return theta, scaling, local
 
 
 def layer_windows(hf: dict[str, Any], window: int | None) -> tuple[int, ...]:
     """Each layer's sliding window (0: full attention), as transformers applies them: from `layer_types` when
-    the config lists them; else Qwen's layers from max_window_layers on, or every layer (Mistral)."""
+    the config lists them; else Gemma 3's pattern, Qwen's layers from max_window_layers on, or every layer
+    (Mistral)."""
     layers = hf["num_hidden_layers"]
     if not window:
         return (0,) * layers
     if types := hf.get("layer_types"):
         return tuple(window if kind == "sliding_attention" else 0 for kind in types)
+    if hf.get("model_type", "").startswith("gemma3"):  # every `pattern`-th layer global
+        pattern = hf.get("sliding_window_pattern", 6)
+        return tuple(window if (i + 1) % pattern else 0 for i in range(layers))
     first = hf.get("max_window_layers", 0) if hf.get("model_type", "").startswith("qwen") else 0
     return tuple(window if i >= first else 0 for i in range(layers))

@@ -23,7 +23,14 @@ from shoal.kernels.formats import QuantizedTensor, Weight
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",  # MixtralForCausalLM when it has experts
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+NAMES = "Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3"
 # convert_hf_to_gguf permutes q/k rows for these, to suit llama.cpp's interleaved rotary pairs.
 PERMUTED_ARCHITECTURES = ("llama",)
 
@@ -33,6 +40,7 @@ GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 ROPE_FREQS = "rope_freqs.weight"
+TEMPLATES = Path(__file__).parent / "templates"
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -45,7 +53,18 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router
 }
+GEMMA3_LAYER_NAMES = {
+    **LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # llama.cpp's, fixed for every Gemma 3
+GEMMA3_SLIDING_PATTERN = 6  # every sixth layer global (llama.cpp's, fixed)
+GEMMA3_27B_LAYERS = 62  # Gemma 3 27B scales queries by hidden / heads, the others by head_dim (as llama.cpp)
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -73,7 +92,7 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
     if arch not in HF_ARCHITECTURES:
         raise ModelLoadError(
             f"{path} holds a {arch!r} model; shoal reads GGUF architectures {', '.join(HF_ARCHITECTURES)} "
-            "(Llama, Mistral, Qwen2, Qwen3)"
+            f"({NAMES})"
         )
 
     def required(name: str) -> Any:
@@ -87,8 +106,10 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
     heads, hidden = required("attention.head_count"), required("embedding_length")
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     eos_ids = [field(reader, "tokenizer.ggml.eos_token_id"), field(reader, "tokenizer.ggml.eot_token_id")]
-    return {
-        "architectures": [HF_ARCHITECTURES[arch]],
+    experts = field(reader, f"{arch}.expert_count", 0)
+    hf_arch = "MixtralForCausalLM" if arch == "llama" and experts else HF_ARCHITECTURES[arch]
+    config = {
+        "architectures": [hf_arch],
         "model_type": arch,
         "vocab_size": len(tokens) or field(reader, f"{arch}.vocab_size"),
         "hidden_size": hidden,
@@ -107,6 +128,33 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
         "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
+    if experts:
+        used = required("expert_used_count")
+        inter = field(reader, f"{arch}.expert_feed_forward_length", config["intermediate_size"])
+        config |= {"num_experts": experts, "num_local_experts": experts, "num_experts_per_tok": used}
+        config |= {"moe_intermediate_size": inter, "norm_topk_prob": True}  # llama.cpp normalizes both
+    if arch == "gemma3":
+        config |= _gemma3_config(reader, config, tokens)
+    return config
+
+
+def _gemma3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """What a Gemma 3 file leaves to llama.cpp's code: the layer pattern, the local RoPE base, the query
+    scale; and <end_of_turn> as an end of turn."""
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    scalar = hidden // heads if layers == GEMMA3_27B_LAYERS else config["head_dim"]
+    eos = list(config["eos_token_id"])
+    if "<end_of_turn>" in tokens:
+        eos.append(tokens.index("<end_of_turn>"))
+    return {
+        "model_type": "gemma3_text",
+        "sliding_window": field(reader, "gemma3.attention.sliding_window"),
+        "sliding_window_pattern": GEMMA3_SLIDING_PATTERN,
+        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": field(reader, "gemma3.final_logit_softcapping"),
+        "eos_token_id": list(dict.fromkeys(eos)),
+    }
 
 
 def _rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
@@ -120,13 +168,19 @@ def _rope_scaling(reader: GGUFReader, arch: str) -> dict[str, Any] | None:
     return scaling
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a tensor (of experts' stacked tensors: the prefix its experts' numbers follow)."""
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LAYER_NAMES:
+    names = GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
+    if len(parts) != 4 or parts[0] != "blk":
         return None
-    return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if parts[2] in EXPERT_NAMES:
+        return f"model.layers.{parts[1]}.mlp.experts.{{}}.{EXPERT_NAMES[parts[2]]}.{parts[3]}"
+    if parts[2] not in names:
+        return None
+    return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
 
 
 def dequantize_tensor(tensor: ReaderTensor) -> np.ndarray:
@@ -146,7 +200,7 @@ def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int) -> dict[str, Weight]:
     arch = field(reader, "general.architecture")
-    unknown = [t.name for t in reader.tensors if hf_name(t.name) is None and t.name != ROPE_FREQS]
+    unknown = [t.name for t in reader.tensors if hf_name(t.name, arch) is None and t.name != ROPE_FREQS]
     if unknown:
         raise ModelLoadError(
             f"{path} has tensors shoal does not know: {', '.join(unknown[:5])}; "
@@ -154,9 +208,12 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
         )
     weights: dict[str, Weight] = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, arch)
         if name is None:
             continue  # rope_freqs: read by gguf_rope_factors
+        if "{}" in name:  # experts' matrices stacked [experts, n, k]: one matrix each, as stored
+            weights |= {name.format(e): w for e, w in enumerate(_read_experts(tensor, reader.data))}
+            continue
         try:
             weight = _read_tensor(tensor, reader.data)
         except Exception as e:
@@ -169,8 +226,20 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
         )
         if arch in PERMUTED_ARCHITECTURES and heads:
             weight = _unpermute(weight, heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            weight = weight - 1.0  # the converter stored Gemma's 1 + w; the model adds the 1 back
         weights[name] = weight
     return weights
+
+
+def _read_experts(tensor: ReaderTensor, file_map: np.memmap) -> list[QuantizedTensor]:
+    experts, n, k = (int(d) for d in reversed(tensor.shape))
+    data = tensor.data.reshape(experts, n, -1)
+    release = functools.partial(_drop_pages, file_map)
+    return [
+        QuantizedTensor(data[e], tensor.tensor_type, (n, k), functools.partial(release, data[e]))
+        for e in range(experts)
+    ]
 
 
 def _read_tensor(tensor: ReaderTensor, file_map: np.memmap) -> Weight:
@@ -224,7 +293,16 @@ def gguf_tokenizer(reader: GGUFReader, path: Path) -> PreTrainedTokenizerBase:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=path.name)
     except Exception as e:
         raise ModelLoadError(f"cannot build a tokenizer from {path}: {type(e).__name__}: {e}") from e
-    template = field(reader, "tokenizer.chat_template")
+    template = field(reader, "tokenizer.chat_template") or _known_template(tokenizer)
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template
     return tokenizer
+
+
+def _known_template(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A file without a chat template, of a family whose turn markers its vocabulary shows (as llama.cpp
+    falls back to its built-in formats): that family's template, shipped with shoal."""
+    vocab = tokenizer.get_vocab()
+    if "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        return (TEMPLATES / "gemma.jinja").read_text()
+    return None

@@ -1,4 +1,5 @@
-"""One decoder for the Llama family: Llama (SmolLM2), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm).
+"""One decoder for the Llama family: Llama (SmolLM2), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), and their
+mixture-of-experts forms, Mixtral and Qwen3-MoE.
 
 Tokens of all sequences arrive flattened: [T] ids and positions, no padding between sequences. Every
 operation goes through the back end the model was loaded with (kernels/backend.py).
@@ -6,88 +7,152 @@ operation goes through the back end the model was loaded with (kernels/backend.p
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from shoal.errors import ModelLoadError
-from shoal.kernels.backend import Backend
+from shoal.kernels.backend import Backend, Heads, PreNormLayer, Rope
 from shoal.kernels.formats import Weight
 from shoal.models.config import ModelConfig
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (
-        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
-    )
-    if cfg.rope_freq_factors is not None:
-        if len(cfg.rope_freq_factors) != len(inv_freq):
-            raise ModelLoadError(
-                f"rope_freqs holds {len(cfg.rope_freq_factors)} factors, the model needs {len(inv_freq)} "
-                "(head_dim / 2); is the file complete?"
-            )
-        inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq.float()
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        middle = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        is_middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(is_middle, middle, scaled).float()
-    raise ModelLoadError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+from shoal.models.layers import Attention, GatedMLP, MixtureOfExperts, RotaryTable, rope_inv_freq
 
 
 class DecoderLayer:
+    """Pre-norm: x += attention(norm(x)), then x += mlp(norm(x)); run as one fused call where the back end
+    has one."""
+
     def __init__(self, cfg: ModelConfig, index: int, weights: dict[str, Weight], backend: Backend):
-        self.cfg, self.backend = cfg, backend
-        self.window = cfg.layer_windows[index] if cfg.layer_windows else 0  # sliding-window attention
+        self.backend, self.eps = backend, cfg.rms_norm_eps
         p = f"model.layers.{index}."
         attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
         bias = torch.cat([weights[a + ".bias"] for a in attn]) if cfg.attention_bias else None
-        self.qkv_proj = backend.pack([weights[a + ".weight"] for a in attn], bias)
-        self.o_proj = backend.pack(
-            [weights[p + "self_attn.o_proj.weight"]], weights.get(p + "self_attn.o_proj.bias")
+        qk_norms = (
+            [backend.vector(weights[p + f"self_attn.{x}_norm.weight"]) for x in "qk"]
+            if cfg.qk_norm
+            else [None, None]
         )
-        self.gate_up_proj = backend.pack(
-            [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]
+        self.attn = Attention(
+            backend,
+            Heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            backend.pack([weights[a + ".weight"] for a in attn], bias),
+            backend.pack([weights[p + "self_attn.o_proj.weight"]], weights.get(p + "self_attn.o_proj.bias")),
+            cfg.attention_scale or cfg.head_dim**-0.5,
+            cfg.layer_windows[index] if cfg.layer_windows else 0,
+            *qk_norms,
+            eps=cfg.rms_norm_eps,
         )
-        self.down_proj = backend.pack([weights[p + "mlp.down_proj.weight"]])
+        self.mlp = make_mlp(cfg, index, weights, backend)
         self.input_norm = backend.vector(weights[p + "input_layernorm.weight"])
         self.post_attention_norm = backend.vector(weights[p + "post_attention_layernorm.weight"])
-        if cfg.qk_norm:
-            self.q_norm = backend.vector(weights[p + "self_attn.q_norm.weight"])
-            self.k_norm = backend.vector(weights[p + "self_attn.k_norm.weight"])
-        self.scale = cfg.head_dim**-0.5
-        self.backend_plan = backend.prepare_layer(self)
+        self.fused = backend.fuse_layer(self.as_pre_norm()) if isinstance(self.mlp, GatedMLP) else None
+
+    def as_pre_norm(self) -> PreNormLayer:
+        a = self.attn
+        return PreNormLayer(
+            a.qkv, a.o, self.mlp.gate_up, self.mlp.down, self.input_norm, self.post_attention_norm,
+            a.q_norm, a.k_norm, a.heads, a.window, self.eps, a.scale,
+        )  # fmt: skip
 
     @property
     def linears(self) -> list[Any]:
-        return [self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj]
+        return [*self.attn.linears, *self.mlp.linears]
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        return self.backend.decoder_layer(self, x, cos, sin, kv_cache, meta)
+    @property
+    def vectors(self) -> list[torch.Tensor]:
+        return [self.input_norm, self.post_attention_norm, *self.attn.vectors, *self.mlp.vectors]
+
+    def forward(self, x: torch.Tensor, rope: Rope, kv_cache, meta) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(x, rope, kv_cache, meta)
+        be = self.backend
+        x = self.attn.forward(be.rms_norm(x, self.input_norm, self.eps), rope, kv_cache, meta, residual=x)
+        return self.mlp.forward(be.rms_norm(x, self.post_attention_norm, self.eps), residual=x)
+
+
+def gated_mlp(prefix: str, weights: dict[str, Weight], backend: Backend, activation: str) -> GatedMLP:
+    """The MLP under `prefix` (gate_proj, up_proj, down_proj), gate and up packed as one matrix."""
+    gate_up = [weights[prefix + "gate_proj.weight"], weights[prefix + "up_proj.weight"]]
+    return GatedMLP(
+        backend, backend.pack(gate_up), backend.pack([weights[prefix + "down_proj.weight"]]), activation
+    )
+
+
+def make_mlp(cfg: ModelConfig, index: int, weights: dict[str, Weight], backend: Backend):
+    p = f"model.layers.{index}.mlp."
+    if cfg.moe is None or not cfg.moe.sparse_layers[index]:
+        return gated_mlp(p, weights, backend, cfg.hidden_activation)
+    experts = [
+        gated_mlp(f"{p}experts.{e}.", weights, backend, cfg.hidden_activation)
+        for e in range(cfg.moe.num_experts)
+    ]
+    router = backend.pack([weights[p + "gate.weight"]])
+    return MixtureOfExperts(backend, router, experts, cfg.moe.top_k, cfg.moe.normalize_top_k)
+
+
+def mlp_shapes(cfg: ModelConfig, index: int) -> dict[str, tuple[int, ...]]:
+    h = cfg.hidden_size
+
+    def gated(prefix: str, inter: int) -> dict[str, tuple[int, ...]]:
+        names = {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+        return {f"{prefix}{name}.weight": shape for name, shape in names.items()}
+
+    if cfg.moe is None or not cfg.moe.sparse_layers[index]:
+        return gated("mlp.", cfg.intermediate_size)
+    shapes = {"mlp.gate.weight": (cfg.moe.num_experts, h)}
+    for e in range(cfg.moe.num_experts):
+        shapes |= gated(f"mlp.experts.{e}.", cfg.moe.intermediate_size)
+    return shapes
+
+
+def attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+    }
+    if cfg.attention_bias:
+        shapes |= {
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+        }
+    if cfg.attention_bias and cfg.architecture == "LlamaForCausalLM":
+        shapes["self_attn.o_proj.bias"] = (h,)  # Llama's attention_bias covers o_proj too; Qwen2's does not
+    if cfg.qk_norm:
+        shapes |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    return shapes
 
 
 class CausalLM:
     """The decoder over Hugging Face-named weights (fused here: q/k/v, gate/up), packed by `backend`."""
 
+    layer_class: type = DecoderLayer
+    norms = ("input_layernorm", "post_attention_layernorm")
+
+    @classmethod
+    def expected_shapes(cls, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Every parameter the model has, by HF name, with its shape."""
+        h = cfg.hidden_size
+        shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head.weight"] = (cfg.vocab_size, h)
+        for i in range(cfg.num_layers):
+            layer = attention_shapes(cfg) | mlp_shapes(cfg, i) | {f"{n}.weight": (h,) for n in cls.norms}
+            shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
+        return shapes
+
     def __init__(self, cfg: ModelConfig, weights: dict[str, Weight], backend: Backend):
         self.cfg, self.backend = cfg, backend
         self.embed_tokens = backend.pack([weights["model.embed_tokens.weight"]])
-        self.layers = [DecoderLayer(cfg, i, weights, backend) for i in range(cfg.num_layers)]
+        self.layers = [self.layer_class(cfg, i, weights, backend) for i in range(cfg.num_layers)]
         self.norm = backend.vector(weights["model.norm.weight"])
         tied = cfg.tie_word_embeddings
         self.lm_head = self.embed_tokens if tied else backend.pack([weights["lm_head.weight"]])
-        self.inv_freq = rope_inv_freq(cfg).to(backend.device)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
+        self.rope = RotaryTable(inv_freq.to(backend.device))
 
     @property
     def linears(self) -> list[Any]:
@@ -96,10 +161,7 @@ class CausalLM:
 
     @property
     def weight_bytes(self) -> int:
-        vectors = [
-            self.norm,
-            *(v for layer in self.layers for v in vars(layer).values() if isinstance(v, torch.Tensor)),
-        ]
+        vectors = [self.norm, *(v for layer in self.layers for v in layer.vectors)]
         return sum(map(self.backend.weight_bytes, self.linears)) + sum(
             v.numel() * v.element_size() for v in vectors
         )
@@ -108,14 +170,15 @@ class CausalLM:
         """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache). Returns final hidden [T, hidden]."""
         be = self.backend
         x = be.embed(self.embed_tokens, input_ids).to(be.dtype)
-        freqs = positions[:, None].to(self.inv_freq.dtype) * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        rope = self.rope.at(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer.forward(x, cos, sin, kv_cache, meta)
+            x = layer.forward(x, rope, kv_cache, meta)
         return be.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     __call__ = forward
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear(hidden, self.lm_head)
+        logits = self.backend.linear(hidden, self.lm_head)
+        if (cap := self.cfg.final_logit_softcapping) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

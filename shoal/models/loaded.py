@@ -21,6 +21,7 @@ from shoal.models.config import ModelConfig
 from shoal.models.llama import CausalLM
 from shoal.models.loader import load_checkpoint
 from shoal.models.reasoning import ReasoningTokens
+from shoal.models.registry import model_class
 
 logger = logging.getLogger("shoal")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +138,7 @@ def load_model(
     if weight_cache and isinstance(backend, CpuBackend) and Path(ckpt.path).suffix == ".gguf":
         cache = backend.pack_cache = PackedCache.for_model(Path(ckpt.path), backend.isa, quantization)
     try:
-        module = CausalLM(ckpt.config, weights, backend)
+        module = model_class(ckpt.config)(ckpt.config, weights, backend)
     finally:
         if cache is not None:
             backend.pack_cache = None

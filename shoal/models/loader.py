@@ -27,6 +27,7 @@ from shoal.models.gguf_loader import (
     gguf_weights,
     open_gguf,
 )
+from shoal.models.registry import model_class
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -130,8 +131,27 @@ def _download(repo_id: str) -> str:
 def load_hf_dir(folder: Path) -> Checkpoint:
     hf_config = _read_hf_config(folder)
     config = ModelConfig.from_hf(hf_config)
-    weights = checked_weights(config, read_safetensors(folder), folder)
+    weights = checked_weights(config, canonical_names(read_safetensors(folder)), folder)
     return Checkpoint(config, weights, _hf_tokenizer(folder), str(folder), hf_config)
+
+
+MIXTRAL_NAMES = [
+    (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."),
+    (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
+    (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w3\."), r".mlp.experts.\1.up_proj."),
+    (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w2\."), r".mlp.experts.\1.down_proj."),
+]
+
+
+def canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixtral's expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's (mlp.gate, gate/up/down_proj)."""
+
+    def renamed(name: str) -> str:
+        for pattern, replacement in MIXTRAL_NAMES:
+            name = pattern.sub(replacement, name)
+        return name
+
+    return {renamed(name): tensor for name, tensor in weights.items()}
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
@@ -215,42 +235,9 @@ def load_gguf(path: Path) -> Checkpoint:
 # ---- checks shared by both formats ----
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter the model has, by HF name, with its shape."""
-    h, d, ffn = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_heads * d, config.num_kv_heads * d
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    layer = {
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (ffn, h),
-        "mlp.up_proj.weight": (ffn, h),
-        "mlp.down_proj.weight": (h, ffn),
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-    }
-    if config.attention_bias:
-        layer |= {
-            "self_attn.q_proj.bias": (q,),
-            "self_attn.k_proj.bias": (kv,),
-            "self_attn.v_proj.bias": (kv,),
-        }
-    if config.attention_bias and config.architecture == "LlamaForCausalLM":
-        layer["self_attn.o_proj.bias"] = (h,)  # Llama's attention_bias covers o_proj too; Qwen2's does not
-    if config.qk_norm:
-        layer |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
-    for i in range(config.num_layers):
-        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in layer.items()}
-    return shapes
-
-
 def checked_weights(config: ModelConfig, weights: dict[str, Weight], source: Path) -> dict[str, Weight]:
     """The model's parameters (vectors as float32); raises if any is missing or misshapen."""
-    shapes = expected_shapes(config)
+    shapes = model_class(config).expected_shapes(config)
     missing = [name for name in shapes if name not in weights]
     if missing:
         raise ModelLoadError(

@@ -1,0 +1,172 @@
+"""The blocks model files compose their decoders from: rotary tables, attention over the paged KV cache, a
+gated MLP, mixture-of-experts. Each block holds its packed weights and calls the back end's operations only,
+so one block serves every back end; a model's `forward` says in what order they run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shoal.errors import ModelLoadError
+from shoal.kernels.backend import Backend, Heads, Rope
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    scaling: dict[str, Any] | None = None,
+    freq_factors: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """The rotary frequencies of one head (head_dim / 2), with a config's scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if freq_factors is not None:
+        if len(freq_factors) != len(inv_freq):
+            raise ModelLoadError(
+                f"rope_freqs holds {len(freq_factors)} factors, the model needs {len(inv_freq)} "
+                "(head_dim / 2); is the file complete?"
+            )
+        inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        middle = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        is_middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(is_middle, middle, scaled).float()
+    raise ModelLoadError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+@dataclass(eq=False)
+class RotaryTable:
+    inv_freq: torch.Tensor  # [head_dim / 2]
+    attention_factor: float = 1.0  # cos and sin scaled by it (LongRoPE)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """cos, sin [T, 1, head_dim] of the positions, rotate-half layout."""
+        freqs = positions[:, None].to(self.inv_freq.dtype) * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return Rope(cos.to(dtype), sin.to(dtype))
+
+
+@dataclass(eq=False)
+class Attention:
+    """Fused q/k/v projection, optional per-head q/k RMSNorms, rotary embedding with the KV write, paged
+    attention (a sliding window where `window` > 0), output projection."""
+
+    backend: Backend
+    heads: Heads
+    qkv: Any
+    o: Any
+    scale: float
+    window: int = 0
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    eps: float = 0.0
+
+    def forward(self, h, rope: Rope, kv_cache, meta, residual: torch.Tensor | None = None) -> torch.Tensor:
+        be = self.backend
+        qkv = be.linear(h, self.qkv)
+        if self.q_norm is not None:
+            be.head_norm(qkv, self.q_norm, self.k_norm, self.heads, self.eps)
+        be.rope_store(qkv, rope, kv_cache, meta, self.heads)
+        return be.linear(
+            be.attention(qkv, kv_cache, meta, self.heads, self.scale, self.window), self.o, residual
+        )
+
+    @property
+    def linears(self) -> list[Any]:
+        return [self.qkv, self.o]
+
+    @property
+    def vectors(self) -> list[torch.Tensor]:
+        return [v for v in (self.q_norm, self.k_norm) if v is not None]
+
+
+@dataclass(eq=False)
+class GatedMLP:
+    """down(act(gate) * up), gate and up projected together; act: "silu" or "gelu_tanh"."""
+
+    backend: Backend
+    gate_up: Any
+    down: Any
+    activation: str = "silu"
+
+    def forward(self, h, residual: torch.Tensor | None = None) -> torch.Tensor:
+        be = self.backend
+        return be.linear(
+            be.gated_activation(be.linear(h, self.gate_up), self.activation), self.down, residual
+        )
+
+    @property
+    def linears(self) -> list[Any]:
+        return [self.gate_up, self.down]
+
+    @property
+    def vectors(self) -> list[torch.Tensor]:
+        return []
+
+
+@dataclass(eq=False)
+class MixtureOfExperts:
+    """A router picks `top_k` of the experts (gated MLPs) per token: softmax over all experts' logits, the
+    top k, rescaled to sum to 1 where `normalize`; the token's output is the experts' outputs weighted.
+
+    Tokens are grouped by expert and each active expert runs one GEMM over just its tokens. The GEMMs give a
+    row the same bits whatever other rows they hold, and a row's weighted outputs are summed in the order of
+    its experts' indices, so a token's result depends on that token alone, never on the batch around it."""
+
+    backend: Backend
+    router: Any
+    experts: list[GatedMLP]
+    top_k: int
+    normalize: bool
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        be = self.backend
+        probs = torch.softmax(be.linear(h, self.router).float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(h.dtype)
+        out = torch.zeros_like(h)
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        start = 0
+        for expert, count in zip(self.experts, counts, strict=True):
+            if count == 0:
+                continue
+            picks = order[start : start + count]
+            start += count
+            rows = picks // self.top_k
+            y = expert.forward(_padded(h[rows], be.rows_for(count)))[:count]
+            out.index_add_(0, rows, y * weights.flatten()[picks, None])
+        return out if residual is None else residual + out
+
+    @property
+    def linears(self) -> list[Any]:
+        return [self.router, *(w for e in self.experts for w in e.linears)]
+
+    @property
+    def vectors(self) -> list[torch.Tensor]:
+        return []
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows` (the back end's GEMMs need that many for batch invariance)."""
+    return x if rows <= x.shape[0] else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
