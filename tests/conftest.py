@@ -28,6 +28,19 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def moe_dirs(tmp_path_factory) -> dict[str, str]:
+    """Tiny mixtures of experts: Qwen3-MoE and Mixtral, eight experts, two per token."""
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: make_tiny_hf_model(arch, root / arch) for arch in ("qwen3_moe", "mixtral")}
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> str:
+    """A tiny Gemma 3 with Gemma's tokens and chat template: five sliding layers (window 8), one global."""
+    return make_tiny_hf_model("gemma3", tmp_path_factory.mktemp("gemma3") / "gemma3")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_dirs) -> shoal.LoadedModel:
     return shoal.load_model(tiny_dirs["llama"])
 

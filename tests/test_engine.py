@@ -25,15 +25,20 @@ SEEDED = SamplingParams(
 )
 
 
-@pytest.fixture(scope="module", params=["float32", "Q4_1", "Q8_0", "Q4_1 int8"])
-def tiny_llama(request, tiny_dirs, tmp_path_factory) -> shoal.LoadedModel:
-    """Every test here runs on float32 weights, on weights kept quantized (a GGUF of the same model), and
-    on those against int8 activations (precision="int8")."""
+@pytest.fixture(
+    scope="module", params=["float32", "Q4_1", "Q8_0", "Q4_1 int8", "qwen3_moe Q8_0", "mixtral Q4_0 int8"]
+)
+def tiny_llama(request, tiny_dirs, moe_dirs, tmp_path_factory) -> shoal.LoadedModel:
+    """Every test here runs on float32 weights, on weights kept quantized (a GGUF of the same model), on
+    those against int8 activations (precision="int8"), and on mixtures of experts (where a row's experts
+    run over whichever other rows chose them too)."""
     if request.param == "float32":
         return shoal.load_model(tiny_dirs["llama"])
-    qtype, _, precision = request.param.partition(" ")
-    path = tmp_path_factory.mktemp("quantized") / f"llama-{qtype}.gguf"
-    return shoal.load_model(write_gguf(tiny_dirs["llama"], path, qtype), precision=precision or "float32")
+    words = request.param.split()
+    hf_dir = moe_dirs[words.pop(0)] if words[0] in moe_dirs else tiny_dirs["llama"]
+    qtype, precision = words[0], words[1] if len(words) > 1 else "float32"
+    path = tmp_path_factory.mktemp("quantized") / f"model-{qtype}.gguf"
+    return shoal.load_model(write_gguf(hf_dir, path, qtype), precision=precision)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import write_gguf
-from transformers import AutoModelForCausalLM
+from tiny_models import dequantized_hf_dir, make_tiny_hf_model, write_gguf
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import shoal
 from shoal.core.block_manager import BlockManager
 from shoal.core.sequence import Sequence
+from shoal.kernels.build import candidate_isas
 from shoal.runner.model_runner import ModelRunner
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -135,7 +136,9 @@ def test_sliding_window_attention_matches_transformers(tiny_dirs, tmp_path, c_ke
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(tiny_dirs, tmp_path, arch, precision, monkeypatch):
+def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(
+    tiny_dirs, tmp_path, arch, precision, monkeypatch
+):
     """layer.c runs a Llama-family layer in one call; the model's own forward composes the same operations."""
     from shoal.kernels.backend import CpuBackend
 
@@ -148,3 +151,84 @@ def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(tiny_dirs, 
     composed = shoal.load_model(gguf_path, precision=precision, weight_cache=False)
     assert all(layer.fused is None for layer in composed.module.layers)
     assert torch.equal(shoal_logits(composed, ids, chunks=[17, 9]), expected)
+
+
+# ---- issue 19's families: Gemma 3, Qwen3-MoE, Mixtral ----
+
+NEW_ARCHS = ["gemma3", "qwen3_moe", "mixtral"]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(gemma3_dir, moe_dirs) -> dict[str, str]:
+    return {"gemma3": gemma3_dir, **moe_dirs}
+
+
+@pytest.fixture(scope="module")
+def wide_family_dirs(tmp_path_factory) -> dict[str, str]:
+    """Every matrix's k a multiple of 256, as K-quants need."""
+    root = tmp_path_factory.mktemp("wide-families")
+    sizes = {"hidden_size": 256, "intermediate_size": 256}
+    return {
+        "gemma3": make_tiny_hf_model("gemma3", root / "gemma3", **sizes),
+        "qwen3_moe": make_tiny_hf_model(
+            "qwen3_moe", root / "qwen3_moe", moe_intermediate_size=256, head_dim=64, **sizes
+        ),
+        "mixtral": make_tiny_hf_model("mixtral", root / "mixtral", **sizes),
+    }
+
+
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_new_families_match_transformers_from_safetensors(family_dirs, arch, c_kernel):
+    model = load(family_dirs[arch], c_kernel)
+    ids = prompt_ids(model)
+    ref = reference_logits(AutoModelForCausalLM.from_pretrained(family_dirs[arch]).eval(), ids)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(shoal_logits(model, ids, chunks=[17, 9]), ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("kernels", candidate_isas())
+@pytest.mark.parametrize(("arch", "qtype"), [(a, q) for a in NEW_ARCHS for q in ("Q8_0", "Q4_0", "Q4_K")])
+def test_new_families_from_gguf_match_transformers_on_the_files_weights(
+    family_dirs, wide_family_dirs, tmp_path, arch, qtype, kernels
+):
+    """The file quantized as llama.cpp writes it (experts stacked per layer, Gemma's norms as 1 + w, the
+    routers in F32), kept quantized by shoal, against transformers on the same weights dequantized by gguf."""
+    hf_dir = (wide_family_dirs if qtype == "Q4_K" else family_dirs)[arch]
+    path = write_gguf(hf_dir, tmp_path / f"{arch}-{qtype}.gguf", qtype)
+    model = shoal.load_model(path, kernels=kernels, weight_cache=False)
+    assert model.config.architecture == AutoConfig.from_pretrained(hf_dir).architectures[0]
+    kinds = {model.backend.describe(w) for w in model.module.linears}
+    assert {"Q8_0": "q8", "Q4_0": "q4", "Q4_K": "q4"}[qtype] in kinds  # kept in the file's format
+    reference = AutoModelForCausalLM.from_pretrained(
+        dequantized_hf_dir(path, hf_dir, tmp_path / "ref")
+    ).eval()
+    ids = prompt_ids(model)
+    ref = reference_logits(reference, ids)
+    torch.testing.assert_close(shoal_logits(model, ids, chunks=[17, 9]), ref, rtol=0, atol=TOL)
+
+
+def test_gemma3_gguf_is_read_as_transformers_reads_it(gemma3_dir, tmp_path):
+    """transformers' own GGUF reader (norms' + 1 undone, layer pattern and RoPE bases from llama.cpp's rules)."""
+    path = write_gguf(gemma3_dir, tmp_path / "gemma3.gguf", qtype="F32")
+    model = shoal.load_model(path)
+    assert model.config.layer_windows == (8, 8, 8, 8, 8, 0)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="gemma3.gguf").eval()
+    ids = prompt_ids(model)
+    torch.testing.assert_close(
+        shoal_logits(model, ids, chunks=[40 - 8]), reference_logits(hf, ids), rtol=0, atol=TOL
+    )
+
+
+def test_an_architecture_shoal_does_not_run_fails_at_load_naming_the_ones_it_does(tiny_dirs, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "phi"
+    shutil.copytree(tiny_dirs["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(
+        shoal.ModelLoadError, match="FalconForCausalLM.*Gemma3ForCausalLM.*MixtralForCausalLM"
+    ):
+        shoal.load_model(str(folder))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,10 +242,11 @@ def make_tiny_hf_model(
     dtype: torch.dtype = torch.float32,
     tokenizer: PreTrainedTokenizerFast | None = None,
     context: int = 256,
+    **overrides,
 ) -> str:
     """Saves a tiny random `arch` model (safetensors, in `dtype`) with its tokenizer and chat template into
     `path` (the tiny ChatML tokenizer unless one is given). K-quant GGUFs need hidden and intermediate sizes
-    that are multiples of 256."""
+    that are multiples of 256 (and, for Qwen3-MoE, moe_intermediate_size in `overrides`)."""
     if tokenizer is None and arch == "gemma3":
         tokenizer = make_family_tokenizer("gemma3")
     tokenizer = tokenizer or make_tiny_tokenizer(qwen=arch.startswith("qwen"))
@@ -263,7 +265,7 @@ def make_tiny_hf_model(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    config = _CONFIGS[arch](**(shape | _VARIANTS[arch]))
+    config = _CONFIGS[arch](**(shape | _VARIANTS[arch] | overrides))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -361,10 +363,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
 def _stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each layer's experts' matrices as the GGUF converter stacks them: [experts, n, k] under
     model.layers.i.experts.<gate_proj|up_proj|down_proj> (Mixtral's w1/w3/w2 read as those)."""
-    import re
-
     pattern = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
-    plain = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    plain = _MIXTRAL
     stacks: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     out = {}
     for name, tensor in weights.items():
@@ -434,7 +434,11 @@ def write_gguf(
             data = data + 1.0  # convert_hf_to_gguf stores Gemma's norms as 1 + w
         kind = next((t for part, t in (mix or {}).items() if part in name), qtype)
         router = name.endswith(".gate.weight")  # llama-quantize leaves routers in F32
-        qt = gguf.GGMLQuantizationType[kind] if data.ndim >= 2 and not router else gguf.GGMLQuantizationType.F32
+        qt = (
+            gguf.GGMLQuantizationType[kind]
+            if data.ndim >= 2 and not router
+            else gguf.GGMLQuantizationType.F32
+        )
         if kind in RANDOM_BLOCK_SCALES and data.ndim >= 2 and not router:
             rows = data.size // data.shape[-1]
             raw = random_blocks(kind, rows, data.shape[-1], seed=len(name) * 7919 + data.size)
@@ -547,3 +551,69 @@ def transformers_gguf_state_dict(gguf_path: str, hf_config: dict) -> dict[str, t
         model = AutoModelForCausalLM.from_config(config)
     parsed = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model)
     return {name: t.float() for name, t in parsed["tensors"].items()}
+
+
+def dequantized_hf_dir(gguf_path: str, hf_dir: str, out_dir: str | Path) -> str:
+    """The GGUF's weights, dequantized by gguf, saved back as the Hugging Face checkpoint in `hf_dir` was
+    (its names, its config and tokenizer): transformers then runs exactly the model the file holds. The
+    inverse of write_gguf: q/k un-permuted for llama files, Gemma's norms back to w, experts unstacked."""
+    import shutil
+
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    arch = _GGUF_ARCH[hf["model_type"]]
+    saved = hf_safetensors(hf_dir)
+    names = {}  # GGUF name -> the HF name (or, for stacked experts, its saved names in expert order)
+    for name in _stack_experts(saved):
+        if name.startswith("experts."):
+            _, layer, kind = name.split(".")
+            experts = sorted(
+                n for n in saved if re.fullmatch(rf"model\.layers\.{layer}\..*experts\.\d+\.\w+\.weight", n)
+            )
+            mine = [
+                n for n in experts if n.split(".")[-2] in (kind, {v: k for k, v in _MIXTRAL.items()}[kind])
+            ]
+            names[f"blk.{layer}.{_EXPERT_NAMES[kind]}.weight"] = sorted(
+                mine, key=lambda n: int(n.split(".")[-3])
+            )
+        else:
+            names[gguf_tensor_name(name, arch)] = name
+    weights = {}
+    for tensor in gguf.GGUFReader(gguf_path).tensors:
+        data = dequantize(tensor.data, tensor.tensor_type).reshape(
+            tuple(int(d) for d in reversed(tensor.shape))
+        )
+        hf_name = names[tensor.name]
+        if isinstance(hf_name, list):
+            weights |= {
+                n: torch.from_numpy(np.array(data[e], dtype=np.float32)) for e, n in enumerate(hf_name)
+            }
+            continue
+        if arch == "llama" and ".self_attn.q_proj." in hf_name:
+            data = _llama_cpp_unpermute(data, hf["num_attention_heads"])
+        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+            data = _llama_cpp_unpermute(data, hf["num_key_value_heads"])
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            data = data - 1.0
+        weights[hf_name] = torch.from_numpy(np.array(data, dtype=np.float32))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in Path(hf_dir).iterdir():
+        if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json" and path.is_file():
+            shutil.copy(path, out / path.name)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+_MIXTRAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _llama_cpp_unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    return (
+        weights.reshape(n_head, weights.shape[0] // n_head // 2, 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
