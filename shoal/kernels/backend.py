@@ -33,7 +33,6 @@ from shoal.kernels.packed_cache import PackedCache
 logger = logging.getLogger("shoal")
 KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
 PRECISIONS = ("float32", "int8")
-ACTIVATIONS = ("silu", "gelu_tanh")
 MKL_PACK_HINT = 64
 MKL_INVARIANT_ROWS = 16
 
@@ -146,7 +145,7 @@ class Backend(ABC):
 
     @abstractmethod
     def gated_activation(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-        """gate_up [T, 2 I] (gate, then up) -> act(gate) * up [T, I]; activation one of ACTIVATIONS."""
+        """gate_up [T, 2 I] (gate, then up) -> act(gate) * up [T, I]; activation "silu" or "gelu_tanh"."""
 
     def fuse_layer(self, layer: PreNormLayer) -> Callable[..., torch.Tensor] | None:
         """A call running the whole layer, (x, rope, kv_cache, meta) -> x, where this back end has one

@@ -78,6 +78,7 @@ class _StepStruct(ctypes.Structure):
 
 
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # kernels.h's enum activation
 
 
 @dataclass(eq=False)
@@ -291,8 +292,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "gather_columns": [ptr, ptr, i64, ptr],
         "rms_norm_f32": [ptr, i64, i64, ptr, f32, ptr, i32],
         "rope_store_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i32, ptr, i64, i32],
-        "silu_mul_f32": [ptr, i64, i64, ptr, i32],
-        "gelu_tanh_mul_f32": [ptr, i64, i64, ptr, i32],
+        "gated_mul_f32": [ptr, i64, i64, i32, ptr, i32],
         "head_norm_f32": [ptr, i64, i64, i64, i64, ptr, ptr, f32, i32],
         "attention_f32": [
             ptr,
@@ -365,10 +365,16 @@ def rope_store_c(lib, qkv, cos, sin, k_cache, v_cache, slots, num_heads: int) ->
 
 def gated_activation_c(lib, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """gate_up [T, 2 I] contiguous (gate, then up) -> act(gate) * up, [T, I]; act "silu" or "gelu_tanh"."""
-    function = {"silu": lib.silu_mul_f32, "gelu_tanh": lib.gelu_tanh_mul_f32}[activation]
     inter = gate_up.shape[1] // 2
     out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype)
-    function(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr(), torch.get_num_threads())
+    lib.gated_mul_f32(
+        gate_up.data_ptr(),
+        gate_up.shape[0],
+        inter,
+        ACTIVATIONS[activation],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 

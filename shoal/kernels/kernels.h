@@ -9,6 +9,7 @@
 enum format { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4, FMT_Q5 = 5, FMT_Q6 = 6, FMT_Q2 = 7, FMT_Q3 = 8 };
 enum { FACTORS_4BIT = 2 };
 enum kv_type { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+enum activation { ACT_SILU = 0, ACT_GELU_TANH = 1 }; /* of a gated MLP: act(gate) * up */
 
 struct packed_weight {
     int32_t format;
@@ -51,8 +52,7 @@ void head_norm_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_
 void rope_store_body(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t D,
                      const float *cos, const float *sin, void *k_cache, void *v_cache, int kv_type,
                      const int64_t *slots, int64_t block_size);
-void silu_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out);
-void gelu_tanh_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out);
+void gated_mul_body(const float *gate_up, int64_t rows, int64_t inter, int activation, float *out);
 void attention_body(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int kv_type,
                     float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
                     int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,

@@ -48,7 +48,7 @@ void decoder_layer_f32(const struct decoder_layer *L, float *x, const struct ste
         gemm_body(attn, t, &L->o, x, 1, xsum);
         rms_norm_body(x, t, hidden, L->post_norm, L->eps, h);
         gemm_body(h, t, &L->gate_up, gate_up, 0, xsum);
-        silu_mul_body(gate_up, t, inter, act);
+        gated_mul_body(gate_up, t, inter, ACT_SILU, act);
         gemm_body(act, t, &L->down, x, 1, xsum);
     }
 }

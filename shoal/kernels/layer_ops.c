@@ -106,60 +106,58 @@ void rope_store_f32(float *qkv, int64_t rows, int64_t num_heads, int64_t num_kv_
     rope_store_body(qkv, rows, num_heads, num_kv_heads, D, cos, sin, k_cache, v_cache, kv_type, slots, block_size);
 }
 
-/* gate_up: [rows, 2 * inter] (gate, then up); out: [rows, inter] = gate / (1 + e^-gate) * up. */
-void silu_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out) {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gate_up + r * 2 * inter, *u = g + inter;
-        float *o = out + r * inter;
-        int64_t i = 0;
+/* out[i] = gate[i] / (1 + e^-gate[i]) * up[i]. */
+static void silu_mul_row(const float *g, const float *u, int64_t inter, float *o) {
+    int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-        const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-        for (; i + 8 <= inter; i += 8) {
-            const __m256 x = _mm256_loadu_ps(g + i);
-            const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= inter; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x))));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
     }
+#endif
+    for (; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-void silu_mul_f32(const float *gate_up, int64_t rows, int64_t inter, float *out, int num_threads) {
-#pragma omp parallel num_threads(num_threads) if (rows * inter >= PARALLEL_MIN_FLOATS)
-    silu_mul_body(gate_up, rows, inter, out);
-}
-
-/* gate_up: [rows, 2 * inter]; out = gelu(gate) * up with GELU's tanh form (Gemma's GeGLU):
+/* out[i] = gelu(gate[i]) * up[i], GELU's tanh form (Gemma's GeGLU):
  * 0.5 * g * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 * g^3))), tanh(y) taken as 1 - 2 / (e^(2y) + 1). */
-void gelu_tanh_mul_body(const float *gate_up, int64_t rows, int64_t inter, float *out) {
+static void gelu_tanh_mul_row(const float *g, const float *u, int64_t inter, float *o) {
     const float c = 0.7978845608028654f, a = 0.044715f;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gate_up + r * 2 * inter, *u = g + inter;
-        float *o = out + r * inter;
-        int64_t i = 0;
+    int64_t i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-        const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
-        const __m256 vc = _mm256_set1_ps(c), va = _mm256_set1_ps(a);
-        for (; i + 8 <= inter; i += 8) {
-            const __m256 x = _mm256_loadu_ps(g + i);
-            const __m256 inner = _mm256_mul_ps(vc, _mm256_add_ps(x, _mm256_mul_ps(va, _mm256_mul_ps(x, _mm256_mul_ps(x, x)))));
-            const __m256 e = exp8(_mm256_mul_ps(two, inner));
-            const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
-            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh));
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
-        }
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 vc = _mm256_set1_ps(c), va = _mm256_set1_ps(a);
+    for (; i + 8 <= inter; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 cube = _mm256_mul_ps(x, _mm256_mul_ps(x, x));
+        const __m256 inner = _mm256_mul_ps(vc, _mm256_add_ps(x, _mm256_mul_ps(va, cube)));
+        const __m256 e = exp8(_mm256_mul_ps(two, inner));
+        const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+        const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(gelu, _mm256_loadu_ps(u + i)));
+    }
 #endif
-        for (; i < inter; i++) {
-            const float x = g[i], inner = c * (x + a * (x * (x * x)));
-            const float tanh = 1.0f - 2.0f / (expf(2.0f * inner) + 1.0f);
-            o[i] = 0.5f * x * (1.0f + tanh) * u[i];
-        }
+    for (; i < inter; i++) {
+        const float x = g[i], inner = c * (x + a * (x * (x * x)));
+        const float tanh = 1.0f - 2.0f / (expf(2.0f * inner) + 1.0f);
+        o[i] = 0.5f * x * (1.0f + tanh) * u[i];
     }
 }
 
-void gelu_tanh_mul_f32(const float *gate_up, int64_t rows, int64_t inter, float *out, int num_threads) {
+/* gate_up: [rows, 2 * inter] (gate, then up); out: [rows, inter] = act(gate) * up. */
+void gated_mul_body(const float *gate_up, int64_t rows, int64_t inter, int activation, float *out) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * inter;
+        if (activation == ACT_GELU_TANH)
+            gelu_tanh_mul_row(g, g + inter, inter, out + r * inter);
+        else
+            silu_mul_row(g, g + inter, inter, out + r * inter);
+    }
+}
+
+void gated_mul_f32(const float *gate_up, int64_t rows, int64_t inter, int activation, float *out, int num_threads) {
 #pragma omp parallel num_threads(num_threads) if (rows * inter >= PARALLEL_MIN_FLOATS)
-    gelu_tanh_mul_body(gate_up, rows, inter, out);
+    gated_mul_body(gate_up, rows, inter, activation, out);
 }

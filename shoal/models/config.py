@@ -125,8 +125,7 @@ class MoEConfig:
         if arch == "Qwen3MoeForCausalLM":
             step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
             sparse = tuple(
-                i not in dense and experts > 0 and (i + 1) % step == 0
-                for i in range(hf["num_hidden_layers"])
+                i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"])
             )
             return cls(
                 experts,
