@@ -142,7 +142,7 @@ class MixtureOfExperts:
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(h.dtype)
+        weights = weights.to(h.dtype).flatten()  # [T * top_k], as `flat`
         out = torch.zeros_like(h)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
@@ -155,7 +155,7 @@ class MixtureOfExperts:
             start += count
             rows = picks // self.top_k
             y = expert.forward(_padded(h[rows], be.rows_for(count)))[:count]
-            out.index_add_(0, rows, y * weights.flatten()[picks, None])
+            out.index_add_(0, rows, y * weights[picks, None])
         return out if residual is None else residual + out
 
     @property
