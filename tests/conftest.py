@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import make_tiny_hf_model  # noqa: E402
+from tiny_models import longrope, make_tiny_hf_model  # noqa: E402
 
 import shoal  # noqa: E402
 
@@ -38,6 +38,28 @@ def moe_dirs(tmp_path_factory) -> dict[str, str]:
 def gemma3_dir(tmp_path_factory) -> str:
     """A tiny Gemma 3 with Gemma's tokens and chat template: five sliding layers (window 8), one global."""
     return make_tiny_hf_model("gemma3", tmp_path_factory.mktemp("gemma3") / "gemma3")
+
+
+def make_phi3_pair(root: Path, **sizes) -> dict[str, str]:
+    """Phi-3 as its two kinds of file: 4k-like (a sliding window of 8 on every layer) and 128k-like (LongRoPE
+    from an original context of 16 to 256: prompts past 16 tokens take the long factors)."""
+    head_dim = sizes.get("hidden_size", 64) // 4
+    return {
+        "phi3": make_tiny_hf_model("phi3", root / "phi3", **sizes),
+        "phi3_128k": make_tiny_hf_model(
+            "phi3",
+            root / "phi3_128k",
+            sliding_window=None,
+            rope_parameters=longrope(head_dim, 16),
+            original_max_position_embeddings=16,
+            **sizes,
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def phi3_dirs(tmp_path_factory) -> dict[str, str]:
+    return make_phi3_pair(tmp_path_factory.mktemp("phi3"))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_phi3_pair
 from tiny_models import dequantized_hf_dir, make_tiny_hf_model, write_gguf
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,11 +53,11 @@ def prompt_ids(model: shoal.LoadedModel) -> list[int]:
 
 
 @pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
-@pytest.mark.parametrize("arch", ARCHS + ["gemma3", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ARCHS + ["gemma3", "qwen3_moe", "mixtral", "phi3", "phi3_128k"])
 def test_safetensors_logits_match_transformers_prefill_and_paged_decode(
-    tiny_dirs, gemma3_dir, moe_dirs, arch, c_kernel
+    tiny_dirs, gemma3_dir, moe_dirs, phi3_dirs, arch, c_kernel
 ):
-    hf_dir = {**tiny_dirs, "gemma3": gemma3_dir, **moe_dirs}[arch]
+    hf_dir = {**tiny_dirs, "gemma3": gemma3_dir, **moe_dirs, **phi3_dirs}[arch]
     model = load(hf_dir, c_kernel)
     ids = prompt_ids(model)
     ref = reference_logits(AutoModelForCausalLM.from_pretrained(hf_dir).eval(), ids)
@@ -138,14 +139,14 @@ def test_sliding_window_attention_matches_transformers(tiny_dirs, tmp_path, c_ke
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "phi3_128k"])
 def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(
-    tiny_dirs, tmp_path, arch, precision, monkeypatch
+    tiny_dirs, phi3_dirs, tmp_path, arch, precision, monkeypatch
 ):
     """layer.c runs a Llama-family layer in one call; the model's own forward composes the same operations."""
     from shoal.kernels.backend import CpuBackend
 
-    gguf_path = write_gguf(tiny_dirs[arch], tmp_path / f"{arch}.gguf", qtype="Q8_0")
+    gguf_path = write_gguf({**tiny_dirs, **phi3_dirs}[arch], tmp_path / f"{arch}.gguf", qtype="Q8_0")
     fused = shoal.load_model(gguf_path, precision=precision, weight_cache=False)
     assert all(layer.fused is not None for layer in fused.module.layers)
     ids = prompt_ids(fused)
@@ -156,14 +157,14 @@ def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(
     assert torch.equal(shoal_logits(composed, ids, chunks=[17, 9]), expected)
 
 
-# ---- issue 19's families: Gemma 3, Qwen3-MoE, Mixtral ----
+# ---- issue 19's families: Gemma 3, Qwen3-MoE, Mixtral, Phi-3 ----
 
-NEW_ARCHS = ["gemma3", "qwen3_moe", "mixtral"]
+NEW_ARCHS = ["gemma3", "qwen3_moe", "mixtral", "phi3", "phi3_128k"]
 
 
 @pytest.fixture(scope="module")
-def family_dirs(gemma3_dir, moe_dirs) -> dict[str, str]:
-    return {"gemma3": gemma3_dir, **moe_dirs}
+def family_dirs(gemma3_dir, moe_dirs, phi3_dirs) -> dict[str, str]:
+    return {"gemma3": gemma3_dir, **moe_dirs, **phi3_dirs}
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,7 @@ def wide_family_dirs(tmp_path_factory) -> dict[str, str]:
             "qwen3_moe", root / "qwen3_moe", moe_intermediate_size=256, head_dim=64, **sizes
         ),
         "mixtral": make_tiny_hf_model("mixtral", root / "mixtral", **sizes),
+        **make_phi3_pair(root, **sizes),
     }
 
 
@@ -186,7 +188,8 @@ def test_new_families_from_gguf_match_transformers_on_the_files_weights(
     family_dirs, wide_family_dirs, tmp_path, arch, qtype, kernels
 ):
     """The file quantized as llama.cpp writes it (experts stacked per layer, Gemma's norms as 1 + w, the
-    routers in F32), kept quantized by shoal, against transformers on the same weights dequantized by gguf."""
+    routers in F32, Phi-3's q/k/v and gate/up fused, its LongRoPE factors as two tensors), kept quantized
+    by shoal, against transformers on the same weights dequantized by gguf."""
     hf_dir = (wide_family_dirs if qtype == "Q4_K" else family_dirs)[arch]
     path = write_gguf(hf_dir, tmp_path / f"{arch}-{qtype}.gguf", qtype)
     model = shoal.load_model(path, kernels=kernels, weight_cache=False)
@@ -211,6 +214,65 @@ def test_gemma3_gguf_is_read_as_transformers_reads_it(gemma3_dir, tmp_path):
     torch.testing.assert_close(
         shoal_logits(model, ids, chunks=[40 - 8]), reference_logits(hf, ids), rtol=0, atol=TOL
     )
+
+
+def test_phi3_gguf_is_read_as_transformers_reads_it(phi3_dirs, tmp_path):
+    """Full attention, as transformers' GGUF reader and llama.cpp run Phi-3 files (the window in the file is
+    ignored by both); from safetensors the window of 8 applies (the safetensors test)."""
+    path = write_gguf(phi3_dirs["phi3"], tmp_path / "phi3.gguf", qtype="F32")
+    model = shoal.load_model(path)
+    assert model.config.layer_windows == (0, 0)
+    assert shoal.load_model(phi3_dirs["phi3"]).config.layer_windows == (8, 8)
+    end = model.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in model.config.eos_token_ids  # Phi-3's end of turn
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="phi3.gguf").eval()
+    ids = prompt_ids(model)
+    torch.testing.assert_close(
+        shoal_logits(model, ids, chunks=[40 - 8]), reference_logits(hf, ids), rtol=0, atol=TOL
+    )
+
+
+@pytest.mark.parametrize("source", ["safetensors", "gguf"])
+def test_phi3_chats_in_its_turn_format_and_ends_at_its_end_token(phi3_dirs, tmp_path, source):
+    hf_dir = phi3_dirs["phi3"]
+    path = hf_dir if source == "safetensors" else write_gguf(hf_dir, tmp_path / "phi3.gguf", qtype="Q8_0")
+    llm = shoal.LLM(shoal.load_model(path), kv_cache_memory=8 << 20)
+    end = llm.get_tokenizer().convert_tokens_to_ids("<|end|>")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
+    params = shoal.SamplingParams(max_tokens=12, logit_bias={end: 100})
+    (out,) = llm.chat(messages, params, use_tqdm=False)
+    assert out.prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\nHello, world!<|end|>\n<|assistant|>\n"
+    done = out.outputs[0]
+    assert done.token_ids[-1] == end and done.finish_reason == "stop" and "<|end|>" not in done.text
+
+
+def test_longrope_takes_the_long_factors_for_a_context_past_the_original(phi3_dirs):
+    """The factors are fixed by the context, not by the batch: with 256 against an original 16, the long
+    ones, scaled by sqrt(1 + ln 16 / ln 16); the same model with its original context takes the short."""
+    import json
+
+    config = json.loads((Path(phi3_dirs["phi3_128k"]) / "config.json").read_text())
+    long = shoal.load_model(phi3_dirs["phi3_128k"]).config.rope_scaling
+    assert long["factors"] == tuple(config["rope_parameters"]["long_factor"])
+    assert long["attention_factor"] == pytest.approx(2**0.5)
+    from shoal.models.config import ModelConfig
+
+    short = ModelConfig.from_hf(config | {"max_position_embeddings": 16}).rope_scaling
+    assert short["factors"] == tuple(config["rope_parameters"]["short_factor"])
+    assert short["attention_factor"] == 1.0
+
+
+def test_a_partly_rotated_head_fails_at_load_saying_so(phi3_dirs, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "phi4-mini"
+    shutil.copytree(phi3_dirs["phi3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = config["rope_parameters"] | {"partial_rotary_factor": 0.75}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(shoal.ModelLoadError, match="partial_rotary_factor 0.75"):
+        shoal.load_model(str(folder))
 
 
 def test_an_architecture_shoal_does_not_run_fails_at_load_naming_the_ones_it_does(tiny_dirs, tmp_path):

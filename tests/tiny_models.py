@@ -21,6 +21,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -29,7 +30,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-NEW_ARCHS = ("gemma3", "qwen3_moe", "mixtral")  # issue 19's families
+NEW_ARCHS = ("gemma3", "qwen3_moe", "mixtral", "phi3")  # issue 19's families
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -56,6 +57,7 @@ _CONFIGS = {
     "gemma3": Gemma3TextConfig,
     "qwen3_moe": Qwen3MoeConfig,
     "mixtral": MixtralConfig,
+    "phi3": Phi3Config,
 }
 # Per architecture: what makes it differ from plain Llama, so each loader path gets exercised.
 _VARIANTS: dict[str, dict] = {
@@ -85,7 +87,21 @@ _VARIANTS: dict[str, dict] = {
         "use_sliding_window": False,
     },
     "mixtral": {"tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2},
+    # Phi-3-mini-4k's form: fused qkv and gate/up, a sliding window on every layer (8 here), no rope scaling
+    "phi3": {"tie_word_embeddings": False, "sliding_window": 8},
 }
+
+
+def longrope(head_dim: int, original: int) -> dict:
+    """Phi-3-128k's rope scaling, as its config.json has it: a long and a short divisor per frequency."""
+    n = head_dim // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "long_factor": [round(1.0 + 7.0 * i / (n - 1), 4) for i in range(n)],
+        "short_factor": [round(1.0 + 0.5 * i / (n - 1), 4) for i in range(n)],
+        "original_max_position_embeddings": original,
+    }
 
 
 def _pre_tokenizer(qwen: bool) -> pre_tokenizers.PreTokenizer:
@@ -180,6 +196,13 @@ FAMILIES = {
         eos="<end_of_turn>",
         adds_bos=True,
     ),
+    "phi3": Family(
+        "phi3",
+        "phi3.jinja",
+        ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|system|>", "<|user|>"),
+        bos="<s>",
+        eos="<|end|>",
+    ),
     "mistral-v0.3": Family(
         "mistral",
         "mistral-v0.3.jinja",
@@ -247,8 +270,8 @@ def make_tiny_hf_model(
     """Saves a tiny random `arch` model (safetensors, in `dtype`) with its tokenizer and chat template into
     `path` (the tiny ChatML tokenizer unless one is given). K-quant GGUFs need hidden and intermediate sizes
     that are multiples of 256 (and, for Qwen3-MoE, moe_intermediate_size in `overrides`)."""
-    if tokenizer is None and arch == "gemma3":
-        tokenizer = make_family_tokenizer("gemma3")
+    if tokenizer is None and arch in ("gemma3", "phi3"):
+        tokenizer = make_family_tokenizer(arch)
     tokenizer = tokenizer or make_tiny_tokenizer(qwen=arch.startswith("qwen"))
     shape = {
         "vocab_size": len(tokenizer),
@@ -319,6 +342,7 @@ _GGUF_ARCH = {
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3moe",
     "gemma3_text": "gemma3",
+    "phi3": "phi3",
 }
 _GGUF_LAYER_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -332,6 +356,8 @@ _GGUF_LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3's fused ones
+    "mlp.gate_up_proj": "ffn_up",
 }
 _GGUF_GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -451,8 +477,12 @@ def write_gguf(
         else:
             gguf_name = gguf_tensor_name(name, arch)
         writer.add_tensor(gguf_name, raw, raw_dtype=qt)
-    if (hf.get("rope_parameters") or {}).get("rope_type") == "llama3":
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(hf))
+    if rope.get("rope_type") == "longrope":
+        for kind in ("long", "short"):
+            writer.add_tensor(f"rope_factors_{kind}.weight", np.array(rope[f"{kind}_factor"], np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -504,6 +534,16 @@ def _write_model_metadata(writer, arch: str, hf: dict) -> None:
             writer.add_expert_feed_forward_length(hf["moe_intermediate_size"])
     if arch == "gemma3":
         writer.add_sliding_window(hf["sliding_window"])
+    if arch == "phi3":  # as convert_hf_to_gguf's Phi3MiniModel
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_sliding_window(hf.get("sliding_window") or 0)
+        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        writer.add_rope_scaling_orig_ctx_len(original or hf["max_position_embeddings"])
+        if rope.get("rope_type") == "longrope":
+            scale = hf["max_position_embeddings"] / original
+            writer.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+            )
 
 
 def _write_tokenizer_metadata(writer, tokenizer: PreTrainedTokenizerFast, arch: str) -> None:
@@ -556,7 +596,8 @@ def transformers_gguf_state_dict(gguf_path: str, hf_config: dict) -> dict[str, t
 def dequantized_hf_dir(gguf_path: str, hf_dir: str, out_dir: str | Path) -> str:
     """The GGUF's weights, dequantized by gguf, saved back as the Hugging Face checkpoint in `hf_dir` was
     (its names, its config and tokenizer): transformers then runs exactly the model the file holds. The
-    inverse of write_gguf: q/k un-permuted for llama files, Gemma's norms back to w, experts unstacked."""
+    inverse of write_gguf: q/k un-permuted for llama files, Gemma's norms back to w, experts unstacked.
+    Phi-3 files are run with full attention by llama.cpp and transformers' GGUF reader: so is this copy."""
     import shutil
 
     import gguf
@@ -583,6 +624,8 @@ def dequantized_hf_dir(gguf_path: str, hf_dir: str, out_dir: str | Path) -> str:
             names[gguf_tensor_name(name, arch)] = name
     weights = {}
     for tensor in gguf.GGUFReader(gguf_path).tensors:
+        if tensor.name not in names:  # rope factors: in the config already
+            continue
         data = dequantize(tensor.data, tensor.tensor_type).reshape(
             tuple(int(d) for d in reversed(tensor.shape))
         )
@@ -605,6 +648,8 @@ def dequantized_hf_dir(gguf_path: str, hf_dir: str, out_dir: str | Path) -> str:
         if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json" and path.is_file():
             shutil.copy(path, out / path.name)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if arch == "phi3":
+        (out / "config.json").write_text(json.dumps(hf | {"sliding_window": None}))
     return str(out)
 
 

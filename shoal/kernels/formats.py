@@ -52,6 +52,12 @@ class QuantizedTensor:
     def dequantize(self) -> np.ndarray:
         return dequantize(self.data, self.ggml_type).reshape(self.shape)
 
+    def row_range(self, start: int, stop: int) -> QuantizedTensor:
+        """Rows start..stop, still as stored (a view of the same blocks)."""
+        return QuantizedTensor(
+            self.data[start:stop], self.ggml_type, (stop - start, self.shape[1]), self.release
+        )
+
 
 @dataclass
 class ScaleFactors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "MixtralForCausalLM",
+    "Phi3ForCausalLM",
 )
 GEMMA3_QUERY_SCALAR = 256  # transformers' default query_pre_attn_scalar
 
@@ -67,6 +69,9 @@ class ModelConfig:
         rope_scaling = hf.get("rope_scaling") or (
             rope_params if rope_params.get("rope_type", "default") != "default" else None
         )
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in ("longrope", "su"):
+            rope_scaling = _longrope(hf, rope_scaling)
+        _check_whole_head_rotation(hf, rope_params)
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         gemma = arch == "Gemma3ForCausalLM"
         if gemma:
@@ -135,6 +140,31 @@ class MoEConfig:
                 sparse,
             )
         return None
+
+
+def _longrope(hf: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's LongRoPE as one fixed table: the long factors when the model's context is longer than the one
+    it was pretrained with, else the short ones, for every token. (transformers switches per forward pass
+    by the longest sequence in it, so a token's result would depend on the batch; llama.cpp, like this,
+    decides by the context.) cos and sin are scaled by the attention factor either way."""
+    original = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    context = hf.get("max_position_embeddings") or original
+    original = original or context
+    factor = scaling.get("factor") or context / original
+    attention = scaling.get("attention_factor") or (
+        math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+    )
+    factors = scaling["long_factor"] if context > original else scaling["short_factor"]
+    return {"rope_type": "longrope", "factors": tuple(factors), "attention_factor": attention}
+
+
+def _check_whole_head_rotation(hf: dict[str, Any], rope_params: dict[str, Any]) -> None:
+    partial = hf.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise ModelLoadError(
+            f"this model rotates only part of each head (partial_rotary_factor {partial}, as Phi-4-mini "
+            "does); shoal's rotary embedding covers whole heads, so it cannot run this model"
+        )
 
 
 def _gemma3_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:

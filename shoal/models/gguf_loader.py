@@ -29,8 +29,9 @@ HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
-NAMES = "Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3"
+NAMES = "Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3, Phi-3"
 # convert_hf_to_gguf permutes q/k rows for these, to suit llama.cpp's interleaved rotary pairs.
 PERMUTED_ARCHITECTURES = ("llama",)
 
@@ -40,6 +41,8 @@ GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 ROPE_FREQS = "rope_freqs.weight"
+PHI3_ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+NOT_WEIGHTS = (ROPE_FREQS, *PHI3_ROPE_FACTORS.values())  # read into the config
 TEMPLATES = Path(__file__).parent / "templates"
 LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -61,6 +64,8 @@ GEMMA3_LAYER_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+PHI3_LAYER_NAMES = {**LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+LAYER_NAMES_OF = {"gemma3": GEMMA3_LAYER_NAMES, "phi3": PHI3_LAYER_NAMES}
 EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # llama.cpp's, fixed for every Gemma 3
 GEMMA3_SLIDING_PATTERN = 6  # every sixth layer global (llama.cpp's, fixed)
@@ -135,7 +140,37 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
         config |= {"moe_intermediate_size": inter, "norm_topk_prob": True}  # llama.cpp normalizes both
     if arch == "gemma3":
         config |= _gemma3_config(reader, config, tokens)
+    if arch == "phi3":
+        config |= _phi3_config(reader, config, tokens)
     return config
+
+
+def _phi3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """Phi-3's LongRoPE factors (two tensors); <|end|> as an end of turn, as llama.cpp takes it. The file's
+    sliding window is not applied: llama.cpp and transformers' GGUF reader both run these files with full
+    attention (the converter's window is not trusted; llama.cpp PR 13676), and shoal reads them as they do."""
+    rope_dims = field(reader, "phi3.rope.dimension_count", config["head_dim"])
+    eos = [*config["eos_token_id"], *([tokens.index("<|end|>")] if "<|end|>" in tokens else [])]
+    extra: dict[str, Any] = {
+        "sliding_window": None,
+        "partial_rotary_factor": rope_dims / config["head_dim"],
+        "eos_token_id": list(dict.fromkeys(eos)),
+    }
+    factors = {
+        key: [float(v) for v in dequantize_tensor(t).reshape(-1)]
+        for key, name in PHI3_ROPE_FACTORS.items()
+        for t in reader.tensors
+        if t.name == name
+    }
+    original = field(reader, "phi3.rope.scaling.original_context_length")
+    if len(factors) == 2 and original is not None:
+        extra["original_max_position_embeddings"] = original
+        extra["rope_scaling"] = factors | {
+            "rope_type": "longrope",
+            "original_max_position_embeddings": original,
+            "attention_factor": field(reader, "phi3.rope.scaling.attn_factor"),
+        }
+    return extra
 
 
 def _gemma3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
@@ -173,7 +208,7 @@ def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    names = GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
+    names = LAYER_NAMES_OF.get(arch, LAYER_NAMES)
     if len(parts) != 4 or parts[0] != "blk":
         return None
     if parts[2] in EXPERT_NAMES:
@@ -200,7 +235,7 @@ def unpermute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: int) -> dict[str, Weight]:
     arch = field(reader, "general.architecture")
-    unknown = [t.name for t in reader.tensors if hf_name(t.name, arch) is None and t.name != ROPE_FREQS]
+    unknown = [t.name for t in reader.tensors if hf_name(t.name, arch) is None and t.name not in NOT_WEIGHTS]
     if unknown:
         raise ModelLoadError(
             f"{path} has tensors shoal does not know: {', '.join(unknown[:5])}; "
@@ -210,7 +245,7 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
     for tensor in reader.tensors:
         name = hf_name(tensor.name, arch)
         if name is None:
-            continue  # rope_freqs: read by gguf_rope_factors
+            continue  # rope factors: read into the config
         if "{}" in name:  # experts' matrices stacked [experts, n, k]: one matrix each, as stored
             weights |= {name.format(e): w for e, w in enumerate(_read_experts(tensor, reader.data))}
             continue

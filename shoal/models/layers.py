@@ -24,18 +24,15 @@ def rope_inv_freq(
     """The rotary frequencies of one head (head_dim / 2), with a config's scaling applied."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     if freq_factors is not None:
-        if len(freq_factors) != len(inv_freq):
-            raise ModelLoadError(
-                f"rope_freqs holds {len(freq_factors)} factors, the model needs {len(inv_freq)} "
-                "(head_dim / 2); is the file complete?"
-            )
-        inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
+        inv_freq = inv_freq / _factors(freq_factors, len(inv_freq))
     scaling = scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq.float()
     if kind == "linear":
         return (inv_freq / scaling["factor"]).float()
+    if kind == "longrope":  # factors chosen by config._longrope
+        return (inv_freq / _factors(scaling["factors"], len(inv_freq))).float()
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -45,13 +42,29 @@ def rope_inv_freq(
         middle = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         is_middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(is_middle, middle, scaled).float()
-    raise ModelLoadError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    raise ModelLoadError(
+        f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, longrope)"
+    )
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """What cos and sin are multiplied by (LongRoPE's attention factor; 1 for the other kinds)."""
+    return float((scaling or {}).get("attention_factor", 1.0))
+
+
+def _factors(factors: tuple[float, ...], n: int) -> torch.Tensor:
+    if len(factors) != n:
+        raise ModelLoadError(
+            f"the rotary scaling holds {len(factors)} factors, the model needs {n} (head_dim / 2); "
+            "is the checkpoint complete?"
+        )
+    return torch.tensor(factors, dtype=torch.float64)
 
 
 @dataclass(eq=False)
 class RotaryTable:
     inv_freq: torch.Tensor  # [head_dim / 2]
-    attention_factor: float = 1.0  # cos and sin scaled by it (LongRoPE)
+    attention_factor: float = 1.0  # cos and sin scaled by it (rope_attention_factor)
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         """cos, sin [T, 1, head_dim] of the positions, rotate-half layout."""

@@ -1,5 +1,6 @@
-"""One decoder for the Llama family: Llama (SmolLM2), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), and their
-mixture-of-experts forms, Mixtral and Qwen3-MoE.
+"""One decoder for the Llama family: Llama (SmolLM2), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3
+(LongRoPE; its fused q/k/v and gate/up are split by the loader), and the mixture-of-experts forms, Mixtral
+and Qwen3-MoE.
 
 Tokens of all sequences arrive flattened: [T] ids and positions, no padding between sequences. Every
 operation goes through the back end the model was loaded with (kernels/backend.py).
@@ -14,7 +15,14 @@ import torch
 from shoal.kernels.backend import Backend, Heads, PreNormLayer, Rope
 from shoal.kernels.formats import Weight
 from shoal.models.config import ModelConfig
-from shoal.models.layers import Attention, GatedMLP, MixtureOfExperts, RotaryTable, rope_inv_freq
+from shoal.models.layers import (
+    Attention,
+    GatedMLP,
+    MixtureOfExperts,
+    RotaryTable,
+    rope_attention_factor,
+    rope_inv_freq,
+)
 
 
 class DecoderLayer:
@@ -152,7 +160,7 @@ class CausalLM:
         tied = cfg.tie_word_embeddings
         self.lm_head = self.embed_tokens if tied else backend.pack([weights["lm_head.weight"]])
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_freq_factors)
-        self.rope = RotaryTable(inv_freq.to(backend.device))
+        self.rope = RotaryTable(inv_freq.to(backend.device), rope_attention_factor(cfg.rope_scaling))
 
     @property
     def linears(self) -> list[Any]:

@@ -131,7 +131,7 @@ def _download(repo_id: str) -> str:
 def load_hf_dir(folder: Path) -> Checkpoint:
     hf_config = _read_hf_config(folder)
     config = ModelConfig.from_hf(hf_config)
-    weights = checked_weights(config, canonical_names(read_safetensors(folder)), folder)
+    weights = checked_weights(config, canonical_names(read_safetensors(folder), config), folder)
     return Checkpoint(config, weights, _hf_tokenizer(folder), str(folder), hf_config)
 
 
@@ -143,15 +143,53 @@ MIXTRAL_NAMES = [
 ]
 
 
-def canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mixtral's expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's (mlp.gate, gate/up/down_proj)."""
+def canonical_names(weights: dict[str, Weight], config: ModelConfig) -> dict[str, Weight]:
+    """The names the model files use: Mixtral's expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
+    (mlp.gate, gate/up/down_proj); Phi-3's fused qkv_proj and gate_up_proj split into their parts (row
+    ranges of the stored matrices, which the back end packs together again)."""
 
     def renamed(name: str) -> str:
         for pattern, replacement in MIXTRAL_NAMES:
             name = pattern.sub(replacement, name)
         return name
 
-    return {renamed(name): tensor for name, tensor in weights.items()}
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    fused = {
+        "self_attn.qkv_proj": (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)),
+        "mlp.gate_up_proj": (("mlp.gate_proj", None), ("mlp.up_proj", None)),
+    }
+    out: dict[str, Weight] = {}
+    for name, tensor in weights.items():
+        prefix, module, kind = _split_name(name, fused)
+        if module is None:
+            out[renamed(name)] = tensor
+            continue
+        parts = fused[module]
+        sizes = [size or tensor.shape[0] // len(parts) for _, size in parts]
+        for (part, _), rows in zip(parts, _row_ranges(tensor, sizes), strict=True):
+            out[f"{prefix}{part}.{kind}"] = rows
+    return out
+
+
+def _split_name(name: str, fused: dict[str, Any]) -> tuple[str, str | None, str]:
+    """'model.layers.3.self_attn.qkv_proj.weight' -> ('model.layers.3.', 'self_attn.qkv_proj', 'weight')."""
+    for module in fused:
+        head, sep, kind = name.rpartition(f"{module}.")
+        if sep and "." not in kind:
+            return head, module, kind
+    return name, None, ""
+
+
+def _row_ranges(weight: Weight, sizes: list[int]) -> list[Weight]:
+    if sum(sizes) != weight.shape[0]:
+        raise ModelLoadError(
+            f"a fused matrix has {weight.shape[0]} rows where its config calls for {sum(sizes)}; "
+            "the checkpoint does not match its config"
+        )
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    if isinstance(weight, QuantizedTensor):
+        return [weight.row_range(a, a + n) for a, n in zip(starts, sizes, strict=True)]
+    return list(torch.split(weight, sizes))
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
@@ -228,7 +266,7 @@ def load_gguf(path: Path) -> Checkpoint:
     hf_config = gguf_hf_config(reader, path)
     config = replace(ModelConfig.from_hf(hf_config), rope_freq_factors=gguf_rope_factors(reader))
     weights = gguf_weights(reader, path, config.num_heads, config.num_kv_heads)
-    weights = checked_weights(config, weights, path)
+    weights = checked_weights(config, canonical_names(weights, config), path)
     return Checkpoint(config, weights, gguf_tokenizer(reader, path), str(path), hf_config)
 
 
