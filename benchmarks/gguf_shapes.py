@@ -27,6 +27,9 @@ class Shape:
     tied: bool
     qkv_bias: bool = False
     qk_norm: bool = False
+    experts: int = 0  # a mixture of experts in every layer: this many, `experts_used` per token
+    experts_used: int = 0
+    expert_ffn: int = 0  # one expert's intermediate size
 
     def kv_bytes_per_token(self, element: int = 4) -> int:
         return self.layers * self.kv_heads * self.head_dim * 2 * element
@@ -35,6 +38,22 @@ class Shape:
 SHAPES = {
     "qwen2.5-0.5b": Shape("qwen2", 896, 4864, 24, 14, 2, 64, 151936, 1e6, tied=True, qkv_bias=True),
     "qwen3-8b": Shape("qwen3", 4096, 12288, 36, 32, 8, 128, 151936, 1e6, tied=False, qk_norm=True),
+    "qwen3-30b-a3b": Shape(
+        "qwen3moe",
+        2048,
+        6144,
+        48,
+        32,
+        4,
+        128,
+        151936,
+        1e6,
+        tied=False,
+        qk_norm=True,
+        experts=128,
+        experts_used=8,
+        expert_ffn=768,
+    ),  # fmt: skip
 }
 TYPES = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K", "q8_0": "Q8_0"}
 
@@ -52,10 +71,8 @@ def tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
             (p + "attn_v.weight", (shape.kv_heads * d, h)),
             (p + "attn_output.weight", (h, shape.heads * d)),
             (p + "ffn_norm.weight", (h,)),
-            (p + "ffn_gate.weight", (shape.intermediate, h)),
-            (p + "ffn_up.weight", (shape.intermediate, h)),
-            (p + "ffn_down.weight", (h, shape.intermediate)),
         ]
+        out += _ffn(shape, p)
         if shape.qkv_bias:
             out += [
                 (p + f"attn_{x}.bias", (n * d,))
@@ -67,6 +84,24 @@ def tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
     if not shape.tied:
         out.append(("output.weight", (shape.vocab, h)))
     return out
+
+
+def _ffn(shape: Shape, p: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A dense gated MLP, or the router and the experts' stacked matrices [experts, rows, k]."""
+    h, e, f = shape.hidden, shape.experts, shape.expert_ffn
+    if not e:
+        i = shape.intermediate
+        return [
+            (p + "ffn_gate.weight", (i, h)),
+            (p + "ffn_up.weight", (i, h)),
+            (p + "ffn_down.weight", (h, i)),
+        ]
+    return [
+        (p + "ffn_gate_inp.weight", (e, h)),
+        (p + "ffn_gate_exps.weight", (e, f, h)),
+        (p + "ffn_up_exps.weight", (e, f, h)),
+        (p + "ffn_down_exps.weight", (e, h, f)),
+    ]
 
 
 def _byte_tokens() -> list[str]:
@@ -110,11 +145,15 @@ def write_f16(shape: Shape, path: Path, seed: int = 0) -> None:
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    if shape.experts:
+        writer.add_expert_count(shape.experts)
+        writer.add_expert_used_count(shape.experts_used)
+        writer.add_expert_feed_forward_length(shape.expert_ffn)
     _write_tokenizer(writer, shape.vocab)
     layout = tensors(shape)
     for name, dims in layout:
-        dtype = np.float16 if len(dims) == 2 else np.float32
-        raw = gguf.GGMLQuantizationType.F16 if len(dims) == 2 else gguf.GGMLQuantizationType.F32
+        dtype = np.float32 if _kept_f32(name, dims) else np.float16
+        raw = gguf.GGMLQuantizationType.F32 if dtype == np.float32 else gguf.GGMLQuantizationType.F16
         writer.add_tensor_info(
             name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize, raw
         )
@@ -128,13 +167,20 @@ def write_f16(shape: Shape, path: Path, seed: int = 0) -> None:
                 np.ones(dims, np.float32) if "norm" in name else rng.normal(0, 0.02, dims).astype(np.float32)
             )
         else:  # rows of a matrix at a time: a std of 1/sqrt(fan-in) keeps activations in range
-            values = np.empty(dims, np.float16)
-            scale = dims[1] ** -0.5
-            for start in range(0, dims[0], 4096):
-                rows = values[start : start + 4096]
-                rows[:] = (rng.standard_normal(rows.shape, dtype=np.float32) * scale).astype(np.float16)
+            dtype = np.float32 if _kept_f32(name, dims) else np.float16
+            values = np.empty(dims, dtype)
+            flat = values.reshape(-1, dims[-1])
+            scale = dims[-1] ** -0.5
+            for start in range(0, flat.shape[0], 4096):
+                rows = flat[start : start + 4096]
+                rows[:] = (rng.standard_normal(rows.shape, dtype=np.float32) * scale).astype(dtype)
         writer.write_tensor_data(values)
     writer.close()
+
+
+def _kept_f32(name: str, dims: tuple[int, ...]) -> bool:
+    """Vectors, and routers (llama-quantize leaves them in F32, as the converter writes them)."""
+    return len(dims) == 1 or "ffn_gate_inp" in name
 
 
 def random_gguf(name: str, qtype: str, layers: int | None, quantize: str, cache: Path) -> Path:

@@ -105,3 +105,51 @@ def test_a_source_that_does_not_compile_is_reported_with_the_compilers_words(tmp
     monkeypatch.setattr(build, "SOURCES", build.SOURCES[:-1])
     assert build._compile(compiler(), quick, tmp_path, tmp_path / "k.so") is None
     assert (tmp_path / "k.so").stat().st_size > 0
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the_batch(kernel, precision):
+    """experts.c runs a layer's active experts in one call; Backend.experts composes the same GEMMs and
+    activation per expert. Equal bits, and a row's result the same alone as among others."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from shoal.kernels.backend import Backend, CpuBackend, Routing
+    from shoal.kernels.formats import QuantizedTensor
+
+    be = CpuBackend(kernel, "test", precision)
+    g = torch.Generator().manual_seed(3)
+    hidden, inter, experts, top_k = 64, 32, 6, 2
+
+    def q8(rows: int, cols: int) -> QuantizedTensor:
+        values = (torch.randn(rows, cols, generator=g) * 0.3).numpy()
+        return QuantizedTensor(
+            quantize(values, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0, (rows, cols)
+        )
+
+    gate_ups = [be.pack([q8(inter, hidden), q8(inter, hidden)]) for _ in range(experts)]
+    downs = [be.pack([q8(hidden, inter)]) for _ in range(experts)]
+    group = be.expert_group(gate_ups, downs, "silu")
+
+    def routing(x: torch.Tensor) -> Routing:
+        chosen = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(len(x))])
+        weights = torch.rand(len(x), top_k, generator=g)
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=experts)
+        starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        return Routing(order // top_k, weights.flatten()[order], starts)
+
+    x = torch.randn(11, hidden, generator=g)
+    route = routing(x)
+    fused = be.experts(x, group, route)
+    assert torch.equal(fused, Backend.experts(be, x, group, route))
+    assert fused.abs().max() > 0.1
+    for row in (0, 5, 10):  # the row alone, routed to the same experts with the same weights
+        mine = [i for i in range(len(route.rows)) if route.rows[i] == row]
+        alone = Routing(
+            torch.zeros(len(mine), dtype=torch.long),
+            route.weights[mine],
+            torch.tensor([sum(1 for i in mine if i < route.starts[e]) for e in range(experts + 1)]),
+        )
+        assert torch.equal(be.experts(x[row : row + 1], group, alone)[0], fused[row]), row

@@ -91,6 +91,25 @@ class PreNormLayer:
     scale: float
 
 
+@dataclass(eq=False)
+class Routing:
+    """Where a step's token rows go in a mixture of experts: each (row, expert) assignment, grouped by expert
+    in ascending order (rows ascending within one), with the router's weight of it."""
+
+    rows: torch.Tensor  # int64 [assignments]
+    weights: torch.Tensor  # [assignments], the activations' dtype
+    starts: torch.Tensor  # int64 [experts + 1]: where each expert's assignments begin
+
+
+@dataclass(eq=False)
+class ExpertGroup:
+    """A layer's experts (gated MLPs) as a back end runs them together."""
+
+    gate_ups: list[Any]
+    downs: list[Any]
+    activation: str
+
+
 class Backend(ABC):
     name: str
     device: torch.device
@@ -147,6 +166,25 @@ class Backend(ABC):
     def gated_activation(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor:
         """gate_up [T, 2 I] (gate, then up) -> act(gate) * up [T, I]; activation "silu" or "gelu_tanh"."""
 
+    def expert_group(self, gate_ups: list[Any], downs: list[Any], activation: str) -> Any:
+        """A layer's packed experts, as `experts` takes them."""
+        return ExpertGroup(gate_ups, downs, activation)
+
+    def experts(self, x: torch.Tensor, group: Any, routing: Routing) -> torch.Tensor:
+        """Each row's sum over its experts of weight * down(act(gate) * up): one GEMM per active expert over
+        just its rows, and a row's outputs added in ascending expert order (so it depends on that row only)."""
+        out = torch.zeros_like(x)
+        starts = routing.starts.tolist()
+        for e, (gate_up, down) in enumerate(zip(group.gate_ups, group.downs, strict=True)):
+            first, count = starts[e], starts[e + 1] - starts[e]
+            if count == 0:
+                continue
+            rows = routing.rows[first : first + count]
+            h = _padded(x[rows], self.rows_for(count))
+            y = self.linear(self.gated_activation(self.linear(h, gate_up), group.activation), down)[:count]
+            out.index_add_(0, rows, y * routing.weights[first : first + count, None])
+        return out
+
     def fuse_layer(self, layer: PreNormLayer) -> Callable[..., torch.Tensor] | None:
         """A call running the whole layer, (x, rope, kv_cache, meta) -> x, where this back end has one
         (the same bits as composing the operations); None: the model composes them."""
@@ -169,6 +207,11 @@ class Backend(ABC):
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows` (the back end's GEMMs need that many for batch invariance)."""
+    return x if rows <= x.shape[0] else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
 def _qkv_views(qkv: torch.Tensor, heads: Heads):
@@ -239,6 +282,14 @@ class CpuBackend(Backend):
 
     def gated_activation(self, gate_up, activation: str):
         return cpu.gated_activation_c(self.lib, gate_up, activation)
+
+    def expert_group(self, gate_ups, downs, activation: str) -> cpu.ExpertGroup:
+        return cpu.ExpertGroup(gate_ups, downs, activation)
+
+    def experts(self, x, group: cpu.ExpertGroup, routing: Routing):
+        """experts.c's one call: the same GEMM and activation bodies, one wake-up a layer."""
+        weights = routing.weights.float().contiguous()
+        return cpu.expert_group(self.lib, group, x.contiguous(), routing.rows, weights, routing.starts)
 
     def fuse_layer(self, layer: PreNormLayer):
         """layer.c's one call: one thread wake-up a layer instead of a dozen Python calls and wake-ups."""

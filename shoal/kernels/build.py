@@ -20,7 +20,10 @@ from pathlib import Path
 
 logger = logging.getLogger("shoal")
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("gemm.c", "gemm_int8.c", "paged_attention.c", "layer_ops.c", "layer.c")]
+SOURCES = [
+    HERE / name
+    for name in ("gemm.c", "gemm_int8.c", "paged_attention.c", "layer_ops.c", "layer.c", "experts.c")
+]
 HEADERS = [HERE / "simd_math.h", HERE / "kernels.h", HERE / "panel.h"]
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 ISA_FLAGS = {

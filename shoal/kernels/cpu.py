@@ -77,6 +77,19 @@ class _StepStruct(ctypes.Structure):
     ]
 
 
+class _ExpertGroupStruct(ctypes.Structure):
+    """experts.c's struct expert_group."""
+
+    _fields_ = [
+        ("gate_up", ctypes.c_void_p),
+        ("down", ctypes.c_void_p),
+        ("num_experts", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("inter", ctypes.c_int64),
+        ("activation", ctypes.c_int32),
+    ]
+
+
 KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # kernels.h's enum activation
 
@@ -314,11 +327,13 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             i32,
         ],
         "decoder_layer_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i32],
+        "expert_group_f32": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32],
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)
         function.restype, function.argtypes = None, argtypes
     lib.decoder_layer_scratch.restype, lib.decoder_layer_scratch.argtypes = i64, [ptr, i64]
+    lib.expert_group_scratch.restype, lib.expert_group_scratch.argtypes = i64, [ptr, i64]
     return lib
 
 
@@ -430,3 +445,41 @@ def decoder_layer(
         scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return x
+
+
+@dataclass(eq=False)
+class ExpertGroup:
+    """A layer's experts as experts.c reads them: arrays of their packed gate/up and down matrices."""
+
+    gate_ups: list[PackedWeight]
+    downs: list[PackedWeight]
+    activation: str
+    struct: _ExpertGroupStruct = field(init=False)
+
+    def __post_init__(self) -> None:
+        def addresses(weights: list[PackedWeight]) -> ctypes.Array:
+            return (ctypes.c_void_p * len(weights))(*(ctypes.addressof(w.struct) for w in weights))
+
+        self._arrays = addresses(self.gate_ups), addresses(self.downs)  # kept alive with the struct
+        hidden, inter = self.downs[0].columns, self.downs[0].k
+        self.struct = _ExpertGroupStruct(
+            ctypes.addressof(self._arrays[0]), ctypes.addressof(self._arrays[1]), len(self.downs), hidden,
+            inter, ACTIVATIONS[self.activation],
+        )  # fmt: skip
+
+
+def expert_group(
+    lib, group: ExpertGroup, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
+    """experts.c: each row's experts' weighted outputs summed (x [T, hidden] contiguous float32; rows, starts
+    int64 and weights float32 as backend.Routing has them)."""
+    most = int((starts[1:] - starts[:-1]).max()) if rows.numel() else 0
+    out = torch.zeros_like(x)
+    if most == 0:
+        return out
+    scratch = torch.empty(lib.expert_group_scratch(ctypes.byref(group.struct), most))
+    lib.expert_group_f32(
+        ctypes.byref(group.struct), x.data_ptr(), rows.data_ptr(), weights.data_ptr(), starts.data_ptr(),
+        out.data_ptr(), scratch.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out

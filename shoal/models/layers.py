@@ -6,13 +6,13 @@ so one block serves every back end; a model's `forward` says in what order they 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from shoal.errors import ModelLoadError
-from shoal.kernels.backend import Backend, Heads, Rope
+from shoal.kernels.backend import Backend, Heads, Rope, Routing
 
 
 def rope_inv_freq(
@@ -139,15 +139,20 @@ class MixtureOfExperts:
     """A router picks `top_k` of the experts (gated MLPs) per token: softmax over all experts' logits, the
     top k, rescaled to sum to 1 where `normalize`; the token's output is the experts' outputs weighted.
 
-    Tokens are grouped by expert and each active expert runs one GEMM over just its tokens. The GEMMs give a
-    row the same bits whatever other rows they hold, and a row's weighted outputs are summed in the order of
-    its experts' indices, so a token's result depends on that token alone, never on the batch around it."""
+    The back end runs the experts together (Backend.experts): one GEMM per active expert over just its
+    tokens, whose bits for a row do not depend on the other rows, and each token's outputs summed in the
+    order of its experts' indices, so a token's result depends on that token alone."""
 
     backend: Backend
     router: Any
     experts: list[GatedMLP]
     top_k: int
     normalize: bool
+    group: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        gate_ups, downs = [e.gate_up for e in self.experts], [e.down for e in self.experts]
+        self.group = self.backend.expert_group(gate_ups, downs, self.experts[0].activation)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         be = self.backend
@@ -155,20 +160,12 @@ class MixtureOfExperts:
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(h.dtype).flatten()  # [T * top_k], as `flat`
-        out = torch.zeros_like(h)
         flat = chosen.flatten()
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        start = 0
-        for expert, count in zip(self.experts, counts, strict=True):
-            if count == 0:
-                continue
-            picks = order[start : start + count]
-            start += count
-            rows = picks // self.top_k
-            y = expert.forward(_padded(h[rows], be.rows_for(count)))[:count]
-            out.index_add_(0, rows, y * weights[picks, None])
+        counts = torch.bincount(flat, minlength=len(self.experts))
+        starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        routing = Routing(order // self.top_k, weights.to(h.dtype).flatten()[order], starts)
+        out = be.experts(h, self.group, routing)
         return out if residual is None else residual + out
 
     @property
@@ -178,8 +175,3 @@ class MixtureOfExperts:
     @property
     def vectors(self) -> list[torch.Tensor]:
         return []
-
-
-def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x with zero rows appended up to `rows` (the back end's GEMMs need that many for batch invariance)."""
-    return x if rows <= x.shape[0] else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
