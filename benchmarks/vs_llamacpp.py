@@ -183,7 +183,8 @@ def shoal_child(model: str, threads: int, kv_memory: int, precision: str) -> Non
     long = measure(1, seed=2048, prompt_len=LONG_PROMPT)
     described = llm.model.describe_weights()
     print("SHOAL_RESULT " + json.dumps({"batches": rows, "long": long, "weights": described,
-                                        "weight_bytes": llm.model.weight_bytes, "load_s": load_s}))  # fmt: skip
+                                        "weight_bytes": llm.model.weight_bytes, "load_s": load_s,
+                                        "bytes_per_token": llm.model.module.bytes_per_token}))  # fmt: skip
 
 
 def shoal_run(model: str, threads: int, kv_memory: int, precision: str, log: Path) -> dict:
@@ -279,7 +280,7 @@ def report(name: str, size_mib: float, ours: dict, theirs: dict, bandwidth: floa
         ]
         print(f"{'1 @' + str(LONG_PROMPT):>5} | {a.get('decode', 0):12.1f} {b.get('decode', 0):9.1f} {ratios[0]:>6} | "
               f"{a.get('prefill', 0):13.1f} {b.get('prefill', 0):9.1f} {ratios[1]:>6}")  # fmt: skip
-    per_token = ours.get("weight_bytes") or size_mib * 2**20
+    per_token = ours.get("bytes_per_token") or ours.get("weight_bytes") or size_mib * 2**20
     print(f"batch-1 bandwidth limit: {bandwidth / 1e9:.1f} GB/s read / {per_token / 1e9:.2f} GB per token "
           f"= {bandwidth / per_token:.1f} tokens/s")  # fmt: skip
     if ours:

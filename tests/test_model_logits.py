@@ -287,3 +287,13 @@ def test_an_architecture_shoal_does_not_run_fails_at_load_naming_the_ones_it_doe
         shoal.ModelLoadError, match="FalconForCausalLM.*Gemma3ForCausalLM.*MixtralForCausalLM"
     ):
         shoal.load_model(str(folder))
+
+
+def test_a_token_reads_the_weights_of_its_top_k_experts_only(tiny_dirs, moe_dirs):
+    dense = shoal.load_model(tiny_dirs["llama"])  # tied: the embedding table is the lm_head, read whole
+    assert dense.module.bytes_per_token == dense.weight_bytes
+    moe = shoal.load_model(moe_dirs["mixtral"])  # 8 experts, 2 per token, untied embeddings
+    size = moe.backend.weight_bytes
+    experts = sum(size(w) for layer in moe.module.layers for e in layer.mlp.experts for w in e.linears)
+    embedding = size(moe.module.embed_tokens)
+    assert moe.module.bytes_per_token == moe.weight_bytes - embedding - experts * 3 // 4

@@ -35,7 +35,8 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     )
     (wheel,) = (root / "dist").glob("shoal-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"shoal/kernels/gemm.c", "shoal/kernels/kernels.h"} <= set(names)
+    shipped = {"shoal/kernels/gemm.c", "shoal/kernels/experts.c", "shoal/kernels/kernels.h"}
+    assert shipped | {"shoal/models/templates/gemma.jinja"} <= set(names)  # kernels' sources, chat templates
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", root / "venv"], check=True)
     python = root / "venv" / "bin" / "python"
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

@@ -174,6 +174,18 @@ class CausalLM:
             v.numel() * v.element_size() for v in vectors
         )
 
+    @property
+    def bytes_per_token(self) -> int:
+        """The weights a batch-1 decode step reads: all but an untied embedding table (one row of it is
+        read), and of a mixture's experts only top_k of every num_experts (on average)."""
+        size = self.backend.weight_bytes
+        total = self.weight_bytes - (0 if self.lm_head is self.embed_tokens else size(self.embed_tokens))
+        for layer in self.layers:
+            if isinstance(moe := layer.mlp, MixtureOfExperts):
+                experts = sum(size(w) for e in moe.experts for w in e.linears)
+                total -= experts - experts * moe.top_k // len(moe.experts)
+        return total
+
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: per layer (k_cache, v_cache). Returns final hidden [T, hidden]."""
         be = self.backend
