@@ -29,9 +29,10 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def moe_dirs(tmp_path_factory) -> dict[str, str]:
-    """Tiny mixtures of experts: Qwen3-MoE and Mixtral, eight experts, two per token."""
+    """Tiny mixtures of experts: Qwen3-MoE, Mixtral and Qwen2-MoE (with a shared expert), eight experts,
+    two per token."""
     root = tmp_path_factory.mktemp("moe")
-    return {arch: make_tiny_hf_model(arch, root / arch) for arch in ("qwen3_moe", "mixtral")}
+    return {arch: make_tiny_hf_model(arch, root / arch) for arch in ("qwen3_moe", "mixtral", "qwen2_moe")}
 
 
 @pytest.fixture(scope="session")

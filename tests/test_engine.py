@@ -26,7 +26,8 @@ SEEDED = SamplingParams(
 
 
 @pytest.fixture(
-    scope="module", params=["float32", "Q4_1", "Q8_0", "Q4_1 int8", "qwen3_moe Q8_0", "mixtral Q4_0 int8"]
+    scope="module",
+    params=["float32", "Q4_1", "Q8_0", "Q4_1 int8", "qwen3_moe Q8_0", "mixtral Q4_0 int8", "qwen2_moe Q4_0"],
 )
 def tiny_llama(request, tiny_dirs, moe_dirs, tmp_path_factory) -> shoal.LoadedModel:
     """Every test here runs on float32 weights, on weights kept quantized (a GGUF of the same model), on

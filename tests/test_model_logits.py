@@ -53,7 +53,7 @@ def prompt_ids(model: shoal.LoadedModel) -> list[int]:
 
 
 @pytest.mark.parametrize("c_kernel", [True, False], ids=["c-kernel", "torch-attention"])
-@pytest.mark.parametrize("arch", ARCHS + ["gemma3", "qwen3_moe", "mixtral", "phi3", "phi3_128k"])
+@pytest.mark.parametrize("arch", ARCHS + ["gemma3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3", "phi3_128k"])
 def test_safetensors_logits_match_transformers_prefill_and_paged_decode(
     tiny_dirs, gemma3_dir, moe_dirs, phi3_dirs, arch, c_kernel
 ):
@@ -157,9 +157,9 @@ def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(
     assert torch.equal(shoal_logits(composed, ids, chunks=[17, 9]), expected)
 
 
-# ---- issue 19's families: Gemma 3, Qwen3-MoE, Mixtral, Phi-3 ----
+# ---- issue 19's families: Gemma 3, Qwen3-MoE, Mixtral, Qwen2-MoE, Phi-3 ----
 
-NEW_ARCHS = ["gemma3", "qwen3_moe", "mixtral", "phi3", "phi3_128k"]
+NEW_ARCHS = ["gemma3", "qwen3_moe", "mixtral", "qwen2_moe", "phi3", "phi3_128k"]
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +178,13 @@ def wide_family_dirs(tmp_path_factory) -> dict[str, str]:
             "qwen3_moe", root / "qwen3_moe", moe_intermediate_size=256, head_dim=64, **sizes
         ),
         "mixtral": make_tiny_hf_model("mixtral", root / "mixtral", **sizes),
+        "qwen2_moe": make_tiny_hf_model(
+            "qwen2_moe",
+            root / "qwen2_moe",
+            moe_intermediate_size=256,
+            shared_expert_intermediate_size=256,
+            **sizes,
+        ),  # fmt: skip
         **make_phi3_pair(root, **sizes),
     }
 

@@ -24,13 +24,14 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-NEW_ARCHS = ("gemma3", "qwen3_moe", "mixtral", "phi3")  # issue 19's families
+NEW_ARCHS = ("gemma3", "qwen3_moe", "mixtral", "phi3", "qwen2_moe")  # issue 19's families
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -56,6 +57,7 @@ _CONFIGS = {
     "qwen3": Qwen3Config,
     "gemma3": Gemma3TextConfig,
     "qwen3_moe": Qwen3MoeConfig,
+    "qwen2_moe": Qwen2MoeConfig,
     "mixtral": MixtralConfig,
     "phi3": Phi3Config,
 }
@@ -87,6 +89,16 @@ _VARIANTS: dict[str, dict] = {
         "use_sliding_window": False,
     },
     "mixtral": {"tie_word_embeddings": False, "num_local_experts": 8, "num_experts_per_tok": 2},
+    # Qwen1.5-MoE's form: q/k/v biases, eight experts, two per token, not renormalised, and a shared expert
+    "qwen2_moe": {
+        "tie_word_embeddings": False,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "norm_topk_prob": False,
+        "use_sliding_window": False,
+    },
     # Phi-3-mini-4k's form: fused qkv and gate/up, a sliding window on every layer (8 here), no rope scaling
     "phi3": {"tie_word_embeddings": False, "sliding_window": 8},
 }
@@ -341,6 +353,7 @@ _GGUF_ARCH = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
 }
@@ -356,6 +369,9 @@ _GGUF_LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",  # Qwen2-MoE's shared expert
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
     "self_attn.qkv_proj": "attn_qkv",  # Phi-3's fused ones
     "mlp.gate_up_proj": "ffn_up",
 }
@@ -382,6 +398,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     module, kind = rest.rsplit(".", 1)
     if module in ("mlp.gate", "block_sparse_moe.gate"):
         return f"blk.{layer}.ffn_gate_inp.{kind}"
+    if module == "mlp.shared_expert_gate":
+        return f"blk.{layer}.ffn_gate_inp_shexp.{kind}"
     names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _GGUF_LAYER_NAMES
     return f"blk.{layer}.{names[module]}.{kind}"
 
@@ -459,7 +477,7 @@ def write_gguf(
         if arch == "gemma3" and name.endswith("norm.weight"):
             data = data + 1.0  # convert_hf_to_gguf stores Gemma's norms as 1 + w
         kind = next((t for part, t in (mix or {}).items() if part in name), qtype)
-        router = name.endswith(".gate.weight")  # llama-quantize leaves routers in F32
+        router = name.endswith((".gate.weight", "shared_expert_gate.weight"))  # llama-quantize: F32
         qt = (
             gguf.GGMLQuantizationType[kind]
             if data.ndim >= 2 and not router
@@ -532,6 +550,8 @@ def _write_model_metadata(writer, arch: str, hf: dict) -> None:
         writer.add_expert_used_count(hf["num_experts_per_tok"])
         if "moe_intermediate_size" in hf:
             writer.add_expert_feed_forward_length(hf["moe_intermediate_size"])
+        if "shared_expert_intermediate_size" in hf:
+            writer.add_expert_shared_feed_forward_length(hf["shared_expert_intermediate_size"])
     if arch == "gemma3":
         writer.add_sliding_window(hf["sliding_window"])
     if arch == "phi3":  # as convert_hf_to_gguf's Phi3MiniModel

@@ -14,10 +14,12 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Gemma3ForCausalLM",
+    "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
     "MixtralForCausalLM",
     "Phi3ForCausalLM",
 )
+QKV_BIAS = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # q/k/v biases whatever the config says
 GEMMA3_QUERY_SCALAR = 256  # transformers' default query_pre_attn_scalar
 
 
@@ -92,7 +94,7 @@ class ModelConfig:
             rope_theta=rope_theta,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            attention_bias=arch in QKV_BIAS or bool(hf.get("attention_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             rope_scaling=rope_scaling,
             layer_windows=layer_windows(hf, window),
@@ -115,6 +117,7 @@ class MoEConfig:
     intermediate_size: int  # of one expert
     normalize_top_k: bool  # the chosen experts' weights rescaled to sum to 1
     sparse_layers: tuple[bool, ...]  # per layer: experts (True) or a dense MLP
+    shared_intermediate_size: int = 0  # a shared expert every token takes, gated by sigmoid (Qwen2-MoE)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], arch: str) -> MoEConfig | None:
@@ -127,7 +130,7 @@ class MoEConfig:
                 True,
                 (True,) * hf["num_hidden_layers"],
             )
-        if arch == "Qwen3MoeForCausalLM":
+        if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
             step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
             sparse = tuple(
                 i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"])
@@ -138,6 +141,7 @@ class MoEConfig:
                 hf["moe_intermediate_size"],
                 bool(hf.get("norm_topk_prob", False)),
                 sparse,
+                hf.get("shared_expert_intermediate_size") or 0,
             )
         return None
 

@@ -27,11 +27,12 @@ HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",  # MixtralForCausalLM when it has experts
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
-NAMES = "Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 3, Phi-3"
+NAMES = "Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma 3, Phi-3"
 # convert_hf_to_gguf permutes q/k rows for these, to suit llama.cpp's interleaved rotary pairs.
 PERMUTED_ARCHITECTURES = ("llama",)
 
@@ -57,6 +58,10 @@ LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",  # Qwen2-MoE's shared expert
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 GEMMA3_LAYER_NAMES = {
     **LAYER_NAMES,
@@ -137,7 +142,11 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
         used = required("expert_used_count")
         inter = field(reader, f"{arch}.expert_feed_forward_length", config["intermediate_size"])
         config |= {"num_experts": experts, "num_local_experts": experts, "num_experts_per_tok": used}
-        config |= {"moe_intermediate_size": inter, "norm_topk_prob": True}  # llama.cpp normalizes both
+        config |= {
+            "moe_intermediate_size": inter,
+            "norm_topk_prob": arch != "qwen2moe",  # as llama.cpp computes each architecture
+            "shared_expert_intermediate_size": field(reader, f"{arch}.expert_shared_feed_forward_length", 0),
+        }
     if arch == "gemma3":
         config |= _gemma3_config(reader, config, tokens)
     if arch == "phi3":
@@ -263,6 +272,8 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
             weight = _unpermute(weight, heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             weight = weight - 1.0  # the converter stored Gemma's 1 + w; the model adds the 1 back
+        if name.endswith("shared_expert_gate.weight") and isinstance(weight, torch.Tensor) and weight.ndim == 1:
+            weight = weight[None, :]  # a matrix of one row, as transformers has it
         weights[name] = weight
     return weights
 

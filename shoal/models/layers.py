@@ -139,6 +139,9 @@ class MixtureOfExperts:
     """A router picks `top_k` of the experts (gated MLPs) per token: softmax over all experts' logits, the
     top k, rescaled to sum to 1 where `normalize`; the token's output is the experts' outputs weighted.
 
+    A shared expert, where the architecture has one (Qwen2-MoE), takes every token: its output, scaled by
+    sigmoid(shared_gate(x)), is added to the routed experts'.
+
     The back end runs the experts together (Backend.experts): one GEMM per active expert over just its
     tokens, whose bits for a row do not depend on the other rows, and each token's outputs summed in the
     order of its experts' indices, so a token's result depends on that token alone."""
@@ -148,6 +151,8 @@ class MixtureOfExperts:
     experts: list[GatedMLP]
     top_k: int
     normalize: bool
+    shared: GatedMLP | None = None
+    shared_gate: Any = None  # [1, hidden]
     group: Any = field(init=False)
 
     def __post_init__(self) -> None:
@@ -166,11 +171,14 @@ class MixtureOfExperts:
         starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         routing = Routing(order // self.top_k, weights.to(h.dtype).flatten()[order], starts)
         out = be.experts(h, self.group, routing)
+        if self.shared is not None:
+            out = out + torch.sigmoid(be.linear(h, self.shared_gate)) * self.shared.forward(h)
         return out if residual is None else residual + out
 
     @property
     def linears(self) -> list[Any]:
-        return [self.router, *(w for e in self.experts for w in e.linears)]
+        shared = [] if self.shared is None else [self.shared_gate, *self.shared.linears]
+        return [self.router, *(w for e in self.experts for w in e.linears), *shared]
 
     @property
     def vectors(self) -> list[torch.Tensor]:

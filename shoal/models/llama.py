@@ -1,6 +1,6 @@
 """One decoder for the Llama family: Llama (SmolLM2), Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3
-(LongRoPE; its fused q/k/v and gate/up are split by the loader), and the mixture-of-experts forms, Mixtral
-and Qwen3-MoE.
+(LongRoPE; its fused q/k/v and gate/up are split by the loader), and the mixture-of-experts forms, Mixtral,
+Qwen2-MoE (with its shared expert) and Qwen3-MoE.
 
 Tokens of all sequences arrive flattened: [T] ids and positions, no padding between sequences. Every
 operation goes through the back end the model was loaded with (kernels/backend.py).
@@ -94,7 +94,11 @@ def make_mlp(cfg: ModelConfig, index: int, weights: dict[str, Weight], backend: 
         for e in range(cfg.moe.num_experts)
     ]
     router = backend.pack([weights[p + "gate.weight"]])
-    return MixtureOfExperts(backend, router, experts, cfg.moe.top_k, cfg.moe.normalize_top_k)
+    moe = MixtureOfExperts(backend, router, experts, cfg.moe.top_k, cfg.moe.normalize_top_k)
+    if cfg.moe.shared_intermediate_size:
+        moe.shared = gated_mlp(p + "shared_expert.", weights, backend, cfg.hidden_activation)
+        moe.shared_gate = backend.pack([weights[p + "shared_expert_gate.weight"]])
+    return moe
 
 
 def mlp_shapes(cfg: ModelConfig, index: int) -> dict[str, tuple[int, ...]]:
@@ -109,6 +113,8 @@ def mlp_shapes(cfg: ModelConfig, index: int) -> dict[str, tuple[int, ...]]:
     shapes = {"mlp.gate.weight": (cfg.moe.num_experts, h)}
     for e in range(cfg.moe.num_experts):
         shapes |= gated(f"mlp.experts.{e}.", cfg.moe.intermediate_size)
+    if shared := cfg.moe.shared_intermediate_size:
+        shapes |= gated("mlp.shared_expert.", shared) | {"mlp.shared_expert_gate.weight": (1, h)}
     return shapes
 
 
@@ -181,7 +187,7 @@ class CausalLM:
         size = self.backend.weight_bytes
         total = self.weight_bytes - (0 if self.lm_head is self.embed_tokens else size(self.embed_tokens))
         for layer in self.layers:
-            if isinstance(moe := layer.mlp, MixtureOfExperts):
+            if isinstance(moe := layer.mlp, MixtureOfExperts):  # (a shared expert is read whole)
                 experts = sum(size(w) for e in moe.experts for w in e.linears)
                 total -= experts - experts * moe.top_k // len(moe.experts)
         return total
