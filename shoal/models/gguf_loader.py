@@ -145,13 +145,20 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
         config |= {
             "moe_intermediate_size": inter,
             "norm_topk_prob": arch != "qwen2moe",  # as llama.cpp computes each architecture
-            "shared_expert_intermediate_size": field(reader, f"{arch}.expert_shared_feed_forward_length", 0),
+            "shared_expert_intermediate_size": _shared_expert_size(reader, arch, config),
         }
     if arch == "gemma3":
         config |= _gemma3_config(reader, config, tokens)
     if arch == "phi3":
         config |= _phi3_config(reader, config, tokens)
     return config
+
+
+def _shared_expert_size(reader: GGUFReader, arch: str, config: dict[str, Any]) -> int:
+    """Qwen2-MoE's shared expert: the file's size for it, else (as llama.cpp) the dense feed-forward's."""
+    if arch != "qwen2moe":
+        return 0
+    return field(reader, f"{arch}.expert_shared_feed_forward_length") or config["intermediate_size"]
 
 
 def _phi3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
@@ -272,7 +279,11 @@ def gguf_weights(reader: GGUFReader, path: Path, num_heads: int, num_kv_heads: i
             weight = _unpermute(weight, heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             weight = weight - 1.0  # the converter stored Gemma's 1 + w; the model adds the 1 back
-        if name.endswith("shared_expert_gate.weight") and isinstance(weight, torch.Tensor) and weight.ndim == 1:
+        if (
+            name.endswith("shared_expert_gate.weight")
+            and isinstance(weight, torch.Tensor)
+            and weight.ndim == 1
+        ):
             weight = weight[None, :]  # a matrix of one row, as transformers has it
         weights[name] = weight
     return weights
