@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from shoal.kernels.backend import Backend, Heads, Rope
+from shoal.kernels.backend import Backend, Rope
 from shoal.kernels.formats import Weight
 from shoal.models.config import ModelConfig
-from shoal.models.layers import Attention, RotaryTable, rope_inv_freq
-from shoal.models.llama import CausalLM, gated_mlp
+from shoal.models.layers import RotaryTable, rope_inv_freq
+from shoal.models.llama import CausalLM, gated_mlp, make_attention
 
 NORMS = (
     "input_layernorm",
@@ -35,18 +35,7 @@ class Gemma3DecoderLayer:
         def norm(name: str) -> torch.Tensor:
             return backend.vector(1.0 + weights[p + name + ".weight"])
 
-        attn = [weights[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]
-        self.attn = Attention(
-            backend,
-            Heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-            backend.pack(attn),
-            backend.pack([weights[p + "self_attn.o_proj.weight"]]),
-            cfg.attention_scale or cfg.head_dim**-0.5,
-            self.window,
-            norm("self_attn.q_norm"),
-            norm("self_attn.k_norm"),
-            cfg.rms_norm_eps,
-        )
+        self.attn = make_attention(cfg, index, weights, backend, norm=lambda w: backend.vector(1.0 + w))
         self.mlp = gated_mlp(p + "mlp.", weights, backend, cfg.hidden_activation)
         self.input_norm, self.post_attention_norm, self.pre_mlp_norm, self.post_mlp_norm = map(norm, NORMS)
 

@@ -8,6 +8,7 @@ operation goes through the back end the model was loaded with (kernels/backend.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,23 +33,7 @@ class DecoderLayer:
     def __init__(self, cfg: ModelConfig, index: int, weights: dict[str, Weight], backend: Backend):
         self.backend, self.eps = backend, cfg.rms_norm_eps
         p = f"model.layers.{index}."
-        attn = [p + f"self_attn.{x}_proj" for x in "qkv"]
-        bias = torch.cat([weights[a + ".bias"] for a in attn]) if cfg.attention_bias else None
-        qk_norms = (
-            [backend.vector(weights[p + f"self_attn.{x}_norm.weight"]) for x in "qk"]
-            if cfg.qk_norm
-            else [None, None]
-        )
-        self.attn = Attention(
-            backend,
-            Heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-            backend.pack([weights[a + ".weight"] for a in attn], bias),
-            backend.pack([weights[p + "self_attn.o_proj.weight"]], weights.get(p + "self_attn.o_proj.bias")),
-            cfg.attention_scale or cfg.head_dim**-0.5,
-            cfg.layer_windows[index] if cfg.layer_windows else 0,
-            *qk_norms,
-            eps=cfg.rms_norm_eps,
-        )
+        self.attn = make_attention(cfg, index, weights, backend)
         self.mlp = make_mlp(cfg, index, weights, backend)
         self.input_norm = backend.vector(weights[p + "input_layernorm.weight"])
         self.post_attention_norm = backend.vector(weights[p + "post_attention_layernorm.weight"])
@@ -75,6 +60,34 @@ class DecoderLayer:
         be = self.backend
         x = self.attn.forward(be.rms_norm(x, self.input_norm, self.eps), rope, kv_cache, meta, residual=x)
         return self.mlp.forward(be.rms_norm(x, self.post_attention_norm, self.eps), residual=x)
+
+
+def make_attention(
+    cfg: ModelConfig,
+    index: int,
+    weights: dict[str, Weight],
+    backend: Backend,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Attention:
+    """Layer `index`'s attention: q/k/v packed as one matrix (with their biases where the config has them),
+    o, and the per-head q/k norms where the config has them, each norm's weight through `norm` (default: as
+    stored; Gemma's 1 + w)."""
+    p = f"model.layers.{index}.self_attn."
+    norm = norm or backend.vector
+    qkv = [p + f"{x}_proj" for x in "qkv"]
+    bias = torch.cat([weights[n + ".bias"] for n in qkv]) if cfg.attention_bias else None
+    q_norm, k_norm = [norm(weights[p + f"{x}_norm.weight"]) for x in "qk"] if cfg.qk_norm else [None, None]
+    return Attention(
+        backend,
+        Heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+        backend.pack([weights[n + ".weight"] for n in qkv], bias),
+        backend.pack([weights[p + "o_proj.weight"]], weights.get(p + "o_proj.bias")),
+        cfg.attention_scale or cfg.head_dim**-0.5,
+        cfg.layer_windows[index] if cfg.layer_windows else 0,
+        q_norm,
+        k_norm,
+        cfg.rms_norm_eps,
+    )
 
 
 def gated_mlp(prefix: str, weights: dict[str, Weight], backend: Backend, activation: str) -> GatedMLP:
