@@ -282,6 +282,40 @@ def test_a_partly_rotated_head_fails_at_load_saying_so(phi3_dirs, tmp_path):
         shoal.load_model(str(folder))
 
 
+def test_a_gemma3_multimodal_checkpoint_runs_its_language_model(tmp_path):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: the text model under language_model.*,
+    its config nested as text_config, a vision tower beside it. shoal runs the text model."""
+    from tiny_models import make_family_tokenizer
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = make_family_tokenizer("gemma3")
+    text = {
+        "vocab_size": len(tokenizer) + 1, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 8,
+        "max_position_embeddings": 256, "initializer_range": 0.2,
+    }  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=len(tokenizer)
+    )
+    torch.manual_seed(0)
+    reference = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norms away from 1, so that a norm read wrong shows
+        for name, param in reference.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.2 * torch.randn_like(param))
+    reference.save_pretrained(tmp_path / "gemma3-4b-like")
+    tokenizer.save_pretrained(tmp_path / "gemma3-4b-like")
+    model = shoal.load_model(str(tmp_path / "gemma3-4b-like"))
+    assert model.config.architecture == "Gemma3ForCausalLM"
+    assert model.config.layer_windows == (8, 8, 8, 8, 8, 0)
+    ids = prompt_ids(model)
+    ref = reference_logits(reference, ids)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(shoal_logits(model, ids, chunks=[17, 9]), ref, rtol=0, atol=TOL)
+
+
 def test_an_architecture_shoal_does_not_run_fails_at_load_naming_the_ones_it_does(tiny_dirs, tmp_path):
     import json
     import shutil

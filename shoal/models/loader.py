@@ -135,6 +135,12 @@ def load_hf_dir(folder: Path) -> Checkpoint:
     return Checkpoint(config, weights, _hf_tokenizer(folder), str(folder), hf_config)
 
 
+# A multimodal checkpoint's language model under a causal LM's names (the vision tower is left out).
+TEXT_MODEL_NAMES = [
+    (re.compile(r"^(?:language_model\.model|model\.language_model)\."), "model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+]
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
 MIXTRAL_NAMES = [
     (re.compile(r"\.block_sparse_moe\.gate\."), ".mlp.gate."),
     (re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w1\."), r".mlp.experts.\1.gate_proj."),
@@ -144,12 +150,13 @@ MIXTRAL_NAMES = [
 
 
 def canonical_names(weights: dict[str, Weight], config: ModelConfig) -> dict[str, Weight]:
-    """The names the model files use: Mixtral's expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
+    """The names the model files use: a multimodal checkpoint's language model as a causal LM's; Mixtral's
+    expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
     (mlp.gate, gate/up/down_proj); Phi-3's fused qkv_proj and gate_up_proj split into their parts (row
     ranges of the stored matrices, which the back end packs together again)."""
 
     def renamed(name: str) -> str:
-        for pattern, replacement in MIXTRAL_NAMES:
+        for pattern, replacement in TEXT_MODEL_NAMES + MIXTRAL_NAMES:
             name = pattern.sub(replacement, name)
         return name
 
@@ -193,7 +200,7 @@ def _row_ranges(weight: Weight, sizes: list[int]) -> list[Weight]:
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
-    hf_config = _read_json(folder / "config.json")
+    hf_config = _text_model_config(_read_json(folder / "config.json"))
     if hf_config.get("mlp_bias"):
         raise ModelLoadError(f"{folder}/config.json sets mlp_bias, which shoal's models do not support")
     # Instruct models often list their end-of-turn tokens only in generation_config.json.
@@ -203,6 +210,20 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
         eos = [*_as_list(hf_config.get("eos_token_id")), *_as_list(extra_eos)]
         hf_config["eos_token_id"] = list(dict.fromkeys(eos))
     return hf_config
+
+
+def _text_model_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal checkpoint's (Gemma 3 4B and up) text model as its causal LM: its text_config with
+    transformers' defaults filled in (those checkpoints list only what differs), the top level's ids."""
+    multimodal = next((a for a in hf_config.get("architectures") or [] if a in MULTIMODAL), None)
+    if multimodal is None:
+        return hf_config
+    from transformers import AutoConfig
+
+    text = dict(hf_config.get("text_config") or {})
+    text = AutoConfig.for_model(text.pop("model_type", "gemma3_text"), **text).to_dict()
+    top = {k: hf_config[k] for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings") if k in hf_config}
+    return text | top | {"architectures": [MULTIMODAL[multimodal]]}
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:
