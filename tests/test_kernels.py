@@ -110,7 +110,8 @@ def test_a_source_that_does_not_compile_is_reported_with_the_compilers_words(tmp
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the_batch(kernel, precision):
     """experts.c runs a layer's active experts in one call; Backend.experts composes the same GEMMs and
-    activation per expert. Equal bits, and a row's result the same alone as among others."""
+    activation per expert. Equal bits, both ways experts.c shares the work among threads, and a row's
+    result the same alone as among others."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -140,12 +141,16 @@ def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the
         starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         return Routing(order // top_k, weights.flatten()[order], starts)
 
-    x = torch.randn(11, hidden, generator=g)
+    # 11 rows: each thread runs whole experts (decode); 600 rows, 1,200 assignments: the experts one after
+    # another, each GEMM split among the threads (prefill). A row alone runs the first way.
+    x = torch.randn(600, hidden, generator=g)
     route = routing(x)
     fused = be.experts(x, group, route)
     assert torch.equal(fused, Backend.experts(be, x, group, route))
     assert fused.abs().max() > 0.1
-    for row in (0, 5, 10):  # the row alone, routed to the same experts with the same weights
+    few = x[:11]
+    assert torch.equal(be.experts(few, group, r := routing(few)), Backend.experts(be, few, group, r))
+    for row in (0, 5, 599):  # the row alone, routed to the same experts with the same weights
         mine = [i for i in range(len(route.rows)) if route.rows[i] == row]
         alone = Routing(
             torch.zeros(len(mine), dtype=torch.long),

@@ -333,7 +333,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         function = getattr(lib, name)
         function.restype, function.argtypes = None, argtypes
     lib.decoder_layer_scratch.restype, lib.decoder_layer_scratch.argtypes = i64, [ptr, i64]
-    lib.expert_group_scratch.restype, lib.expert_group_scratch.argtypes = i64, [ptr, i64]
+    lib.expert_group_scratch.restype, lib.expert_group_scratch.argtypes = i64, [ptr, i64, i64, i32]
     return lib
 
 
@@ -477,9 +477,10 @@ def expert_group(
     out = torch.zeros_like(x)
     if most == 0:
         return out
-    scratch = torch.empty(lib.expert_group_scratch(ctypes.byref(group.struct), most))
+    threads = torch.get_num_threads()
+    scratch = torch.empty(lib.expert_group_scratch(ctypes.byref(group.struct), most, rows.numel(), threads))
     lib.expert_group_f32(
         ctypes.byref(group.struct), x.data_ptr(), rows.data_ptr(), weights.data_ptr(), starts.data_ptr(),
-        out.data_ptr(), scratch.data_ptr(), torch.get_num_threads(),
+        out.data_ptr(), scratch.data_ptr(), threads,
     )  # fmt: skip
     return out
