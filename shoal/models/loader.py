@@ -151,9 +151,9 @@ MIXTRAL_NAMES = [
 
 def canonical_names(weights: dict[str, Weight], config: ModelConfig) -> dict[str, Weight]:
     """The names the model files use: a multimodal checkpoint's language model as a causal LM's; Mixtral's
-    expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
-    (mlp.gate, gate/up/down_proj); Phi-3's fused qkv_proj and gate_up_proj split into their parts (row
-    ranges of the stored matrices, which the back end packs together again)."""
+    expert names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's (mlp.gate, gate/up/down_proj); Phi-3's fused
+    qkv_proj and gate_up_proj split into their parts (row ranges of the stored matrices, which the back end
+    packs together again)."""
 
     def renamed(name: str) -> str:
         for pattern, replacement in TEXT_MODEL_NAMES + MIXTRAL_NAMES:
