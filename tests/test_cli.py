@@ -92,3 +92,20 @@ def _write(path, content):
     else:
         path.write_text(content)
     return path
+
+
+def test_serve_takes_the_model_as_vllm_serve_does_or_by_flag(capsys):
+    from shoal.cli import build_parser
+    from shoal.server.cli import resolve_model_argument
+
+    for argv in (
+        ["serve", "model.gguf"],
+        ["serve", "--model", "model.gguf"],
+        ["serve", "model.gguf", "-m", "model.gguf"],
+    ):
+        args = build_parser().parse_args(argv)
+        resolve_model_argument(args)
+        assert args.model == "model.gguf", argv
+    args = build_parser().parse_args(["serve", "a.gguf", "--model", "b.gguf"])
+    assert args.func(args) == 2  # refused before anything loads
+    assert "two models given (a.gguf and --model b.gguf)" in capsys.readouterr().err

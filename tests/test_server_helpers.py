@@ -101,7 +101,7 @@ class ServerProcess:
         self.port = free_port()
         self.log = data_dir.parent / f"server-{self.port}.log"
         self.args = [
-            sys.executable, "-m", "shoal.server.cli", "serve", "--model", model, "--port", str(self.port),
+            sys.executable, "-m", "shoal.server.cli", "serve", model, "--port", str(self.port),
             "--data-dir", str(data_dir), "--kv-cache-memory", "32MB", *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None

@@ -23,6 +23,12 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "shoal"
 def register(subparsers: Any) -> None:
     """Add the `serve` and `batch` subcommands to the main `shoal` parser."""
     serve = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with a Batch API")
+    serve.add_argument(
+        "model_path",
+        nargs="?",
+        metavar="MODEL",
+        help="the model to serve, as `vllm serve MODEL` takes it (or --model)",
+    )
     add_engine_arguments(serve)
     add_serve_arguments(serve)
     add_ray_arguments(serve)
@@ -164,9 +170,19 @@ def _log_level(args: argparse.Namespace) -> str:
     return str(getattr(args, "log_level", "info")).lower()
 
 
+def resolve_model_argument(args: argparse.Namespace) -> None:
+    """`shoal serve MODEL` and `shoal serve --model MODEL` alike; both, naming two models, is an error."""
+    if args.model_path is None:
+        return
+    if args.model not in (None, args.model_path):
+        raise ShoalError(f"two models given ({args.model_path} and --model {args.model}); give one of them")
+    args.model = args.model_path
+
+
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=_log_level(args).upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        resolve_model_argument(args)
         if args.ray:
             _ray_server(args).run()
             return 0
