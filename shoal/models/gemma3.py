@@ -30,14 +30,15 @@ class Gemma3DecoderLayer:
     def __init__(self, cfg: ModelConfig, index: int, weights: dict[str, Weight], backend: Backend):
         p = f"model.layers.{index}."
         self.backend, self.eps = backend, cfg.rms_norm_eps
-        self.window = cfg.layer_windows[index] if cfg.layer_windows else 0
 
-        def norm(name: str) -> torch.Tensor:
-            return backend.vector(1.0 + weights[p + name + ".weight"])
+        def norm(w: torch.Tensor) -> torch.Tensor:  # Gemma's RMSNorm weight is 1 + w
+            return backend.vector(1.0 + w)
 
-        self.attn = make_attention(cfg, index, weights, backend, norm=lambda w: backend.vector(1.0 + w))
+        self.attn = make_attention(cfg, index, weights, backend, norm)
         self.mlp = gated_mlp(p + "mlp.", weights, backend, cfg.hidden_activation)
-        self.input_norm, self.post_attention_norm, self.pre_mlp_norm, self.post_mlp_norm = map(norm, NORMS)
+        self.input_norm, self.post_attention_norm, self.pre_mlp_norm, self.post_mlp_norm = (
+            norm(weights[p + name + ".weight"]) for name in NORMS
+        )
 
     @property
     def linears(self) -> list[Any]:
@@ -72,7 +73,7 @@ class Gemma3ForCausalLM(CausalLM):
         x = be.embed(self.embed_tokens, input_ids).to(be.dtype) * self.embed_scale
         global_rope, local_rope = self.rope.at(positions, x.dtype), self.local_rope.at(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer.forward(x, local_rope if layer.window else global_rope, kv_cache, meta)
+            x = layer.forward(x, local_rope if layer.attn.window else global_rope, kv_cache, meta)
         return be.rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     __call__ = forward

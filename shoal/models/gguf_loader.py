@@ -72,6 +72,8 @@ GEMMA3_LAYER_NAMES = {
 PHI3_LAYER_NAMES = {**LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 LAYER_NAMES_OF = {"gemma3": GEMMA3_LAYER_NAMES, "phi3": PHI3_LAYER_NAMES}
 EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+# Turn markers llama.cpp takes as ends of generation beside the file's EOS/EOT ids, per architecture.
+END_OF_TURN = {"gemma3": "<end_of_turn>", "phi3": "<|end|>"}
 GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # llama.cpp's, fixed for every Gemma 3
 GEMMA3_SLIDING_PATTERN = 6  # every sixth layer global (llama.cpp's, fixed)
 GEMMA3_27B_LAYERS = 62  # Gemma 3 27B scales queries by hidden / heads, the others by head_dim (as llama.cpp)
@@ -116,6 +118,8 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
     heads, hidden = required("attention.head_count"), required("embedding_length")
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     eos_ids = [field(reader, "tokenizer.ggml.eos_token_id"), field(reader, "tokenizer.ggml.eot_token_id")]
+    if (marker := END_OF_TURN.get(arch)) in tokens:
+        eos_ids.append(tokens.index(marker))
     experts = field(reader, f"{arch}.expert_count", 0)
     hf_arch = "MixtralForCausalLM" if arch == "llama" and experts else HF_ARCHITECTURES[arch]
     config = {
@@ -148,9 +152,9 @@ def gguf_hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
             "shared_expert_intermediate_size": _shared_expert_size(reader, arch, config),
         }
     if arch == "gemma3":
-        config |= _gemma3_config(reader, config, tokens)
+        config |= _gemma3_config(reader, config)
     if arch == "phi3":
-        config |= _phi3_config(reader, config, tokens)
+        config |= _phi3_config(reader, config)
     return config
 
 
@@ -161,17 +165,12 @@ def _shared_expert_size(reader: GGUFReader, arch: str, config: dict[str, Any]) -
     return field(reader, f"{arch}.expert_shared_feed_forward_length") or config["intermediate_size"]
 
 
-def _phi3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
-    """Phi-3's LongRoPE factors (two tensors); <|end|> as an end of turn, as llama.cpp takes it. The file's
+def _phi3_config(reader: GGUFReader, config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's LongRoPE factors (two tensors). The file's
     sliding window is not applied: llama.cpp and transformers' GGUF reader both run these files with full
     attention (the converter's window is not trusted; llama.cpp PR 13676), and shoal reads them as they do."""
     rope_dims = field(reader, "phi3.rope.dimension_count", config["head_dim"])
-    eos = [*config["eos_token_id"], *([tokens.index("<|end|>")] if "<|end|>" in tokens else [])]
-    extra: dict[str, Any] = {
-        "sliding_window": None,
-        "partial_rotary_factor": rope_dims / config["head_dim"],
-        "eos_token_id": list(dict.fromkeys(eos)),
-    }
+    extra: dict[str, Any] = {"sliding_window": None, "partial_rotary_factor": rope_dims / config["head_dim"]}
     factors = {
         key: [float(v) for v in dequantize_tensor(t).reshape(-1)]
         for key, name in PHI3_ROPE_FACTORS.items()
@@ -189,14 +188,11 @@ def _phi3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) 
     return extra
 
 
-def _gemma3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+def _gemma3_config(reader: GGUFReader, config: dict[str, Any]) -> dict[str, Any]:
     """What a Gemma 3 file leaves to llama.cpp's code: the layer pattern, the local RoPE base, the query
-    scale; and <end_of_turn> as an end of turn."""
+    scale."""
     hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
     scalar = hidden // heads if layers == GEMMA3_27B_LAYERS else config["head_dim"]
-    eos = list(config["eos_token_id"])
-    if "<end_of_turn>" in tokens:
-        eos.append(tokens.index("<end_of_turn>"))
     return {
         "model_type": "gemma3_text",
         "sliding_window": field(reader, "gemma3.attention.sliding_window"),
@@ -204,7 +200,6 @@ def _gemma3_config(reader: GGUFReader, config: dict[str, Any], tokens: list[str]
         "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA,
         "query_pre_attn_scalar": scalar,
         "final_logit_softcapping": field(reader, "gemma3.final_logit_softcapping"),
-        "eos_token_id": list(dict.fromkeys(eos)),
     }
 
 

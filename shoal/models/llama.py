@@ -107,11 +107,13 @@ def make_mlp(cfg: ModelConfig, index: int, weights: dict[str, Weight], backend: 
         for e in range(cfg.moe.num_experts)
     ]
     router = backend.pack([weights[p + "gate.weight"]])
-    moe = MixtureOfExperts(backend, router, experts, cfg.moe.top_k, cfg.moe.normalize_top_k)
+    shared, shared_gate = None, None
     if cfg.moe.shared_intermediate_size:
-        moe.shared = gated_mlp(p + "shared_expert.", weights, backend, cfg.hidden_activation)
-        moe.shared_gate = backend.pack([weights[p + "shared_expert_gate.weight"]])
-    return moe
+        shared = gated_mlp(p + "shared_expert.", weights, backend, cfg.hidden_activation)
+        shared_gate = backend.pack([weights[p + "shared_expert_gate.weight"]])
+    return MixtureOfExperts(
+        backend, router, experts, cfg.moe.top_k, cfg.moe.normalize_top_k, shared, shared_gate
+    )
 
 
 def mlp_shapes(cfg: ModelConfig, index: int) -> dict[str, tuple[int, ...]]:
