@@ -9,8 +9,8 @@
  * ascending order: the same float operations in every build, so a row's bits depend on nothing but that row.
  *
  * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], made in registers from the panel
- * layout, weights as the unsigned operand (their values before the zero, which is taken off afterwards as
- * zero * sum(q)) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset by 128 to be unsigned),
+ * layout 8 k at a time, weights as the unsigned operand (their values before the zero, which is taken off as
+ * zero * sum(q), the dot's starting value) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset by 128 to be unsigned),
  * AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
  * 255 * 127 * 2), or plain C.
  */
@@ -51,8 +51,8 @@ static inline int32_t four_bytes(const int8_t *x) {
 
 /* iv: 16 int32 sums, one per column; bv: 4 k of 16 columns as bytes [16][4]. */
 #if defined(__AVX512F__)
-#ifndef __AVX512VNNI__
-#error "the AVX-512 build uses AVX-512 VNNI"
+#if !defined(__AVX512VNNI__) || !defined(__AVX512VBMI__)
+#error "the AVX-512 build uses AVX-512 VNNI and VBMI"
 #endif
 typedef struct {
     __m512i v;
@@ -61,40 +61,12 @@ typedef struct {
     __m512i v;
 } bv;
 #define Q8_ZERO 128
-static inline iv iv_zero(void) { return (iv){_mm512_setzero_si512()}; }
+static inline iv iv_set1(int32_t v) { return (iv){_mm512_set1_epi32(v)}; }
 static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
     return (iv){_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(four_bytes(x)))};
 }
 #define iv_dot_q8 iv_dot
-static inline pv iv_float(iv acc, int32_t minus) {
-    return (pv){_mm512_cvtepi32_ps(_mm512_sub_epi32(acc.v, _mm512_set1_epi32(minus)))};
-}
-/* Lanes of 16 bytes, each one k of the 16 columns (lane j holds k = `order`[j]) -> [16 columns][4 k]. */
-static inline __m512i columns(__m512i rows, __m512i dwords) {
-    const __m512i by_lane = _mm512_permutexvar_epi32(dwords, rows); /* lane c: [k][4 columns] */
-    const __m128i transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_shuffle_epi8(by_lane, _mm512_broadcast_i32x4(transpose));
-}
-static inline bv bv_q8(const int8_t *p) {
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return (bv){_mm512_xor_si512(columns(_mm512_loadu_si512(p), order), _mm512_set1_epi8((char)0x80))};
-}
-/* A q4 pair of rows (k, k + 1 in each byte; k + 2, k + 3) as lanes k, k + 2, k + 1, k + 3. */
-static inline __m512i nibble_rows(const uint8_t *p) {
-    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), low = _mm256_set1_epi8(15);
-    const __m256i even = _mm256_and_si256(bytes, low), odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
-}
-static inline __m512i nibble_order(void) { return _mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15); }
-static inline bv bv_q4(const uint8_t *p) { return (bv){columns(nibble_rows(p), nibble_order())}; }
-static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) {
-    const __m512i high = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)h));
-    const __m512i at = _mm512_setr_epi32(shift, shift, shift, shift, shift + 2 * bits, shift + 2 * bits, shift + 2 * bits,
-                                         shift + 2 * bits, shift + bits, shift + bits, shift + bits, shift + bits,
-                                         shift + 3 * bits, shift + 3 * bits, shift + 3 * bits, shift + 3 * bits);
-    const __m512i above = _mm512_and_si512(_mm512_srlv_epi32(high, at), _mm512_set1_epi8((char)((1 << bits) - 1)));
-    return (bv){columns(_mm512_or_si512(nibble_rows(p), _mm512_slli_epi16(above, 4)), nibble_order())};
-}
+static inline pv iv_float(iv acc) { return (pv){_mm512_cvtepi32_ps(acc.v)}; }
 /* q2 (q3): each column's byte of four 2-bit values (and its high bits from `shift`) as its 4 bytes. */
 static inline __m512i spread(__m512i byte, int step, int mask) { /* bits step*j.. of the byte -> byte j */
     const __m512i x = _mm512_or_si512(_mm512_or_si512(byte, _mm512_slli_epi32(byte, 8 - step)),
@@ -109,6 +81,57 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
     }
     return (bv){v};
 }
+/* 8 k of a panel at once, as the [16][4] bytes of k..k+3 and of k+4..k+7: byte permutes (vpermb, vpermt2b) from
+ * the layouts' rows of 16 columns, and each value's high bits moved above its nibble by vpmultishiftqb. */
+#define FOUR(c, a, b, d, e) a + c, b + c, d + c, e + c
+#define COLUMNS(a, b, d, e)                                                                                      \
+    FOUR(0, a, b, d, e), FOUR(1, a, b, d, e), FOUR(2, a, b, d, e), FOUR(3, a, b, d, e), FOUR(4, a, b, d, e),     \
+        FOUR(5, a, b, d, e), FOUR(6, a, b, d, e), FOUR(7, a, b, d, e), FOUR(8, a, b, d, e), FOUR(9, a, b, d, e),  \
+        FOUR(10, a, b, d, e), FOUR(11, a, b, d, e), FOUR(12, a, b, d, e), FOUR(13, a, b, d, e),                  \
+        FOUR(14, a, b, d, e), FOUR(15, a, b, d, e)
+static const uint8_t K_ROWS[64] = {COLUMNS(0, 16, 32, 48)};             /* [k][16] -> [16][k] */
+static const uint8_t NIBBLES_LOW[64] = {COLUMNS(0, 64, 16, 80)};       /* low nibbles' rows 0, 1; high's 0, 1 */
+static const uint8_t NIBBLES_HIGH[64] = {COLUMNS(32, 96, 48, 112)};
+#undef COLUMNS
+#undef FOUR
+static inline __m512i constant(const uint8_t *bytes) { return _mm512_loadu_si512(bytes); }
+static inline void q8_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
+    const int8_t *p = (const int8_t *)w->quants + (panel * w->k + i) * PANEL;
+    const __m512i order = constant(K_ROWS), offset = _mm512_set1_epi8((char)0x80);
+    out[0].v = _mm512_xor_si512(_mm512_permutexvar_epi8(order, _mm512_loadu_si512(p)), offset);
+    out[1].v = _mm512_xor_si512(_mm512_permutexvar_epi8(order, _mm512_loadu_si512(p + 4 * PANEL)), offset);
+}
+static inline void nibbles8(const uint8_t *p, bv *out) { /* 4 rows of 16 bytes: k, k + 1 in each; k + 2, k + 3... */
+    const __m512i v = _mm512_loadu_si512(p), low = _mm512_set1_epi8(15);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    out[0].v = _mm512_permutex2var_epi8(lo, constant(NIBBLES_LOW), hi);
+    out[1].v = _mm512_permutex2var_epi8(lo, constant(NIBBLES_HIGH), hi);
+}
+static inline void q4_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
+    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
+}
+/* nibbles | (byte j of column c's bits from bit `first` + bits * j of its byte of high bits, h[c] at byte 4c) << 4 */
+static inline __m512i with_high(__m512i nibbles, __m512i spread, int first, int bits, int mask) {
+    int64_t at = 0;
+    for (int half = 0; half < 2; half++)
+        for (int j = 0; j < 4; j++) at |= (int64_t)((32 * half + first + bits * j - 4) & 63) << (8 * (4 * half + j));
+    const __m512i moved = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(at), spread);
+    return _mm512_ternarylogic_epi32(nibbles, moved, _mm512_set1_epi8((char)(mask << 4)), 0xF8); /* a | (b & c) */
+}
+static inline __m512i spread16(const uint8_t *h) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)h)); }
+static inline void q5_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
+    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
+    const __m512i h = spread16((const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL);
+    out[0].v = with_high(out[0].v, h, 0, 1, 1);
+    out[1].v = with_high(out[1].v, h, 4, 1, 1);
+}
+static inline void q6_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
+    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
+    const uint8_t *h = (const uint8_t *)w->high + (panel * (w->k / 4) + i / 4) * PANEL;
+    out[0].v = with_high(out[0].v, spread16(h), 0, 2, 3);
+    out[1].v = with_high(out[1].v, spread16(h + PANEL), 0, 2, 3);
+}
+#define EIGHT_K_LOADS
 #elif defined(__AVX2__)
 /* Columns 0-3 and 8-11 in a, 4-7 and 12-15 in b (the order the byte transposition leaves them in). */
 typedef struct {
@@ -118,7 +141,7 @@ typedef struct {
     __m256i a, b;
 } bv;
 #define Q8_ZERO 0
-static inline iv iv_zero(void) { return (iv){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline iv iv_set1(int32_t v) { return (iv){_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
 static inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
@@ -131,10 +154,9 @@ static inline iv iv_dot_q8(iv acc, bv w, const int8_t *x) { /* q8 signed: |w| ti
     return (iv){dot8(acc.a, _mm256_abs_epi8(w.a), _mm256_sign_epi8(xv, w.a)),
                 dot8(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(xv, w.b))};
 }
-static inline pv iv_float(iv acc, int32_t minus) {
-    const __m256i z = _mm256_set1_epi32(minus), a = _mm256_sub_epi32(acc.a, z), b = _mm256_sub_epi32(acc.b, z);
-    return (pv){_mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, b, 0x20)),
-                _mm256_cvtepi32_ps(_mm256_permute2x128_si256(a, b, 0x31))};
+static inline pv iv_float(iv acc) {
+    return (pv){_mm256_cvtepi32_ps(_mm256_permute2x128_si256(acc.a, acc.b, 0x20)),
+                _mm256_cvtepi32_ps(_mm256_permute2x128_si256(acc.a, acc.b, 0x31))};
 }
 /* x, y: lanes of 16 bytes (one k of 16 columns each), interleaved by vpermd into (x, y) pairs of 4 columns;
  * `joined` takes them to [k][4 columns] per lane, then each lane is transposed to [4 columns][4 k]. */
@@ -200,15 +222,19 @@ typedef struct {
     int16_t v[PANEL][4];
 } bv;
 #define Q8_ZERO 0
-static inline iv iv_zero(void) { return (iv){{0}}; }
+static inline iv iv_set1(int32_t v) {
+    iv r;
+    LANES r.v[l] = v;
+    return r;
+}
 static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
     LANES for (int j = 0; j < 4; j++) acc.v[l] += w.v[l][j] * x[j];
     return acc;
 }
 #define iv_dot_q8 iv_dot
-static inline pv iv_float(iv acc, int32_t minus) {
+static inline pv iv_float(iv acc) {
     pv r;
-    LANES r.v[l] = (float)(acc.v[l] - minus);
+    LANES r.v[l] = (float)acc.v[l];
     return r;
 }
 static inline bv bv_q8(const int8_t *p) {
@@ -234,7 +260,15 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
 }
 #endif
 
-/* 4 k from i of the panel's 16 columns, per layout; and the value each layout's integers are offset by. */
+/* 8 k from i as the 4-k loads twice (a build may have loads of its own for 8). */
+#define TWICE(KIND)                                                                                              \
+    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {          \
+        out[0] = KIND##_load(w, panel, i);                                                                       \
+        out[1] = KIND##_load(w, panel, i + 4);                                                                   \
+    }
+/* 4 k from i of the panel's 16 columns, per layout (8 k at once where the build has loads of its own for
+ * them); and the value each layout's integers are offset by. */
+#ifndef EIGHT_K_LOADS
 static inline bv q8_load(const struct packed_weight *w, int64_t panel, int64_t i) {
     return bv_q8((const int8_t *)w->quants + (panel * w->k + i) * PANEL);
 }
@@ -247,6 +281,13 @@ static inline bv qh_load(const struct packed_weight *w, int64_t panel, int64_t i
     return bv_qh(nibbles, (const uint8_t *)w->high + (panel * (w->k / per) + i / per) * PANEL, (int)(i % per) * high,
                  high);
 }
+static inline bv q5_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 5); }
+static inline bv q6_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 6); }
+TWICE(q8)
+TWICE(q4)
+TWICE(q5)
+TWICE(q6)
+#endif
 static inline bv q2_load(const struct packed_weight *w, int64_t panel, int64_t i) {
     return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, NULL, 0);
 }
@@ -254,8 +295,9 @@ static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i
     const uint8_t *high = (const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL;
     return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, high, (int)(i % 8));
 }
-static inline bv q5_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 5); }
-static inline bv q6_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 6); }
+TWICE(q2)
+TWICE(q3)
+#undef TWICE
 static inline int q8_zero(const struct packed_weight *w, int has_min) { return (void)w, (void)has_min, Q8_ZERO; }
 static inline int q4_zero(const struct packed_weight *w, int has_min) { return has_min ? 0 : w->zero; }
 #define q2_zero q4_zero
@@ -279,14 +321,6 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         const int8_t *x = xq->q + row * k;                                                                      \
         ZEROS(c, R, U)                                                                                          \
         for (int64_t g = 0; g < groups; g++) {                                                                  \
-            iv dot[R][U];                                                                                       \
-            UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) dot[r][u] = iv_zero();        \
-            for (int64_t i = g * group; i < (g + 1) * group; i += 4) {                                          \
-                bv wv[U];                                                                                       \
-                UNROLL for (int u = 0; u < U; u++) wv[u] = KIND##_load(w, p + u, i);                            \
-                UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++)                           \
-                    dot[r][u] = KIND##_dot(dot[r][u], wv[u], x + r * k + i);                                    \
-            }                                                                                                   \
             float d[R];                                                                                         \
             int32_t qsum[R];                                                                                    \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
@@ -294,13 +328,24 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
                 qsum[r] = 0;                                                                                    \
                 for (int64_t j = g * group / 16; j < (g + 1) * group / 16; j++) qsum[r] += xq->sums[(row + r) * sums + j]; \
             }                                                                                                   \
+            iv dot[R][U];                                                                                       \
+            UNROLL for (int r = 0; r < R; r++) {                                                                \
+                const iv start = iv_set1(-zero * qsum[r]);                                                      \
+                UNROLL for (int u = 0; u < U; u++) dot[r][u] = start;                                           \
+            }                                                                                                   \
+            for (int64_t i = g * group; i < (g + 1) * group; i += 8) {                                          \
+                bv wv[U][2];                                                                                    \
+                UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i, wv[u]);                            \
+                UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
+                    dot[r][u] = KIND##_dot(dot[r][u], wv[u][h], x + r * k + i + 4 * h);                        \
+            }                                                                                                   \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
                 const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                       \
                 const pv s = scale_at(w, 0, at, super_at);                                                      \
                 const pv m = HAS_MIN ? scale_at(w, 1, at, super_at) : pv_zero();                                \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
-                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d[r])), iv_float(dot[r][u], zero * qsum[r]), c[r][u]); \
+                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d[r])), iv_float(dot[r][u]), c[r][u]); \
                     if (HAS_MIN) c[r][u] = pv_fma(d[r] * (float)qsum[r], m, c[r][u]);                           \
                 }                                                                                               \
             }                                                                                                   \

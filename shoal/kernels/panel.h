@@ -16,7 +16,7 @@
 #define UNIT 2
 #define FLOAT_ROWS 8
 #define QUANT_ROWS 6
-#define INT8_ROWS 6
+#define INT8_ROWS 8 /* measured: 8 rows beat 6 (the weights' bytes made once serve more rows) */
 typedef struct {
     __m512 v;
 } pv;
