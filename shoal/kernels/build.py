@@ -1,6 +1,6 @@
 """Compiling shoal's C kernels for the CPU at hand, once, cached by a hash of sources, flags and CPU.
 
-Three builds of the same sources: AVX-512 (F, BW, VL, DQ, VNNI, VBMI), AVX2 + FMA + F16C, and portable C (any compiler,
+Three builds of the same sources: AVX-512 (F, BW, VL, DQ, VNNI), AVX2 + FMA + F16C, and portable C (any compiler,
 ARM included). A CPU flag is not proof that an instruction runs (hypervisors hide some), so before a build
 is used, a probe compiled with the same flags is run in a child process; "auto" takes the widest that runs.
 """
@@ -33,7 +33,6 @@ ISA_FLAGS = {
         "-mavx512vl",
         "-mavx512dq",
         "-mavx512vnni",
-        "-mavx512vbmi",
         "-mavx2",
         "-mfma",
         "-mf16c",
@@ -59,9 +58,6 @@ int main(void) {
     v = _mm512_insertf32x8(v, low, 0);                                          /* AVX512DQ */
     v = _mm512_add_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(bytes, w)));
     v = _mm512_add_ps(v, _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, w))); /* VNNI: 3 * 3 */
-    __m512i all = _mm512_permutexvar_epi8(_mm512_setzero_si512(), w);             /* VBMI: every byte 3 */
-    all = _mm512_multishift_epi64_epi8(_mm512_setzero_si512(), all);               /* VBMI: bytes 0-7 of each qword */
-    v = _mm512_add_ps(v, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(all, _mm512_set1_epi32(255)), w)));
     v = _mm512_sub_ps(v, _mm512_set1_ps(9.0f));
     _mm512_storeu_ps(out, v);
 #else

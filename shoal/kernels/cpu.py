@@ -254,23 +254,39 @@ def pack_weight(
         return PackedWeight(n, k, FORMATS[weight.dtype], quants, bias=bias, next=next)
     n, k = weight.shape
     q, high, zero = _panels(weight.q), None, 0
-    low_bits = 2 if weight.bits in (2, 3) else 4  # values' low bits: nibbles, or (q2, q3) pairs of bits
-    if weight.bits in (3, 5, 6):  # the bits above them packed 8 / (bits - low_bits) to a byte
-        width = weight.bits - low_bits
-        per, above = 8 // width, q >> low_bits
-        high = sum(above[:, j::per, :] << (j * width) for j in range(per)).astype(np.uint8)
-        high = torch.from_numpy(np.ascontiguousarray(high))
-        q = q & ((1 << low_bits) - 1)
+    if weight.bits in (2, 3):
+        if weight.bits == 3:  # the bit above each pair, 8 to a byte
+            high = _packed_along_k(q >> 2, 1, 8)
+        q = _packed_along_k(q & 3, 2, 4)
+    elif weight.bits in (4, 5, 6):
+        if weight.bits > 4:
+            high = _packed_along_k(_in_fours(q >> 4), weight.bits - 4, 8 // (weight.bits - 4), 4)
+        q = _packed_along_k(_in_fours(q & 15), 4, 2, 4)
     if weight.bits != 8:
         assert not (weight.zero and weight.mins is not None), "the kernels take offsets or a zero, not both"
-        per = 8 // low_bits
-        q = sum(q[:, j::per, :] << (j * low_bits) for j in range(per)).astype(np.uint8)
         zero = weight.zero
     quants = torch.from_numpy(np.ascontiguousarray(q))
+    high = None if high is None else torch.from_numpy(np.ascontiguousarray(high))
     scales, mins, supers = _scales(weight)
     return PackedWeight(
         n, k, INT_FORMATS[weight.bits], quants, scales, mins, weight.group, bias, high, zero, *supers, next
     )
+
+
+def _packed_along_k(values: np.ndarray, bits: int, per: int, stride: int = 1) -> np.ndarray:
+    """[..., K, X] small integers -> [..., K / per, X] bytes: of each run of per * stride values along K, value
+    j * stride + i goes to byte i at bit j * bits."""
+    *lead, k, x = values.shape
+    runs = values.astype(np.uint8).reshape(*lead, k // (per * stride), per, stride, x)
+    packed = sum(runs[..., j, :, :] << (j * bits) for j in range(per)).astype(np.uint8)
+    return packed.reshape(*lead, k // per, x)
+
+
+def _in_fours(a: np.ndarray) -> np.ndarray:
+    """[P, K, 16] -> [P, K / 4, 16, 4] read as [P, K, 16]: each column's 4 consecutive k side by side (the
+    [16 columns][4 k] bytes an int8 dot product takes), so that packing runs of 4 rows keeps that order."""
+    p, k, c = a.shape
+    return np.ascontiguousarray(a.reshape(p, k // 4, 4, c).transpose(0, 1, 3, 2)).reshape(p, k, c)
 
 
 def _scales(weight: IntWeights) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:

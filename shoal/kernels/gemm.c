@@ -9,10 +9,12 @@
  * many threads run, or which instruction set (AVX-512, AVX2 or portable C) this file was built for.
  *
  * Layout: output columns in panels of 16, [panels][...][16], the panel count padded to a multiple of 4. Per
- * panel, float formats hold [k][16] values; q8 holds [k][16] int8; q4 holds [k/2][16] bytes whose low nibble
- * is k = 2i and high nibble k = 2i + 1. q5 and q6 hold q4's nibbles and, in `high`, the bits above them:
- * [k/8][16] bytes for q5 (bit j of byte t: k = 8t + j), [k/4][16] for q6 (bits 2j, 2j + 1: k = 4t + j);
- * their value is (nibble | high << 4) - zero, q4's nibble - zero: exact small integers made in registers.
+ * panel, float formats hold [k][16] values; q8 holds [k][16] int8; q4 holds [k/8][16][4] bytes: of column c,
+ * byte j's low nibble is k = 8t + j and its high nibble k = 8t + 4 + j (so that 64 bytes are two of the int8
+ * path's [16 columns][4 k] blocks, and in float a column's 8 values are fields of one 32-bit lane). q5 and q6
+ * hold q4's nibbles and, in `high`, the bits above them in the same [16][4] order: [k/32][16][4] bytes for q5
+ * (bit s of byte j: k = 32t + 4s + j), [k/16][16][4] for q6 (bits 2s, 2s + 1: k = 16t + 4s + j); their value
+ * is (nibble | high << 4) - zero, q4's nibble - zero: exact small integers made in registers.
  * q2 holds [k/4][16] bytes of four 2-bit values (bits 2j, 2j + 1 of byte t: k = 4t + j); q3 adds q5's plane
  * of one high bit: (q2 value | high << 2) - zero.
  * Scales and offsets: [panels][k / group][16].
@@ -78,6 +80,11 @@
         TILE_EPILOGUE(R, U)                                                                                  \
     }
 
+/* Where value e of a run of 8 k sits in its column's lane of q4's nibbles; where value e of a run of 4 * 8 / bits
+ * sits in its lane of q5/q6's high bits. */
+#define NIBBLE_AT(e) (8 * ((e) % 4) + 4 * ((e) / 4))
+#define HIGH_AT(e, bits) (8 * ((e) % 4) + (bits) * ((e) / 4))
+
 #define DEFINE_Q4_TILE(NAME, R, SUF, U, HAS_MIN)                                                             \
     static void NAME##_##R##SUF(const float *a, int64_t lda, const struct packed_weight *w, int64_t p, int64_t k, \
                            const float *xsum, float *out) {                                                  \
@@ -87,18 +94,21 @@
         const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
         for (int64_t g = 0; g < groups; g++) {                                                               \
             ZEROS(b, R, U)                                                                                      \
-            for (int64_t i = g * group; i < (g + 1) * group; i += 2) {                                       \
-                pv even[U], odd[U];                                                                          \
-                UNROLL for (int u = 0; u < U; u++) pv_q4(base + (u * half + i / 2) * PANEL, zero, &even[u], &odd[u]); \
-                FMA_ROWS(b, R, U, even, i)                                                                      \
-                FMA_ROWS(b, R, U, odd, i + 1)                                                                   \
+            for (int64_t i = g * group; i < (g + 1) * group; i += 8) {                                       \
+                lv v[U];                                                                                     \
+                UNROLL for (int u = 0; u < U; u++) v[u] = lv_load(base + (u * half + i / 2) * PANEL);       \
+                UNROLL for (int e = 0; e < 8; e++) {                                                         \
+                    pv q[U];                                                                                 \
+                    UNROLL for (int u = 0; u < U; u++) q[u] = pv_field(v[u], NIBBLE_AT(e), v[u], 0, 0, zero); \
+                    FMA_ROWS(b, R, U, q, i + e)                                                                 \
+                }                                                                                            \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                            \
         }                                                                                                    \
         TILE_EPILOGUE(R, U)                                                                                  \
     }
 
-/* q5 and q6 (BITS): q4's nibbles, and one byte of high bits per column for every 8 / BITS values of k. */
+/* q5 and q6 (BITS): q4's nibbles, and the bits above them: 64 bytes for every 4 * PER values of k. */
 #define DEFINE_QH_TILE(NAME, R, SUF, U, HAS_MIN, BITS)                                                       \
     static void NAME##_##R##SUF(const float *a, int64_t lda, const struct packed_weight *w, int64_t p, int64_t k, \
                            const float *xsum, float *out) {                                                  \
@@ -110,15 +120,18 @@
         const uint8_t *highs = (const uint8_t *)w->high + p * chunks * PANEL;                                \
         for (int64_t g = 0; g < groups; g++) {                                                               \
             ZEROS(b, R, U)                                                                                      \
-            for (int64_t i = g * group; i < (g + 1) * group; i += PER) {                                     \
-                hv h[U];                                                                                     \
-                UNROLL for (int u = 0; u < U; u++) h[u] = hv_load(highs + (u * chunks + i / PER) * PANEL);   \
-                UNROLL for (int j = 0; j < PER; j += 2) {                                                    \
-                    pv even[U], odd[U];                                                                      \
-                    UNROLL for (int u = 0; u < U; u++)                                                       \
-                        pv_qh(base + (u * half + (i + j) / 2) * PANEL, h[u], j * HIGH, HIGH, zero, &even[u], &odd[u]); \
-                    FMA_ROWS(b, R, U, even, i + j)                                                              \
-                    FMA_ROWS(b, R, U, odd, i + j + 1)                                                           \
+            for (int64_t i = g * group; i < (g + 1) * group; i += 4 * PER) {                                 \
+                lv h[U];                                                                                     \
+                UNROLL for (int u = 0; u < U; u++) h[u] = lv_load(highs + (u * chunks + i / PER) * PANEL);   \
+                UNROLL for (int o = 0; o < 4 * PER; o += 8) {                                                \
+                    lv v[U];                                                                                 \
+                    UNROLL for (int u = 0; u < U; u++) v[u] = lv_load(base + (u * half + (i + o) / 2) * PANEL); \
+                    UNROLL for (int e = 0; e < 8; e++) {                                                     \
+                        pv q[U];                                                                             \
+                        UNROLL for (int u = 0; u < U; u++)                                                   \
+                            q[u] = pv_field(v[u], NIBBLE_AT(e), h[u], HIGH_AT(o + e, HIGH), HIGH, zero);      \
+                        FMA_ROWS(b, R, U, q, i + o + e)                                                         \
+                    }                                                                                        \
                 }                                                                                            \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                            \
@@ -324,12 +337,12 @@ static float weight_at(const struct packed_weight *w, int64_t k, int64_t col, in
         if (w->format == FMT_Q3) value |= ((high[(p * (k / 8) + i / 8) * PANEL + lane] >> (i % 8)) & 1) << 2;
         q = (float)(value - w->zero);
     } else {
-        const uint8_t byte = ((const uint8_t *)w->quants)[(p * (k / 2) + i / 2) * PANEL + lane];
-        int value = (i % 2) ? byte >> 4 : byte & 15;
+        const uint8_t byte = ((const uint8_t *)w->quants)[(p * (k / 2) + i / 8 * 4) * PANEL + 4 * lane + i % 4];
+        int value = (byte >> NIBBLE_AT(i % 8) % 8) & 15;
         if (w->format != FMT_Q4) {
-            const int bits = w->format == FMT_Q5 ? 1 : 2, per = 8 / bits; /* high bits per value */
-            const uint8_t high = ((const uint8_t *)w->high)[(p * (k / per) + i / per) * PANEL + lane];
-            value |= ((high >> (i % per * bits)) & ((1 << bits) - 1)) << 4;
+            const int bits = w->format == FMT_Q5 ? 1 : 2, per = 8 / bits, span = 4 * per; /* high bits per value */
+            const uint8_t high = ((const uint8_t *)w->high)[(p * (k / per) + i / span * 4) * PANEL + 4 * lane + i % 4];
+            value |= ((high >> (HIGH_AT(i % span, bits) % 8)) & ((1 << bits) - 1)) << 4;
         }
         q = (float)(value - w->zero);
     }

@@ -8,8 +8,9 @@
  * quantized, so that the offset's share of the quantization error cancels as it does in the weights), groups in
  * ascending order: the same float operations in every build, so a row's bits depend on nothing but that row.
  *
- * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], made in registers from the panel
- * layout 8 k at a time, weights as the unsigned operand (their values before the zero, which is taken off as
+ * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], 8 k at a time: q4-q6 are stored in
+ * that order (gemm.c's layouts), so their bytes are a mask and shifts away; q8, q2 and q3 are transposed in
+ * registers. Weights are the unsigned operand (their values before the zero, which is taken off as
  * zero * sum(q), the dot's starting value) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset by 128 to be unsigned),
  * AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
  * 255 * 127 * 2), or plain C.
@@ -49,10 +50,13 @@ static inline int32_t four_bytes(const int8_t *x) {
     return v;
 }
 
-/* iv: 16 int32 sums, one per column; bv: 4 k of 16 columns as bytes [16][4]. */
+/* iv: 16 int32 sums, one per column; bv: 4 k of 16 columns as bytes [16][4].
+ * nibbles8: q4's 64 bytes of 8 k as two bvs (k..k+3 in the low nibbles, k+4..k+7 in the high ones);
+ * add_high: each value's bits from bit `shift` (and `shift` + bits for out[1]) of its byte of high bits, above its
+ * nibble (q5, q6: the 64 bytes of high bits at h hold them in the same [16][4] order). */
 #if defined(__AVX512F__)
-#if !defined(__AVX512VNNI__) || !defined(__AVX512VBMI__)
-#error "the AVX-512 build uses AVX-512 VNNI and VBMI"
+#ifndef __AVX512VNNI__
+#error "the AVX-512 build uses AVX-512 VNNI"
 #endif
 typedef struct {
     __m512i v;
@@ -67,6 +71,28 @@ static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
 }
 #define iv_dot_q8 iv_dot
 static inline pv iv_float(iv acc) { return (pv){_mm512_cvtepi32_ps(acc.v)}; }
+/* q8's 4 rows of 16 columns -> [16 columns][4 k]: lane c of 16 bytes gets [k][4 columns], then each lane is
+ * transposed. */
+static inline bv bv_q8(const int8_t *p) {
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m128i transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i by_lane = _mm512_permutexvar_epi32(order, _mm512_loadu_si512(p));
+    return (bv){_mm512_xor_si512(_mm512_shuffle_epi8(by_lane, _mm512_broadcast_i32x4(transpose)),
+                                 _mm512_set1_epi8((char)0x80))};
+}
+static inline void nibbles8(const uint8_t *p, bv *out) {
+    const __m512i v = _mm512_loadu_si512(p), low = _mm512_set1_epi8(15);
+    out[0].v = _mm512_and_si512(v, low);
+    out[1].v = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+}
+static inline void add_high(bv *out, const uint8_t *h, int shift, int bits) {
+    const __m512i v = _mm512_loadu_si512(h), mask = _mm512_set1_epi8((char)(((1 << bits) - 1) << 4));
+    for (int o = 0; o < 2; o++) { /* bits n.. of each byte to 4.. (per 16 bits: nothing crosses into the kept bits) */
+        const int n = shift + o * bits;
+        const __m512i moved = n >= 4 ? _mm512_srli_epi16(v, n - 4) : _mm512_slli_epi16(v, 4 - n);
+        out[o].v = _mm512_ternarylogic_epi32(out[o].v, moved, mask, 0xF8); /* a | (b & c) */
+    }
+}
 /* q2 (q3): each column's byte of four 2-bit values (and its high bits from `shift`) as its 4 bytes. */
 static inline __m512i spread(__m512i byte, int step, int mask) { /* bits step*j.. of the byte -> byte j */
     const __m512i x = _mm512_or_si512(_mm512_or_si512(byte, _mm512_slli_epi32(byte, 8 - step)),
@@ -81,59 +107,8 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
     }
     return (bv){v};
 }
-/* 8 k of a panel at once, as the [16][4] bytes of k..k+3 and of k+4..k+7: byte permutes (vpermb, vpermt2b) from
- * the layouts' rows of 16 columns, and each value's high bits moved above its nibble by vpmultishiftqb. */
-#define FOUR(c, a, b, d, e) a + c, b + c, d + c, e + c
-#define COLUMNS(a, b, d, e)                                                                                      \
-    FOUR(0, a, b, d, e), FOUR(1, a, b, d, e), FOUR(2, a, b, d, e), FOUR(3, a, b, d, e), FOUR(4, a, b, d, e),     \
-        FOUR(5, a, b, d, e), FOUR(6, a, b, d, e), FOUR(7, a, b, d, e), FOUR(8, a, b, d, e), FOUR(9, a, b, d, e),  \
-        FOUR(10, a, b, d, e), FOUR(11, a, b, d, e), FOUR(12, a, b, d, e), FOUR(13, a, b, d, e),                  \
-        FOUR(14, a, b, d, e), FOUR(15, a, b, d, e)
-static const uint8_t K_ROWS[64] = {COLUMNS(0, 16, 32, 48)};             /* [k][16] -> [16][k] */
-static const uint8_t NIBBLES_LOW[64] = {COLUMNS(0, 64, 16, 80)};       /* low nibbles' rows 0, 1; high's 0, 1 */
-static const uint8_t NIBBLES_HIGH[64] = {COLUMNS(32, 96, 48, 112)};
-#undef COLUMNS
-#undef FOUR
-static inline __m512i constant(const uint8_t *bytes) { return _mm512_loadu_si512(bytes); }
-static inline void q8_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
-    const int8_t *p = (const int8_t *)w->quants + (panel * w->k + i) * PANEL;
-    const __m512i order = constant(K_ROWS), offset = _mm512_set1_epi8((char)0x80);
-    out[0].v = _mm512_xor_si512(_mm512_permutexvar_epi8(order, _mm512_loadu_si512(p)), offset);
-    out[1].v = _mm512_xor_si512(_mm512_permutexvar_epi8(order, _mm512_loadu_si512(p + 4 * PANEL)), offset);
-}
-static inline void nibbles8(const uint8_t *p, bv *out) { /* 4 rows of 16 bytes: k, k + 1 in each; k + 2, k + 3... */
-    const __m512i v = _mm512_loadu_si512(p), low = _mm512_set1_epi8(15);
-    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    out[0].v = _mm512_permutex2var_epi8(lo, constant(NIBBLES_LOW), hi);
-    out[1].v = _mm512_permutex2var_epi8(lo, constant(NIBBLES_HIGH), hi);
-}
-static inline void q4_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
-    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
-}
-/* nibbles | (byte j of column c's bits from bit `first` + bits * j of its byte of high bits, h[c] at byte 4c) << 4 */
-static inline __m512i with_high(__m512i nibbles, __m512i spread, int first, int bits, int mask) {
-    int64_t at = 0;
-    for (int half = 0; half < 2; half++)
-        for (int j = 0; j < 4; j++) at |= (int64_t)((32 * half + first + bits * j - 4) & 63) << (8 * (4 * half + j));
-    const __m512i moved = _mm512_multishift_epi64_epi8(_mm512_set1_epi64(at), spread);
-    return _mm512_ternarylogic_epi32(nibbles, moved, _mm512_set1_epi8((char)(mask << 4)), 0xF8); /* a | (b & c) */
-}
-static inline __m512i spread16(const uint8_t *h) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)h)); }
-static inline void q5_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
-    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
-    const __m512i h = spread16((const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL);
-    out[0].v = with_high(out[0].v, h, 0, 1, 1);
-    out[1].v = with_high(out[1].v, h, 4, 1, 1);
-}
-static inline void q6_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {
-    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
-    const uint8_t *h = (const uint8_t *)w->high + (panel * (w->k / 4) + i / 4) * PANEL;
-    out[0].v = with_high(out[0].v, spread16(h), 0, 2, 3);
-    out[1].v = with_high(out[1].v, spread16(h + PANEL), 0, 2, 3);
-}
-#define EIGHT_K_LOADS
 #elif defined(__AVX2__)
-/* Columns 0-3 and 8-11 in a, 4-7 and 12-15 in b (the order the byte transposition leaves them in). */
+/* Columns 0-3 and 8-11 in a, 4-7 and 12-15 in b (the order q8's byte transposition leaves them in). */
 typedef struct {
     __m256i a, b;
 } iv;
@@ -171,26 +146,26 @@ static inline bv bv_q8(const int8_t *p) { /* rows k, k + 1 in one vector, k + 2,
     const __m256i y = pair_columns(_mm256_loadu_si256((const __m256i *)(p + 32)));
     return (bv){lanes_transposed(_mm256_unpacklo_epi64(x, y)), lanes_transposed(_mm256_unpackhi_epi64(x, y))};
 }
-static inline bv from_nibble_rows(__m256i even, __m256i odd) { /* even: rows k, k + 2; odd: k + 1, k + 3 */
-    const __m256i x = pair_columns(even), y = pair_columns(odd);
-    return (bv){lanes_transposed(_mm256_unpacklo_epi32(x, y)), lanes_transposed(_mm256_unpackhi_epi32(x, y))};
+static inline bv columns_in_order(const uint8_t *p) { /* 64 bytes [16][4] -> columns 0-3, 8-11; 4-7, 12-15 */
+    const __m128i *q = (const __m128i *)p;
+    return (bv){_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(q)), _mm_loadu_si128(q + 2), 1),
+                _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(q + 1)), _mm_loadu_si128(q + 3), 1)};
 }
-static inline bv bv_q4(const uint8_t *p) {
-    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), low = _mm256_set1_epi8(15);
-    return from_nibble_rows(_mm256_and_si256(bytes, low), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low));
+static inline void nibbles8(const uint8_t *p, bv *out) {
+    const bv v = columns_in_order(p);
+    const __m256i low = _mm256_set1_epi8(15);
+    out[0] = (bv){_mm256_and_si256(v.a, low), _mm256_and_si256(v.b, low)};
+    out[1] = (bv){_mm256_and_si256(_mm256_srli_epi16(v.a, 4), low), _mm256_and_si256(_mm256_srli_epi16(v.b, 4), low)};
 }
-static inline __m256i high_bits(__m256i high, int first, int second, int bits) {
-    const __m256i at = _mm256_setr_epi32(first, first, first, first, second, second, second, second);
-    const __m256i above = _mm256_and_si256(_mm256_srlv_epi32(high, at), _mm256_set1_epi8((char)((1 << bits) - 1)));
-    return _mm256_slli_epi16(above, 4);
-}
-static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) {
-    const __m256i bytes = _mm256_loadu_si256((const __m256i *)p), low = _mm256_set1_epi8(15);
-    const __m256i high = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)h));
-    const __m256i even = _mm256_or_si256(_mm256_and_si256(bytes, low), high_bits(high, shift, shift + 2 * bits, bits));
-    const __m256i odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), low),
-                                        high_bits(high, shift + bits, shift + 3 * bits, bits));
-    return from_nibble_rows(even, odd);
+static inline __m256i moved_to_4(__m256i v, int n) { return n >= 4 ? _mm256_srli_epi16(v, n - 4) : _mm256_slli_epi16(v, 4 - n); }
+static inline void add_high(bv *out, const uint8_t *h, int shift, int bits) {
+    const bv v = columns_in_order(h);
+    const __m256i mask = _mm256_set1_epi8((char)(((1 << bits) - 1) << 4));
+    for (int o = 0; o < 2; o++) {
+        const int n = shift + o * bits;
+        out[o].a = _mm256_or_si256(out[o].a, _mm256_and_si256(moved_to_4(v.a, n), mask));
+        out[o].b = _mm256_or_si256(out[o].b, _mm256_and_si256(moved_to_4(v.b, n), mask));
+    }
 }
 static inline __m256i spread(__m256i byte, int step, int mask) {
     const __m256i x = _mm256_or_si256(_mm256_or_si256(byte, _mm256_slli_epi32(byte, 8 - step)),
@@ -242,16 +217,17 @@ static inline bv bv_q8(const int8_t *p) {
     LANES for (int j = 0; j < 4; j++) r.v[l][j] = p[j * PANEL + l];
     return r;
 }
-static inline bv bv_qh(const uint8_t *p, const uint8_t *h, int shift, int bits) {
-    bv r;
+static inline void nibbles8(const uint8_t *p, bv *out) {
     LANES for (int j = 0; j < 4; j++) {
-        const uint8_t byte = p[(j / 2) * PANEL + l];
-        const int nibble = j % 2 ? byte >> 4 : byte & 15;
-        r.v[l][j] = (int16_t)(nibble | (h ? ((h[l] >> (shift + j * bits)) & ((1 << bits) - 1)) << 4 : 0));
+        out[0].v[l][j] = (int16_t)(p[4 * l + j] & 15);
+        out[1].v[l][j] = (int16_t)(p[4 * l + j] >> 4);
     }
-    return r;
 }
-static inline bv bv_q4(const uint8_t *p) { return bv_qh(p, NULL, 0, 0); }
+static inline void add_high(bv *out, const uint8_t *h, int shift, int bits) {
+    for (int o = 0; o < 2; o++)
+        LANES for (int j = 0; j < 4; j++)
+            out[o].v[l][j] |= (int16_t)(((h[4 * l + j] >> (shift + o * bits)) & ((1 << bits) - 1)) << 4);
+}
 static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
     bv r;
     LANES for (int j = 0; j < 4; j++)
@@ -260,34 +236,29 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
 }
 #endif
 
-/* 8 k from i as the 4-k loads twice (a build may have loads of its own for 8). */
-#define TWICE(KIND)                                                                                              \
-    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, bv *out) {          \
-        out[0] = KIND##_load(w, panel, i);                                                                       \
-        out[1] = KIND##_load(w, panel, i + 4);                                                                   \
-    }
-/* 4 k from i of the panel's 16 columns, per layout (8 k at once where the build has loads of its own for
- * them); and the value each layout's integers are offset by. */
-#ifndef EIGHT_K_LOADS
+/* 8 k from i of the panel's 16 columns, per layout (see gemm.c), i being `at` k into a run of SPAN (q5 and q6:
+ * a block of their high bits; `at` a constant, so that the shifts are); and the value each layout's integers
+ * are offset by. */
+#define q8_SPAN 8
+#define q4_SPAN 8
+#define q5_SPAN 32
+#define q6_SPAN 16
+#define q2_SPAN 8
+#define q3_SPAN 8
+static inline void q4_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) {
+    (void)at;
+    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
+}
+static inline void qh_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out, int bits) {
+    const int high = bits - 4, per = 8 / high; /* high bits per value, values per byte */
+    q4_load8(w, panel, i, at, out);
+    add_high(out, (const uint8_t *)w->high + (panel * (w->k / per) + (i - at) / per) * PANEL, at / 4 * high, high);
+}
+static inline void q5_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) { qh_load8(w, panel, i, at, out, 5); }
+static inline void q6_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) { qh_load8(w, panel, i, at, out, 6); }
 static inline bv q8_load(const struct packed_weight *w, int64_t panel, int64_t i) {
     return bv_q8((const int8_t *)w->quants + (panel * w->k + i) * PANEL);
 }
-static inline bv q4_load(const struct packed_weight *w, int64_t panel, int64_t i) {
-    return bv_q4((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL);
-}
-static inline bv qh_load(const struct packed_weight *w, int64_t panel, int64_t i, int bits) {
-    const int high = bits - 4, per = 8 / high; /* high bits per value, values per byte of them */
-    const uint8_t *nibbles = (const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL;
-    return bv_qh(nibbles, (const uint8_t *)w->high + (panel * (w->k / per) + i / per) * PANEL, (int)(i % per) * high,
-                 high);
-}
-static inline bv q5_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 5); }
-static inline bv q6_load(const struct packed_weight *w, int64_t panel, int64_t i) { return qh_load(w, panel, i, 6); }
-TWICE(q8)
-TWICE(q4)
-TWICE(q5)
-TWICE(q6)
-#endif
 static inline bv q2_load(const struct packed_weight *w, int64_t panel, int64_t i) {
     return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, NULL, 0);
 }
@@ -295,6 +266,13 @@ static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i
     const uint8_t *high = (const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL;
     return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, high, (int)(i % 8));
 }
+#define TWICE(KIND)                                                                                              \
+    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) {  \
+        (void)at;                                                                                                \
+        out[0] = KIND##_load(w, panel, i);                                                                       \
+        out[1] = KIND##_load(w, panel, i + 4);                                                                   \
+    }
+TWICE(q8)
 TWICE(q2)
 TWICE(q3)
 #undef TWICE
@@ -333,11 +311,11 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
                 const iv start = iv_set1(-zero * qsum[r]);                                                      \
                 UNROLL for (int u = 0; u < U; u++) dot[r][u] = start;                                           \
             }                                                                                                   \
-            for (int64_t i = g * group; i < (g + 1) * group; i += 8) {                                          \
+            for (int64_t i = g * group; i < (g + 1) * group; i += KIND##_SPAN) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
                 bv wv[U][2];                                                                                    \
-                UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i, wv[u]);                            \
+                UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i + o, o, wv[u]);                     \
                 UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
-                    dot[r][u] = KIND##_dot(dot[r][u], wv[u][h], x + r * k + i + 4 * h);                        \
+                    dot[r][u] = KIND##_dot(dot[r][u], wv[u][h], x + r * k + i + o + 4 * h);                    \
             }                                                                                                   \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \

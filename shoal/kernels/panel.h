@@ -35,29 +35,27 @@ static inline pv pv_q8(const int8_t *p) {
 }
 static inline pv pv_fmav(pv a, pv b, pv acc) { return (pv){_mm512_fmadd_ps(a.v, b.v, acc.v)}; }
 static inline pv pv_mul(pv a, pv b) { return (pv){_mm512_mul_ps(a.v, b.v)}; }
-static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)), z = _mm512_set1_epi32(zero);
-    even->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), z));
-    odd->v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), z));
+/* lv: 64 bytes as 16 lanes of 4, column c's 4 bytes in lane c (q4-q6's [16][4] layouts). pv_field: the
+ * value whose nibble is at bit `shift` of its lane and, with `bits` > 0, whose bits above it are at bit
+ * `high_shift` of h's lane, less zero, as floats. */
+typedef struct {
+    __m512i v;
+} lv;
+static inline lv lv_load(const uint8_t *p) { return (lv){_mm512_loadu_si512(p)}; }
+static inline pv pv_field(lv v, int shift, lv h, int high_shift, int bits, int zero) {
+    __m512i q = _mm512_and_si512(_mm512_srli_epi32(v.v, shift), _mm512_set1_epi32(15));
+    if (bits) {
+        const __m512i above = high_shift >= 4 ? _mm512_srli_epi32(h.v, high_shift - 4) : _mm512_slli_epi32(h.v, 4 - high_shift);
+        q = _mm512_or_si512(q, _mm512_and_si512(above, _mm512_set1_epi32(((1 << bits) - 1) << 4)));
+    }
+    return (pv){_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(zero)))};
 }
-/* pv_qh: the values at k = 2i and 2i + 1 of q5/q6 from their nibble byte and their byte of high bits h, whose
- * `bits` bits per value (1 or 2) for k = 2i start at `shift`. */
 typedef struct {
     __m512i v;
 } hv;
 static inline hv hv_load(const uint8_t *p) { return (hv){_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))}; }
 static inline pv pv_nibble(hv h, int shift) {
     return (pv){_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(h.v, shift), _mm512_set1_epi32(15)))};
-}
-static inline __m512i qh_value(__m512i nibble, hv h, int shift, int mask, int zero) {
-    const __m512i high = _mm512_and_si512(_mm512_srli_epi32(h.v, shift), _mm512_set1_epi32(mask));
-    return _mm512_sub_epi32(_mm512_or_si512(nibble, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(zero));
-}
-static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    const int mask = (1 << bits) - 1;
-    even->v = _mm512_cvtepi32_ps(qh_value(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), h, shift, mask, zero));
-    odd->v = _mm512_cvtepi32_ps(qh_value(_mm512_srli_epi32(bytes, 4), h, shift + bits, mask, zero));
 }
 /* pv_q23: the value at k = 4t + j of q2 (q3) from its byte of 2-bit values and (q3) its byte of high bits h,
  * whose bit for that k is `at`. */
@@ -100,14 +98,22 @@ static inline __m256 i8x8(const int8_t *p) {
 static inline pv pv_q8(const int8_t *p) { return (pv){i8x8(p), i8x8(p + 8)}; }
 static inline pv pv_fmav(pv x, pv y, pv acc) { return (pv){_mm256_fmadd_ps(x.a, y.a, acc.a), _mm256_fmadd_ps(x.b, y.b, acc.b)}; }
 static inline pv pv_mul(pv x, pv y) { return (pv){_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
-static inline void q4x8(const uint8_t *p, int zero, __m256 *even, __m256 *odd) {
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)), z = _mm256_set1_epi32(zero);
-    *even = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), z));
-    *odd = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bytes, 4), z));
+typedef struct {
+    __m256i a, b;
+} lv;
+static inline lv lv_load(const uint8_t *p) {
+    return (lv){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 32))};
 }
-static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
-    q4x8(p, zero, &even->a, &odd->a);
-    q4x8(p + 8, zero, &even->b, &odd->b);
+static inline __m256 field8(__m256i v, int shift, __m256i h, int high_shift, int bits, int zero) {
+    __m256i q = _mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15));
+    if (bits) {
+        const __m256i above = high_shift >= 4 ? _mm256_srli_epi32(h, high_shift - 4) : _mm256_slli_epi32(h, 4 - high_shift);
+        q = _mm256_or_si256(q, _mm256_and_si256(above, _mm256_set1_epi32(((1 << bits) - 1) << 4)));
+    }
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(zero)));
+}
+static inline pv pv_field(lv v, int shift, lv h, int high_shift, int bits, int zero) {
+    return (pv){field8(v.a, shift, h.a, high_shift, bits, zero), field8(v.b, shift, h.b, high_shift, bits, zero)};
 }
 typedef struct {
     __m256i a, b;
@@ -118,21 +124,6 @@ static inline __m256 nibble8(__m256i h, int shift) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(h, shift), _mm256_set1_epi32(15)));
 }
 static inline pv pv_nibble(hv h, int shift) { return (pv){nibble8(h.a, shift), nibble8(h.b, shift)}; }
-static inline __m256 qh_value(__m256i nibble, __m256i h, int shift, int mask, int zero) {
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi32(h, shift), _mm256_set1_epi32(mask));
-    const __m256i q = _mm256_or_si256(nibble, _mm256_slli_epi32(high, 4));
-    return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(zero)));
-}
-static inline void qhx8(const uint8_t *p, __m256i h, int shift, int bits, int zero, __m256 *even, __m256 *odd) {
-    const __m256i bytes = u8x8(p);
-    const int mask = (1 << bits) - 1;
-    *even = qh_value(_mm256_and_si256(bytes, _mm256_set1_epi32(15)), h, shift, mask, zero);
-    *odd = qh_value(_mm256_srli_epi32(bytes, 4), h, shift + bits, mask, zero);
-}
-static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
-    qhx8(p, h.a, shift, bits, zero, &even->a, &odd->a);
-    qhx8(p + 8, h.b, shift, bits, zero, &even->b, &odd->b);
-}
 static inline __m256 q23x8(__m256i low, int j, __m256i h, int at, int has_high, int zero) {
     __m256i v = _mm256_and_si256(_mm256_srli_epi32(low, 2 * j), _mm256_set1_epi32(3));
     if (has_high) v = _mm256_or_si256(v, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, at), _mm256_set1_epi32(1)), 2));
@@ -192,11 +183,21 @@ static inline pv pv_mul(pv a, pv b) {
     LANES a.v[l] = a.v[l] * b.v[l];
     return a;
 }
-static inline void pv_q4(const uint8_t *p, int zero, pv *even, pv *odd) {
+typedef struct {
+    uint32_t v[PANEL];
+} lv;
+static inline lv lv_load(const uint8_t *p) {
+    lv r;
+    LANES r.v[l] = (uint32_t)p[4 * l] | (uint32_t)p[4 * l + 1] << 8 | (uint32_t)p[4 * l + 2] << 16 | (uint32_t)p[4 * l + 3] << 24;
+    return r;
+}
+static inline pv pv_field(lv v, int shift, lv h, int high_shift, int bits, int zero) {
+    pv r;
     LANES {
-        even->v[l] = (float)((p[l] & 15) - zero);
-        odd->v[l] = (float)((p[l] >> 4) - zero);
+        const uint32_t above = bits ? ((h.v[l] >> high_shift) & ((1u << bits) - 1)) << 4 : 0;
+        r.v[l] = (float)((int32_t)(((v.v[l] >> shift) & 15) | above) - zero);
     }
+    return r;
 }
 typedef struct {
     uint8_t v[PANEL];
@@ -210,13 +211,6 @@ static inline pv pv_nibble(hv h, int shift) {
     pv r;
     LANES r.v[l] = (float)((h.v[l] >> shift) & 15);
     return r;
-}
-static inline void pv_qh(const uint8_t *p, hv h, int shift, int bits, int zero, pv *even, pv *odd) {
-    const int mask = (1 << bits) - 1;
-    LANES {
-        even->v[l] = (float)(((p[l] & 15) | (((h.v[l] >> shift) & mask) << 4)) - zero);
-        odd->v[l] = (float)(((p[l] >> 4) | (((h.v[l] >> (shift + bits)) & mask) << 4)) - zero);
-    }
 }
 static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
     pv r;
