@@ -107,6 +107,24 @@ def test_a_source_that_does_not_compile_is_reported_with_the_compilers_words(tmp
     assert (tmp_path / "k.so").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "normalize"), [(1, 128, 8, True), (37, 8, 2, False), (300, 60, 4, True)]
+)
+def test_the_c_router_chooses_as_torch_does(kernel, tokens, experts, top_k, normalize):
+    """experts.c's router against Backend.route (torch's softmax, topk and stable sort, as transformers routes):
+    the same assignments in the same order, the weights within float32 rounding of a softmax."""
+    from shoal.kernels.backend import Backend, CpuBackend
+
+    be = CpuBackend(kernel, "test", "float32")
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens)) * 3
+    c, reference = be.route(logits, top_k, normalize), Backend.route(be, logits, top_k, normalize)
+    assert torch.equal(c.rows, reference.rows) and torch.equal(c.starts, reference.starts)
+    assert c.most == reference.most == int((c.starts[1:] - c.starts[:-1]).max())
+    torch.testing.assert_close(c.weights, reference.weights, rtol=1e-6, atol=0)
+    sums = torch.zeros(tokens).index_add_(0, c.rows, c.weights)
+    assert torch.allclose(sums, torch.ones(tokens)) if normalize else bool((sums < 1).all())
+
+
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the_batch(kernel, precision):
     """experts.c runs a layer's active experts in one call; Backend.experts composes the same GEMMs and
@@ -139,7 +157,7 @@ def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=experts)
         starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        return Routing(order // top_k, weights.flatten()[order], starts)
+        return Routing(order // top_k, weights.flatten()[order], starts, int(counts.max()))
 
     # 11 rows: each thread runs whole experts (decode); 600 rows, 1,200 assignments: the experts one after
     # another, each GEMM split among the threads (prefill). A row alone runs the first way.
@@ -156,5 +174,6 @@ def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the
             torch.zeros(len(mine), dtype=torch.long),
             route.weights[mine],
             torch.tensor([sum(1 for i in mine if i < route.starts[e]) for e in range(experts + 1)]),
+            1,
         )
         assert torch.equal(be.experts(x[row : row + 1], group, alone)[0], fused[row]), row

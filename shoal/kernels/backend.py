@@ -99,6 +99,7 @@ class Routing:
     rows: torch.Tensor  # int64 [assignments]
     weights: torch.Tensor  # [assignments], the activations' dtype
     starts: torch.Tensor  # int64 [experts + 1]: where each expert's assignments begin
+    most: int  # the most assignments any one expert has
 
 
 @dataclass(eq=False)
@@ -169,6 +170,19 @@ class Backend(ABC):
     def expert_group(self, gate_ups: list[Any], downs: list[Any], activation: str) -> Any:
         """A layer's packed experts, as `experts` takes them."""
         return ExpertGroup(gate_ups, downs, activation)
+
+    def route(self, logits: torch.Tensor, top_k: int, normalize: bool) -> Routing:
+        """The router's choice from its logits [T, experts], as transformers makes it: softmax, the top k,
+        rescaled to sum to 1 where `normalize`."""
+        weights, chosen = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        if normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=logits.shape[-1])
+        starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        weights = weights.to(logits.dtype).flatten()[order]
+        return Routing(order // top_k, weights, starts, int(counts.max()) if flat.numel() else 0)
 
     def experts(self, x: torch.Tensor, group: Any, routing: Routing) -> torch.Tensor:
         """Each row's sum over its experts of weight * down(act(gate) * up): one GEMM per active expert over
@@ -286,10 +300,16 @@ class CpuBackend(Backend):
     def expert_group(self, gate_ups, downs, activation: str) -> cpu.ExpertGroup:
         return cpu.ExpertGroup(gate_ups, downs, activation)
 
+    def route(self, logits, top_k: int, normalize: bool) -> Routing:
+        """experts.c's router: one call instead of a dozen torch operations a layer."""
+        return Routing(*cpu.route_tokens(self.lib, logits, top_k, normalize))
+
     def experts(self, x, group: cpu.ExpertGroup, routing: Routing):
         """experts.c's one call: the same GEMM and activation bodies, one wake-up a layer."""
         weights = routing.weights.float().contiguous()
-        return cpu.expert_group(self.lib, group, x.contiguous(), routing.rows, weights, routing.starts)
+        return cpu.expert_group(
+            self.lib, group, x.contiguous(), routing.rows, weights, routing.starts, routing.most
+        )
 
     def fuse_layer(self, layer: PreNormLayer):
         """layer.c's one call: one thread wake-up a layer instead of a dozen Python calls and wake-ups."""

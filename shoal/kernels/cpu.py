@@ -350,6 +350,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         function.restype, function.argtypes = None, argtypes
     lib.decoder_layer_scratch.restype, lib.decoder_layer_scratch.argtypes = i64, [ptr, i64]
     lib.expert_group_scratch.restype, lib.expert_group_scratch.argtypes = i64, [ptr, i64, i64, i32]
+    lib.route_tokens.restype, lib.route_tokens.argtypes = i64, [ptr, i64, i64, i64, i32, ptr, ptr, ptr]
     return lib
 
 
@@ -484,12 +485,33 @@ class ExpertGroup:
         )  # fmt: skip
 
 
+def route_tokens(
+    lib, logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """experts.c's router: (rows, weights, starts, the most assignments of one expert) from logits [T, E]."""
+    logits = logits.float().contiguous()
+    tokens, experts = logits.shape
+    rows = torch.empty(tokens * top_k, dtype=torch.int64)
+    weights = torch.empty(tokens * top_k)
+    starts = torch.empty(experts + 1, dtype=torch.int64)
+    most = lib.route_tokens(
+        logits.data_ptr(), tokens, experts, top_k, int(normalize), rows.data_ptr(), weights.data_ptr(),
+        starts.data_ptr(),
+    )  # fmt: skip
+    return rows, weights, starts, most
+
+
 def expert_group(
-    lib, group: ExpertGroup, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor
+    lib,
+    group: ExpertGroup,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    starts: torch.Tensor,
+    most: int,
 ) -> torch.Tensor:
     """experts.c: each row's experts' weighted outputs summed (x [T, hidden] contiguous float32; rows, starts
-    int64 and weights float32 as backend.Routing has them)."""
-    most = int((starts[1:] - starts[:-1]).max()) if rows.numel() else 0
+    int64 and weights float32 as backend.Routing has them; most: the most assignments of one expert)."""
     out = torch.zeros_like(x)
     if most == 0:
         return out

@@ -11,8 +11,10 @@
  * Either way a GEMM gives a row the same bits whatever other rows it holds and however many threads run it,
  * and a row's weighted outputs are added in ascending expert order, so a row's result depends on that row
  * alone, whichever way ran it. */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "kernels.h"
 
@@ -113,4 +115,51 @@ void expert_group_f32(const struct expert_group *g, const float *x, const int64_
             }
         }
     }
+}
+
+/* The router's choice, as transformers makes it: per token, softmax over the experts' logits, the top_k
+ * (descending; of equal probabilities the lower index first), rescaled by their sum where `normalize`. Out as
+ * expert_group_f32 takes it: the assignments grouped by expert in ascending order, tokens ascending within one
+ * (rows, weights [tokens * top_k], starts [experts + 1]). Returns the most assignments any expert has. */
+int64_t route_tokens(const float *logits, int64_t tokens, int64_t experts, int64_t top_k, int normalize,
+                     int64_t *rows, float *weights, int64_t *starts) {
+    float *probs = malloc(sizeof(float) * experts), *chosen_w = malloc(sizeof(float) * tokens * top_k);
+    int64_t *chosen = malloc(sizeof(int64_t) * tokens * top_k);
+    for (int64_t e = 0; e <= experts; e++) starts[e] = 0;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *l = logits + t * experts;
+        float top = l[0], sum = 0.0f;
+        for (int64_t e = 1; e < experts; e++) top = fmaxf(top, l[e]);
+        for (int64_t e = 0; e < experts; e++) sum += probs[e] = expf(l[e] - top);
+        for (int64_t e = 0; e < experts; e++) probs[e] /= sum;
+        float kept = 0.0f;
+        for (int64_t j = 0; j < top_k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < experts; e++)
+                if (probs[e] >= 0.0f && (best < 0 || probs[e] > probs[best])) best = e;
+            chosen[t * top_k + j] = best;
+            kept += chosen_w[t * top_k + j] = probs[best];
+            probs[best] = -1.0f; /* taken */
+            starts[best + 1]++;
+        }
+        if (normalize)
+            for (int64_t j = 0; j < top_k; j++) chosen_w[t * top_k + j] /= kept;
+    }
+    int64_t most = 0;
+    for (int64_t e = 0; e < experts; e++) {
+        most = starts[e + 1] > most ? starts[e + 1] : most;
+        starts[e + 1] += starts[e];
+    }
+    int64_t *next = malloc(sizeof(int64_t) * experts);
+    for (int64_t e = 0; e < experts; e++) next[e] = starts[e];
+    for (int64_t a = 0; a < tokens * top_k; a++) {
+        const int64_t at = next[chosen[a]]++;
+        rows[at] = a / top_k;
+        weights[at] = chosen_w[a];
+    }
+    free(next);
+    free(chosen);
+    free(chosen_w);
+    free(probs);
+    return most;
 }

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from shoal.errors import ModelLoadError
-from shoal.kernels.backend import Backend, Heads, Rope, Routing
+from shoal.kernels.backend import Backend, Heads, Rope
 
 
 def rope_inv_freq(
@@ -161,15 +161,7 @@ class MixtureOfExperts:
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         be = self.backend
-        probs = torch.softmax(be.linear(h, self.router).float(), dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        flat = chosen.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts))
-        starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        routing = Routing(order // self.top_k, weights.to(h.dtype).flatten()[order], starts)
+        routing = be.route(be.linear(h, self.router), self.top_k, self.normalize)
         out = be.experts(h, self.group, routing)
         if self.shared is not None:
             out = out + torch.sigmoid(be.linear(h, self.shared_gate)) * self.shared.forward(h)
