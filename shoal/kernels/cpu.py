@@ -343,7 +343,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             i32,
         ],
         "decoder_layer_f32": [ptr, ptr, ptr, ptr, ptr, ptr, i32],
-        "expert_group_f32": [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32],
+        "expert_group_f32": [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i32],
     }
     for name, argtypes in signatures.items():
         function = getattr(lib, name)
@@ -518,7 +518,7 @@ def expert_group(
     threads = torch.get_num_threads()
     scratch = torch.empty(lib.expert_group_scratch(ctypes.byref(group.struct), most, rows.numel(), threads))
     lib.expert_group_f32(
-        ctypes.byref(group.struct), x.data_ptr(), rows.data_ptr(), weights.data_ptr(), starts.data_ptr(),
+        ctypes.byref(group.struct), x.data_ptr(), rows.data_ptr(), weights.data_ptr(), starts.data_ptr(), most,
         out.data_ptr(), scratch.data_ptr(), threads,
     )  # fmt: skip
     return out

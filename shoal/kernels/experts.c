@@ -75,13 +75,11 @@ static void add_weighted(const int64_t *rows, const float *weights, int64_t firs
 
 /* rows [assignments]: the token row of each (token, expert) assignment, grouped by expert in ascending order;
  * starts [experts + 1]: where each expert's assignments begin; weights [assignments]: the router's weight of
- * each. out [tokens, hidden] is added to. */
+ * each; most: the most assignments of one expert, as scratch was sized for (expert_group_scratch). out
+ * [tokens, hidden] is added to. */
 void expert_group_f32(const struct expert_group *g, const float *x, const int64_t *rows, const float *weights,
-                      const int64_t *starts, float *out, float *scratch, int num_threads) {
+                      const int64_t *starts, int64_t most, float *out, float *scratch, int num_threads) {
     const int64_t hidden = g->hidden, assignments = starts[g->num_experts];
-    int64_t most = 0;
-    for (int64_t e = 0; e < g->num_experts; e++)
-        most = starts[e + 1] - starts[e] > most ? starts[e + 1] - starts[e] : most;
     const int64_t work = working_floats(g, most);
     if (assignments > EXPERT_PARALLEL_MAX) {
         float *y = scratch + work;

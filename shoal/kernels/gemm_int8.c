@@ -11,8 +11,8 @@
  * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], 8 k at a time: q4-q6 are stored in
  * that order (gemm.c's layouts), so their bytes are a mask and shifts away; q8, q2 and q3 are transposed in
  * registers. Weights are the unsigned operand (their values before the zero, which is taken off as
- * zero * sum(q), the dot's starting value) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset by 128 to be unsigned),
- * AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
+ * zero * sum(q), the dot's starting value) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset
+ * by 128 to be unsigned), AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
  * 255 * 127 * 2), or plain C.
  */
 #include "panel.h"

@@ -166,9 +166,9 @@ def _shared_expert_size(reader: GGUFReader, arch: str, config: dict[str, Any]) -
 
 
 def _phi3_config(reader: GGUFReader, config: dict[str, Any]) -> dict[str, Any]:
-    """Phi-3's LongRoPE factors (two tensors). The file's
-    sliding window is not applied: llama.cpp and transformers' GGUF reader both run these files with full
-    attention (the converter's window is not trusted; llama.cpp PR 13676), and shoal reads them as they do."""
+    """Phi-3's LongRoPE factors (two tensors). The file's sliding window is not applied: llama.cpp and
+    transformers' GGUF reader both run these files with full attention (the converter's window is not trusted;
+    llama.cpp PR 13676), and shoal reads them as they do."""
     rope_dims = field(reader, "phi3.rope.dimension_count", config["head_dim"])
     extra: dict[str, Any] = {"sliding_window": None, "partial_rotary_factor": rope_dims / config["head_dim"]}
     factors = {
