@@ -41,6 +41,7 @@
         const TYPE *base = (const TYPE *)w->quants + p * k * PANEL;                                          \
         for (int64_t i = 0; i < k; i++) {                                                                    \
             pv wv[U];                                                                                        \
+            if (i % (64 / (sizeof(TYPE) * PANEL)) == 0) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * k + i) * PANEL); \
             UNROLL for (int u = 0; u < U; u++) wv[u] = LOAD(base + (u * k + i) * PANEL);                  \
             FMA_ROWS(c, R, U, wv, i)                                                                            \
         }                                                                                                    \
@@ -53,11 +54,10 @@
 #define GROUP_END(R, U, HAS_MIN)                                                                      \
     UNROLL for (int u = 0; u < U; u++) {                                                           \
         const int64_t at = ((p + u) * groups + g) * PANEL;                                            \
-        const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                     \
-        const pv s = scale_at(w, 0, at, super_at);                                                    \
+        const pv s = group_scale(w, 0, at, supers[u][0]);                                             \
         UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fmav(s, b[r][u], c[r][u]);                    \
         if (HAS_MIN) {                                                                                \
-            const pv m = scale_at(w, 1, at, super_at);                                                \
+            const pv m = group_scale(w, 1, at, supers[u][1]);                                         \
             UNROLL for (int r = 0; r < R; r++) c[r][u] = pv_fma(xsum[r * groups + g], m, c[r][u]);    \
         }                                                                                             \
     }
@@ -68,14 +68,18 @@
         ZEROS(c, R, U)                                                                                          \
         const int64_t group = w->group, groups = k / group;                                                  \
         const int8_t *base = (const int8_t *)w->quants + p * k * PANEL;                                      \
-        for (int64_t g = 0; g < groups; g++) {                                                               \
+        for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                      \
+          LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                \
+          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                         \
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i++) {                                          \
                 pv q[U];                                                                                     \
+                if (i % 4 == 0) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * k + i) * PANEL);   \
                 UNROLL for (int u = 0; u < U; u++) q[u] = pv_q8(base + (u * k + i) * PANEL);              \
                 FMA_ROWS(b, R, U, q, i)                                                                         \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                            \
+          }                                                                                                  \
         }                                                                                                    \
         TILE_EPILOGUE(R, U)                                                                                  \
     }
@@ -92,10 +96,13 @@
         const int64_t group = w->group, groups = k / group, half = k / 2;                                    \
         const int zero = HAS_MIN ? 0 : w->zero; /* offsets or a zero, never both: 0 folds the subtraction away */ \
         const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
-        for (int64_t g = 0; g < groups; g++) {                                                               \
+        for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                      \
+          LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                \
+          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                         \
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i += 8) {                                       \
                 lv v[U];                                                                                     \
+                UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * half + i / 2) * PANEL);              \
                 UNROLL for (int u = 0; u < U; u++) v[u] = lv_load(base + (u * half + i / 2) * PANEL);       \
                 UNROLL for (int e = 0; e < 8; e++) {                                                         \
                     pv q[U];                                                                                 \
@@ -104,6 +111,7 @@
                 }                                                                                            \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                            \
+          }                                                                                                  \
         }                                                                                                    \
         TILE_EPILOGUE(R, U)                                                                                  \
     }
@@ -118,13 +126,17 @@
         const int zero = HAS_MIN ? 0 : w->zero; /* offsets or a zero, never both: 0 folds the subtraction away */ \
         const uint8_t *base = (const uint8_t *)w->quants + p * half * PANEL;                                 \
         const uint8_t *highs = (const uint8_t *)w->high + p * chunks * PANEL;                                \
-        for (int64_t g = 0; g < groups; g++) {                                                               \
+        for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                      \
+          LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                \
+          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                         \
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i += 4 * PER) {                                 \
                 lv h[U];                                                                                     \
+                UNROLL for (int u = 0; u < U; u++) PREFETCH(highs + (u * chunks + i / PER) * PANEL);          \
                 UNROLL for (int u = 0; u < U; u++) h[u] = lv_load(highs + (u * chunks + i / PER) * PANEL);   \
                 UNROLL for (int o = 0; o < 4 * PER; o += 8) {                                                \
                     lv v[U];                                                                                 \
+                    UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * half + (i + o) / 2) * PANEL);     \
                     UNROLL for (int u = 0; u < U; u++) v[u] = lv_load(base + (u * half + (i + o) / 2) * PANEL); \
                     UNROLL for (int e = 0; e < 8; e++) {                                                     \
                         pv q[U];                                                                             \
@@ -135,6 +147,7 @@
                 }                                                                                            \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                            \
+          }                                                                                                  \
         }                                                                                                    \
         TILE_EPILOGUE(R, U)                                                                                  \
     }
@@ -149,10 +162,16 @@
         const int zero = HAS_MIN ? 0 : w->zero; /* offsets or a zero, never both: 0 folds the subtraction away */ \
         const uint8_t *base = (const uint8_t *)w->quants + p * quarter * PANEL;                              \
         const uint8_t *highs = (const uint8_t *)w->high + p * eighth * PANEL;                                \
-        for (int64_t g = 0; g < groups; g++) {                                                               \
+        for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                      \
+          LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                \
+          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                         \
             ZEROS(b, R, U)                                                                                   \
             for (int64_t i = g * group; i < (g + 1) * group; i += 4) {                                       \
                 hv low[U], high[U];                                                                          \
+                if (i % 16 == 0) UNROLL for (int u = 0; u < U; u++) {                                        \
+                    PREFETCH(base + (u * quarter + i / 4) * PANEL);                                          \
+                    if (BITS == 3) PREFETCH(highs + (u * eighth + i / 8) * PANEL);                           \
+                }                                                                                            \
                 UNROLL for (int u = 0; u < U; u++) {                                                         \
                     low[u] = hv_load(base + (u * quarter + i / 4) * PANEL);                                  \
                     high[u] = BITS == 3 ? hv_load(highs + (u * eighth + i / 8) * PANEL) : low[u];            \
@@ -164,6 +183,7 @@
                 }                                                                                            \
             }                                                                                                \
             GROUP_END(R, U, HAS_MIN)                                                                         \
+          }                                                                                                  \
         }                                                                                                    \
         TILE_EPILOGUE(R, U)                                                                                  \
     }

@@ -247,24 +247,34 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
 #define q3_SPAN 8
 static inline void q4_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) {
     (void)at;
-    nibbles8((const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL, out);
+    const uint8_t *quants = (const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL;
+    PREFETCH(quants);
+    nibbles8(quants, out);
 }
 static inline void qh_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out, int bits) {
     const int high = bits - 4, per = 8 / high; /* high bits per value, values per byte */
     q4_load8(w, panel, i, at, out);
-    add_high(out, (const uint8_t *)w->high + (panel * (w->k / per) + (i - at) / per) * PANEL, at / 4 * high, high);
+    const uint8_t *highs = (const uint8_t *)w->high + (panel * (w->k / per) + (i - at) / per) * PANEL;
+    if (at == 0) PREFETCH(highs); /* 64 bytes of them per span */
+    add_high(out, highs, at / 4 * high, high);
 }
 static inline void q5_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) { qh_load8(w, panel, i, at, out, 5); }
 static inline void q6_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) { qh_load8(w, panel, i, at, out, 6); }
 static inline bv q8_load(const struct packed_weight *w, int64_t panel, int64_t i) {
-    return bv_q8((const int8_t *)w->quants + (panel * w->k + i) * PANEL);
+    const int8_t *quants = (const int8_t *)w->quants + (panel * w->k + i) * PANEL;
+    PREFETCH(quants);
+    return bv_q8(quants);
 }
 static inline bv q2_load(const struct packed_weight *w, int64_t panel, int64_t i) {
-    return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, NULL, 0);
+    const uint8_t *quants = (const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL;
+    if (i % 16 == 0) PREFETCH(quants);
+    return bv_q23(quants, NULL, 0);
 }
 static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i) {
     const uint8_t *high = (const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL;
-    return bv_q23((const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL, high, (int)(i % 8));
+    const uint8_t *quants = (const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL;
+    if (i % 16 == 0) PREFETCH(quants), PREFETCH(high);
+    return bv_q23(quants, high, (int)(i % 8));
 }
 #define TWICE(KIND)                                                                                              \
     static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) {  \
@@ -298,7 +308,9 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
         ZEROS(c, R, U)                                                                                          \
-        for (int64_t g = 0; g < groups; g++) {                                                                  \
+        for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                         \
+          LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                   \
+          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                                      \
             float d[R];                                                                                         \
             int32_t qsum[R];                                                                                    \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
@@ -319,14 +331,14 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
             }                                                                                                   \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
-                const int64_t super_at = ((p + u) * (k / 256) + g * group / 256) * PANEL;                       \
-                const pv s = scale_at(w, 0, at, super_at);                                                      \
-                const pv m = HAS_MIN ? scale_at(w, 1, at, super_at) : pv_zero();                                \
+                const pv s = group_scale(w, 0, at, supers[u][0]);                                               \
+                const pv m = HAS_MIN ? group_scale(w, 1, at, supers[u][1]) : pv_zero();                         \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
                     c[r][u] = pv_fmav(pv_mul(s, pv_set1(d[r])), iv_float(dot[r][u]), c[r][u]); \
                     if (HAS_MIN) c[r][u] = pv_fma(d[r] * (float)qsum[r], m, c[r][u]);                           \
                 }                                                                                               \
             }                                                                                                   \
+          }                                                                                                     \
         }                                                                                                       \
         TILE_EPILOGUE(R, U)                                                                                     \
     }
