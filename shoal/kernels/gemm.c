@@ -41,7 +41,7 @@
         const TYPE *base = (const TYPE *)w->quants + p * k * PANEL;                                          \
         for (int64_t i = 0; i < k; i++) {                                                                    \
             pv wv[U];                                                                                        \
-            if (i % (64 / (sizeof(TYPE) * PANEL)) == 0) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * k + i) * PANEL); \
+            if (U > UNIT && i % (64 / (sizeof(TYPE) * PANEL)) == 0) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * k + i) * PANEL); \
             UNROLL for (int u = 0; u < U; u++) wv[u] = LOAD(base + (u * k + i) * PANEL);                  \
             FMA_ROWS(c, R, U, wv, i)                                                                            \
         }                                                                                                    \
@@ -74,7 +74,7 @@
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i++) {                                          \
                 pv q[U];                                                                                     \
-                if (i % 4 == 0) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * k + i) * PANEL);   \
+                if (U > UNIT && i % 4 == 0) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * k + i) * PANEL);\
                 UNROLL for (int u = 0; u < U; u++) q[u] = pv_q8(base + (u * k + i) * PANEL);              \
                 FMA_ROWS(b, R, U, q, i)                                                                         \
             }                                                                                                \
@@ -102,7 +102,7 @@
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i += 8) {                                       \
                 lv v[U];                                                                                     \
-                UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * half + i / 2) * PANEL);              \
+                if (U > UNIT) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * half + i / 2) * PANEL); \
                 UNROLL for (int u = 0; u < U; u++) v[u] = lv_load(base + (u * half + i / 2) * PANEL);       \
                 UNROLL for (int e = 0; e < 8; e++) {                                                         \
                     pv q[U];                                                                                 \
@@ -132,11 +132,11 @@
             ZEROS(b, R, U)                                                                                      \
             for (int64_t i = g * group; i < (g + 1) * group; i += 4 * PER) {                                 \
                 lv h[U];                                                                                     \
-                UNROLL for (int u = 0; u < U; u++) PREFETCH(highs + (u * chunks + i / PER) * PANEL);          \
+                if (U > UNIT) UNROLL for (int u = 0; u < U; u++) PREFETCH(highs + (u * chunks + i / PER) * PANEL); \
                 UNROLL for (int u = 0; u < U; u++) h[u] = lv_load(highs + (u * chunks + i / PER) * PANEL);   \
                 UNROLL for (int o = 0; o < 4 * PER; o += 8) {                                                \
                     lv v[U];                                                                                 \
-                    UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * half + (i + o) / 2) * PANEL);     \
+                    if (U > UNIT) UNROLL for (int u = 0; u < U; u++) PREFETCH(base + (u * half + (i + o) / 2) * PANEL); \
                     UNROLL for (int u = 0; u < U; u++) v[u] = lv_load(base + (u * half + (i + o) / 2) * PANEL); \
                     UNROLL for (int e = 0; e < 8; e++) {                                                     \
                         pv q[U];                                                                             \
@@ -168,7 +168,7 @@
             ZEROS(b, R, U)                                                                                   \
             for (int64_t i = g * group; i < (g + 1) * group; i += 4) {                                       \
                 hv low[U], high[U];                                                                          \
-                if (i % 16 == 0) UNROLL for (int u = 0; u < U; u++) {                                        \
+                if (U > UNIT && i % 16 == 0) UNROLL for (int u = 0; u < U; u++) {                           \
                     PREFETCH(base + (u * quarter + i / 4) * PANEL);                                          \
                     if (BITS == 3) PREFETCH(highs + (u * eighth + i / 8) * PANEL);                           \
                 }                                                                                            \

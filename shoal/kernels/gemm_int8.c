@@ -237,50 +237,51 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
 #endif
 
 /* 8 k from i of the panel's 16 columns, per layout (see gemm.c), i being `at` k into a run of SPAN (q5 and q6:
- * a block of their high bits; `at` a constant, so that the shifts are); and the value each layout's integers
- * are offset by. */
+ * a block of their high bits; `at` a constant, so that the shifts are), prefetching ahead where `ahead` (panel.h);
+ * and the value each layout's integers are offset by. */
 #define q8_SPAN 8
 #define q4_SPAN 8
 #define q5_SPAN 32
 #define q6_SPAN 16
 #define q2_SPAN 8
 #define q3_SPAN 8
-static inline void q4_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) {
+static inline void q4_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead, bv *out) {
     (void)at;
     const uint8_t *quants = (const uint8_t *)w->quants + (panel * (w->k / 2) + i / 2) * PANEL;
-    PREFETCH(quants);
+    if (ahead) PREFETCH(quants);
     nibbles8(quants, out);
 }
-static inline void qh_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out, int bits) {
+static inline void qh_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead, bv *out, int bits) {
     const int high = bits - 4, per = 8 / high; /* high bits per value, values per byte */
-    q4_load8(w, panel, i, at, out);
+    q4_load8(w, panel, i, at, ahead, out);
     const uint8_t *highs = (const uint8_t *)w->high + (panel * (w->k / per) + (i - at) / per) * PANEL;
-    if (at == 0) PREFETCH(highs); /* 64 bytes of them per span */
+    if (ahead && at == 0) PREFETCH(highs); /* 64 bytes of them per span */
     add_high(out, highs, at / 4 * high, high);
 }
-static inline void q5_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) { qh_load8(w, panel, i, at, out, 5); }
-static inline void q6_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) { qh_load8(w, panel, i, at, out, 6); }
-static inline bv q8_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+static inline void q5_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead, bv *out) { qh_load8(w, panel, i, at, ahead, out, 5); }
+static inline void q6_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead, bv *out) { qh_load8(w, panel, i, at, ahead, out, 6); }
+static inline bv q8_load(const struct packed_weight *w, int64_t panel, int64_t i, int ahead) {
     const int8_t *quants = (const int8_t *)w->quants + (panel * w->k + i) * PANEL;
-    PREFETCH(quants);
+    if (ahead) PREFETCH(quants);
     return bv_q8(quants);
 }
-static inline bv q2_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+static inline bv q2_load(const struct packed_weight *w, int64_t panel, int64_t i, int ahead) {
     const uint8_t *quants = (const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL;
-    if (i % 16 == 0) PREFETCH(quants);
+    if (ahead && i % 16 == 0) PREFETCH(quants);
     return bv_q23(quants, NULL, 0);
 }
-static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i) {
+static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i, int ahead) {
     const uint8_t *high = (const uint8_t *)w->high + (panel * (w->k / 8) + i / 8) * PANEL;
     const uint8_t *quants = (const uint8_t *)w->quants + (panel * (w->k / 4) + i / 4) * PANEL;
-    if (i % 16 == 0) PREFETCH(quants), PREFETCH(high);
+    if (ahead && i % 16 == 0) PREFETCH(quants), PREFETCH(high);
     return bv_q23(quants, high, (int)(i % 8));
 }
 #define TWICE(KIND)                                                                                              \
-    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, bv *out) {  \
+    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead,  \
+                                    bv *out) {                                                                   \
         (void)at;                                                                                                \
-        out[0] = KIND##_load(w, panel, i);                                                                       \
-        out[1] = KIND##_load(w, panel, i + 4);                                                                   \
+        out[0] = KIND##_load(w, panel, i, ahead);                                                                     \
+        out[1] = KIND##_load(w, panel, i + 4, ahead);                                                                 \
     }
 TWICE(q8)
 TWICE(q2)
@@ -325,7 +326,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
             }                                                                                                   \
             for (int64_t i = g * group; i < (g + 1) * group; i += KIND##_SPAN) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
                 bv wv[U][2];                                                                                    \
-                UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i + o, o, wv[u]);                     \
+                UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i + o, o, U > UNIT, wv[u]);            \
                 UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
                     dot[r][u] = KIND##_dot(dot[r][u], wv[u][h], x + r * k + i + o + 4 * h);                    \
             }                                                                                                   \
