@@ -6,12 +6,12 @@ The files: the default model and its Q8_0 copy (made with llama-quantize); or --
 --shape qwen3-8b --type q6_k (or qwen2.5-0.5b, q4_k_m, q8_0), a random-weight file of that model's exact
 shape, made once and cached (gguf_shapes.py; --layers N keeps N of its layers, for a quicker run).
 Both engines run each file at batch 1, 4, 16 and 64 (32-token prompts, 64 new tokens, 2 threads) and at
-batch 1 after a 2,048-token prompt; each is run twice and its best figures kept (llama.cpp's batch-1 speed
-varies between runs). llama.cpp runs with its default KV layout (not -kvu, which is slower from 16 up).
-Printed: decode and prefill tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the
-batch-1 bandwidth limit (this machine's read bandwidth over the bytes each token reads). shoal runs once
-per --precision (default both: float32, its default and transformers' numbers, and int8, activations in
-int8 as llama.cpp computes). Writes benchmarks/results/vs_llamacpp.json.
+batch 1 after a 2,048-token prompt; each is run twice (--runs N: N times, alternating) and its best figures
+kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its default KV layout (not -kvu,
+which is slower from 16 up). Printed: decode and prefill tokens/s with the ratio shoal / llama.cpp, both
+engines' peak RSS, and the batch-1 bandwidth limit (this machine's read bandwidth over the bytes each token
+reads). shoal runs once per --precision (default both: float32, its default and transformers' numbers, and
+int8, activations in int8 as llama.cpp computes). Writes benchmarks/results/vs_llamacpp.json.
 
 Run it on an idle machine: llama.cpp's threads spin, and any other load distorts its figures badly.
 Never run in CI. Without a compiler or cmake, llama.cpp is skipped with a message and shoal runs alone.
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCHES = (1, 4, 16, 64)
 PROMPT, NEW_TOKENS = 32, 64
 LONG_PROMPT = 2048
-RUNS = 2  # each engine's best of
+RUNS = 2  # each engine's best of, by default
 BUILD_DIR = Path(os.environ.get("SHOAL_CACHE_DIR", Path.home() / ".cache" / "shoal")) / "llama.cpp"
 TOOLS = ("llama-batched-bench", "llama-quantize")
 
@@ -308,6 +308,9 @@ def main() -> None:
     parser.add_argument("--kv", type=int, help="shoal's KV pool in bytes (default: 64 x 96 tokens' worth)")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument(
+        "--runs", type=int, default=RUNS, help="runs of each engine, alternating; the best figures are kept"
+    )
+    parser.add_argument(
         "--precision", default="float32,int8", help="shoal's precision option(s), comma-separated"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -339,7 +342,7 @@ def main() -> None:
         models.append(str(q8))
     bandwidth = read_bandwidth(args.threads)
     print(
-        f"CPU: {cpu_name()}; {args.threads} threads; prompt {PROMPT}, {NEW_TOKENS} new tokens; best of {RUNS}"
+        f"CPU: {cpu_name()}; {args.threads} threads; prompt {PROMPT}, {NEW_TOKENS} new tokens; best of {args.runs}"
     )
     results = {
         "cpu": cpu_name(),
@@ -355,7 +358,9 @@ def main() -> None:
         precisions = args.precision.split(",")
         ours: dict[str, list[dict]] = {p: [] for p in precisions}
         theirs = []
-        for _ in range(RUNS):  # alternating, so a slow spell of the machine does not fall on one engine only
+        for _ in range(
+            args.runs
+        ):  # alternating, so a slow spell of the machine does not fall on one engine only
             for precision in precisions:
                 log = out_dir / f"{name}.shoal-{precision}.log"
                 ours[precision].append(shoal_run(model, args.threads, kv, precision, log))
