@@ -358,9 +358,8 @@ def main() -> None:
         precisions = args.precision.split(",")
         ours: dict[str, list[dict]] = {p: [] for p in precisions}
         theirs = []
-        for _ in range(
-            args.runs
-        ):  # alternating, so a slow spell of the machine does not fall on one engine only
+        # alternating, so a slow spell of the machine does not fall on one engine only
+        for _ in range(args.runs):
             for precision in precisions:
                 log = out_dir / f"{name}.shoal-{precision}.log"
                 ours[precision].append(shoal_run(model, args.threads, kv, precision, log))

@@ -280,8 +280,8 @@ static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i
     static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead,  \
                                     bv *out) {                                                                   \
         (void)at;                                                                                                \
-        out[0] = KIND##_load(w, panel, i, ahead);                                                                     \
-        out[1] = KIND##_load(w, panel, i + 4, ahead);                                                                 \
+        out[0] = KIND##_load(w, panel, i, ahead);                                                                \
+        out[1] = KIND##_load(w, panel, i + 4, ahead);                                                            \
     }
 TWICE(q8)
 TWICE(q2)
@@ -311,7 +311,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         ZEROS(c, R, U)                                                                                          \
         for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                         \
           LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                   \
-          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                                      \
+          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                            \
             float d[R];                                                                                         \
             int32_t qsum[R];                                                                                    \
             UNROLL for (int r = 0; r < R; r++) {                                                                \

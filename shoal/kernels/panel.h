@@ -219,14 +219,14 @@ static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
 }
 #endif
 
-/* The scale (offsets: the offset) vector of 16 columns at `at` (and their super-scales at `super_at`): stored,
- * in its precision, or made of its factors, super * sub (one float32 product, as gguf computes it); with
- * FACTORS_4BIT, each byte of `scales` holds a group's scale factor (low nibble) and offset factor. */
+/* The super-scale (offsets: the super-offset) vector of 16 columns at `at`, float16 (factored parts). */
 static inline pv super_at(const struct packed_weight *w, int offsets, int64_t at) {
     return pv_f16((offsets ? w->super_mins : w->super_scales) + at);
 }
-/* The group's scale (offset) with its panel's super-scale (super-offset) at hand: factored parts load it once for
- * the groups of a superblock (256 k); other parts ignore it. */
+/* The scale (offsets: the offset) vector of 16 columns at `at`: stored, in its precision, or made of its factors,
+ * super * sub (one float32 product, as gguf computes it), the super-scale passed in (loaded once for the groups of
+ * a superblock; other parts ignore it); with FACTORS_4BIT, each byte of `scales` holds a group's scale factor (low
+ * nibble) and offset factor. */
 static inline pv group_scale(const struct packed_weight *w, int offsets, int64_t at, pv super) {
     if (w->factored == FACTORS_4BIT) return pv_mul(super, pv_nibble(hv_load((const uint8_t *)w->scales + at), offsets ? 4 : 0));
     const void *base = offsets ? w->mins : w->scales;
