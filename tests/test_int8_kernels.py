@@ -21,10 +21,19 @@ def lib(request):
     return bind(load_library(request.param))
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels quantize it, per row in blocks of 32: d = max|x| / 127, q = round(x * (127 / max|x|))
-    (float32 arithmetic, ties to even), returned as d * q in float64."""
-    blocks = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+K_QUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+
+
+def block_of(qtype: T) -> int:
+    """The k per activation scale the kernels take for a weight of this type: a K-quant's superblock (as
+    llama.cpp's Q8_K), else 32 (as its Q8_0)."""
+    return 256 if qtype in K_QUANTS else 32
+
+
+def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the kernels quantize it, per row in blocks of `block`: d = max|x| / 127, q = round(x * (127 /
+    max|x|)) (float32 arithmetic, ties to even), returned as d * q in float64."""
+    blocks = x.numpy().astype(np.float32).reshape(x.shape[0], -1, block)
     amax = np.abs(blocks).max(-1, keepdims=True)
     with np.errstate(divide="ignore"):
         inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
@@ -46,10 +55,10 @@ def test_int8_gemm_is_exact_on_the_quantized_activations_and_each_row_keeps_its_
     w = random_weight(qtype, n, k, seed=n + k)
     g = torch.Generator().manual_seed(n)
     x, bias = torch.randn(40, k, generator=g) * 3, torch.randn(n, generator=g)
-    x[5, :32] = 0  # an all-zero block
+    x[5, : block_of(qtype)] = 0  # an all-zero block
     packed = int8_packed(w, bias)
     full = gemm(lib, x, packed)
-    assert_float32_close(full, int8_activations(x).float(), w.dequantize(), bias)
+    assert_float32_close(full, int8_activations(x, block_of(qtype)).float(), w.dequantize(), bias)
     assert_each_row_keeps_its_bits(lib, x, packed, full)
 
 
@@ -88,7 +97,9 @@ def test_float_parts_and_other_groups_keep_float32_arithmetic(lib):
     a, b = gemm(lib, x, float32), gemm(lib, x, int8)
     assert torch.equal(a[:, 192:224], b[:, 192:224])
     assert not torch.equal(a[:, :192], b[:, :192])
-    quantized = int8_activations(x).float()
-    assert_float32_close(b[:, :192], quantized, np.concatenate([p.dequantize() for p in parts[:2]]))
+    assert_float32_close(
+        b[:, :192], int8_activations(x, 256).float(), np.concatenate([p.dequantize() for p in parts[:2]])
+    )
+    assert_float32_close(b[:, 224:], int8_activations(x, 32).float(), parts[3].dequantize())
     for m in (1, 2, 3, 4, 7, 10):
         assert torch.equal(gemm(lib, x[:m], int8), b[:m]), m

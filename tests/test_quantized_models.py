@@ -145,7 +145,8 @@ def test_the_torch_path_dequantizes_at_load_and_matches_transformers(tiny_dirs, 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q4_K", "Q6_K"])
 def test_int8_precision_stays_near_transformers_and_keeps_each_rows_bits(wide_dirs, tmp_path, qtype, isa):
     """precision="int8" changes the numbers (activations in int8): within 3% of the logits' range of
-    transformers reading the same file; a row's bits still do not depend on how many rows run with it."""
+    transformers reading the same file (4% for K-quants); a row's bits still do not depend on how many rows
+    run with it."""
     path = write_gguf(wide_dirs["qwen3"], tmp_path / f"{qtype}.gguf", qtype)
     model = shoal.load_model(path, kernels=isa, precision="int8")
     assert all(model.backend.describe(w).endswith(" x int8") for w in model.module.linears)
@@ -153,7 +154,9 @@ def test_int8_precision_stays_near_transformers_and_keeps_each_rows_bits(wide_di
     ref = reference_logits(transformers_on(path), ids)
     ours = shoal_logits(model, ids, chunks=[17, 9])
     error = ((ours - ref).abs().max() / (ref.max() - ref.min())).item()
-    assert TOL < error < 0.03, error  # really int8, and close
+    # K-quants take activations in blocks of 256 (as llama.cpp's Q8_K), others in blocks of 32 (its Q8_0):
+    # coarser scales, more error (this Q6_K model: 3.0% of the range, 1.3% when it took blocks of 32).
+    assert TOL < error < (0.04 if qtype.endswith("_K") else 0.03), error  # really int8, and close
     whole = shoal_logits(model, ids, chunks=[len(ids)])
     assert torch.equal(shoal_logits(model, ids[:9], chunks=[9]), whole[:9])
 

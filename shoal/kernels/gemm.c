@@ -240,12 +240,14 @@ int64_t weight_columns(const struct packed_weight *w) {
 }
 
 static int uses_int8(const struct packed_weight *w) {
-    return w->int8_x && w->format >= FMT_Q8 && w->k % 32 == 0 && (w->group == 16 || w->group == 32);
+    return w->int8_x && w->format >= FMT_Q8 && w->k % int8_block(w) == 0 && (w->group == 16 || w->group == 32) &&
+           int8_tiles_for(w);
 }
 
-static int any_int8(const struct packed_weight *w) {
+/* Whether a part of w takes x in int8 in blocks of `block` k (int8_block). */
+static int any_int8(const struct packed_weight *w, int64_t block) {
     for (; w; w = w->next)
-        if (uses_int8(w)) return 1;
+        if (uses_int8(w) && int8_block(w) == block) return 1;
     return 0;
 }
 
@@ -255,16 +257,23 @@ static int64_t sums_size(const struct packed_weight *w, int64_t m) {
     return size;
 }
 
-/* xsum floats gemm_body needs for m rows: each part's group sums of x, part after part, then x in int8 when
- * a part takes it so (its int8 values, scales and sums: gemm_int8.c). */
+static const int64_t INT8_BLOCKS[2] = {32, 256};
+
+/* Floats of x in int8 in blocks of `block`: its values, scales and sums (gemm_int8.c). */
+static int64_t int8_rows_size(int64_t m, int64_t k, int64_t block) { return m * k / 4 + m * k / block + m * k / 16; }
+
+/* xsum floats gemm_body needs for m rows: each part's group sums of x, part after part, then x in int8 in
+ * each block size a part takes it in. */
 int64_t xsum_size(const struct packed_weight *w, int64_t m) {
-    return sums_size(w, m) + (any_int8(w) ? m * w->k / 4 + m * w->k / 32 + m * w->k / 16 : 0);
+    int64_t size = sums_size(w, m);
+    for (int b = 0; b < 2; b++) size += any_int8(w, INT8_BLOCKS[b]) ? int8_rows_size(m, w->k, INT8_BLOCKS[b]) : 0;
+    return size;
 }
 
-static struct int8_rows int8_rows_in(float *scratch, int64_t m, int64_t k) {
+static struct int8_rows int8_rows_in(float *scratch, int64_t m, int64_t k, int64_t block) {
     int8_t *q = (int8_t *)scratch;
     float *d = scratch + m * k / 4;
-    return (struct int8_rows){q, d, (int32_t *)(d + m * k / 32), k};
+    return (struct int8_rows){q, d, (int32_t *)(d + m * k / block), k, block};
 }
 
 static int64_t units_of(const struct packed_weight *w, int panels) {
@@ -293,10 +302,13 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             sums += m * groups;
         }
     }
-    struct int8_rows xq = {0};
-    if (any_int8(w)) {
-        xq = int8_rows_in(xsum + sums_size(w, m), m, k);
-        quantize_rows_body(x, m, &xq);
+    struct int8_rows xq[2] = {{0}}; /* x in int8 in blocks of 32 and 256, where a part takes it so */
+    float *free_scratch = xsum + sums_size(w, m);
+    for (int b = 0; b < 2; b++) {
+        if (!any_int8(w, INT8_BLOCKS[b])) continue;
+        xq[b] = int8_rows_in(free_scratch, m, k, INT8_BLOCKS[b]);
+        free_scratch += int8_rows_size(m, k, INT8_BLOCKS[b]);
+        quantize_rows_body(x, m, &xq[b]);
     }
     float tile[(FLOAT_ROWS > 2 * WIDE_ROWS ? FLOAT_ROWS : 2 * WIDE_ROWS) * UNIT * PANEL];
     for (int64_t row0 = 0; row0 < m; row0 += ROW_BLOCK) {
@@ -318,7 +330,7 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             for (int64_t row = row0; row < row1;) {
                 const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
                 if (uses_int8(part))
-                    int8_tile(&xq, row, rows, wide, part, local * panels, tile);
+                    int8_tile(&xq[int8_block(part) == 256], row, rows, wide, part, local * panels, tile);
                 else
                     tiles[rows - 1](x + row * k, k, part, local * panels, k, part->has_min ? sums + row * groups : NULL,
                                     tile);

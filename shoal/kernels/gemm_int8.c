@@ -1,12 +1,18 @@
 /* y = x @ W^T on integer weights (q2 to q8) with x quantized to int8: integer dot products, as
  * llama.cpp computes, for steps bound by compute (many rows, prefill). Chosen per part by its int8_x flag.
  *
- * Each row of x is quantized on its own, in blocks of 32 k: d = max|x| / 127, q = round(x * 127 / max|x|)
- * (ties to even), so a row's int8 values depend on that row only. Per group of the weight, the dot product
- * of the weights' integers with q is exact in int32 (in whatever order the instructions add it), then
- * acc = (s * d) * dot + acc and, with offsets, acc = m * (d * sum of q over the group) + acc (the sum of x as
- * quantized, so that the offset's share of the quantization error cancels as it does in the weights), groups in
- * ascending order: the same float operations in every build, so a row's bits depend on nothing but that row.
+ * Each row of x is quantized on its own, in blocks of 32 k (256 for factored parts): d = max|x| / 127,
+ * q = round(x * 127 / max|x|) (ties to even), so a row's int8 values depend on that row only. Per group of the
+ * weight, the dot product of the weights' integers with q is exact in int32 (in whatever order the instructions
+ * add it), then acc = (s * d) * dot + acc and, with offsets, acc = m * (d * sum of q over the group) + acc (the
+ * sum of x as quantized, so that the offset's share of the quantization error cancels as it does in the
+ * weights), groups in ascending order: the same float operations in every build, so a row's bits depend on
+ * nothing but that row.
+ * Factored parts (K-quants: each group's scale super * sub, sub a small integer) go a superblock at a time, as
+ * llama.cpp's Q8_K products do: one d for its 256 k, each group's dot times its sub in int32, summed over the
+ * superblock (exact), then acc = (super * d) * that + acc, and with offsets acc = (super offset * d) * (the sum
+ * of sub offset * sum of q over its groups; exact in float32, the terms being small integers) + acc. That
+ * saves the per-group float work, which costs as much as the dots in one-row products and Q6_K's groups of 16.
  *
  * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], 8 k at a time: q4-q6 are stored in
  * that order (gemm.c's layouts), so their bytes are a mask and shifts away; q8, q2 and q3 are transposed in
@@ -17,29 +23,28 @@
  */
 #include "panel.h"
 
-#define XBLOCK 32  /* k values per activation scale */
 #define SUM_BLOCK 16 /* k values per sum of q */
 
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
-    const int64_t k = xq->k, blocks = k / XBLOCK;
+    const int64_t k = xq->k, block = xq->block, blocks = k / block;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < m; r++) {
         for (int64_t b = 0; b < blocks; b++) {
-            const float *v = x + r * k + b * XBLOCK;
-            int8_t *q = xq->q + r * k + b * XBLOCK;
+            const float *v = x + r * k + b * block;
+            int8_t *q = xq->q + r * k + b * block;
             float amax = 0.0f;
-            for (int j = 0; j < XBLOCK; j++) amax = fmaxf(amax, fabsf(v[j]));
+            for (int64_t j = 0; j < block; j++) amax = fmaxf(amax, fabsf(v[j]));
             const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (int j = 0; j < XBLOCK; j++) {
+            for (int64_t j = 0; j < block; j++) {
                 const float t = nearbyintf(v[j] * inv);
                 q[j] = (int8_t)(t >= -127.0f && t <= 127.0f ? t : t > 0.0f ? 127.0f : -127.0f);
             }
             xq->d[r * blocks + b] = amax / 127.0f;
-            for (int h = 0; h < XBLOCK / SUM_BLOCK; h++) {
-                int32_t sum = 0;
-                for (int j = 0; j < SUM_BLOCK; j++) sum += q[h * SUM_BLOCK + j];
-                xq->sums[r * (k / SUM_BLOCK) + b * (XBLOCK / SUM_BLOCK) + h] = sum;
-            }
+        }
+        for (int64_t h = 0; h < k / SUM_BLOCK; h++) {
+            int32_t sum = 0;
+            for (int j = 0; j < SUM_BLOCK; j++) sum += xq->q[r * k + h * SUM_BLOCK + j];
+            xq->sums[r * (k / SUM_BLOCK) + h] = sum;
         }
     }
 }
@@ -71,6 +76,10 @@ static inline iv iv_dot(iv acc, bv w, const int8_t *x) {
 }
 #define iv_dot_q8 iv_dot
 static inline pv iv_float(iv acc) { return (pv){_mm512_cvtepi32_ps(acc.v)}; }
+static inline iv iv_mul_add(iv acc, iv a, iv b) { return (iv){_mm512_add_epi32(acc.v, _mm512_mullo_epi32(a.v, b.v))}; }
+static inline iv iv_bytes(__m128i bytes, int is_signed) {
+    return (iv){is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes)};
+}
 /* q8's 4 rows of 16 columns -> [16 columns][4 k]: lane c of 16 bytes gets [k][4 columns], then each lane is
  * transposed. */
 static inline bv bv_q8(const int8_t *p) {
@@ -132,6 +141,15 @@ static inline iv iv_dot_q8(iv acc, bv w, const int8_t *x) { /* q8 signed: |w| ti
 static inline pv iv_float(iv acc) {
     return (pv){_mm256_cvtepi32_ps(_mm256_permute2x128_si256(acc.a, acc.b, 0x20)),
                 _mm256_cvtepi32_ps(_mm256_permute2x128_si256(acc.a, acc.b, 0x31))};
+}
+static inline iv iv_mul_add(iv acc, iv x, iv y) {
+    return (iv){_mm256_add_epi32(acc.a, _mm256_mullo_epi32(x.a, y.a)), _mm256_add_epi32(acc.b, _mm256_mullo_epi32(x.b, y.b))};
+}
+static inline iv iv_bytes(__m128i bytes, int is_signed) { /* 16 columns' bytes in iv's column order */
+    const __m128i order = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+    const __m128i ordered = _mm_shuffle_epi8(bytes, order), upper = _mm_unpackhi_epi64(ordered, ordered);
+    return is_signed ? (iv){_mm256_cvtepi8_epi32(ordered), _mm256_cvtepi8_epi32(upper)}
+                     : (iv){_mm256_cvtepu8_epi32(ordered), _mm256_cvtepu8_epi32(upper)};
 }
 /* x, y: lanes of 16 bytes (one k of 16 columns each), interleaved by vpermd into (x, y) pairs of 4 columns;
  * `joined` takes them to [k][4 columns] per lane, then each lane is transposed to [4 columns][4 k]. */
@@ -212,6 +230,10 @@ static inline pv iv_float(iv acc) {
     LANES r.v[l] = (float)acc.v[l];
     return r;
 }
+static inline iv iv_mul_add(iv acc, iv a, iv b) {
+    LANES acc.v[l] += a.v[l] * b.v[l];
+    return acc;
+}
 static inline bv bv_q8(const int8_t *p) {
     bv r;
     LANES for (int j = 0; j < 4; j++) r.v[l][j] = p[j * PANEL + l];
@@ -235,6 +257,21 @@ static inline bv bv_q23(const uint8_t *low, const uint8_t *high, int shift) {
     return r;
 }
 #endif
+
+/* A factored part's sub-scales (offsets: sub-offsets) of 16 columns at `at`, as integers: int8, or with
+ * FACTORS_4BIT the low (high) nibble of each byte. */
+static inline iv iv_subs(const struct packed_weight *w, int offsets, int64_t at) {
+    const int8_t *base = (const int8_t *)(offsets && w->factored != FACTORS_4BIT ? w->mins : w->scales) + at;
+#if defined(__AVX2__)
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)base);
+    if (w->factored != FACTORS_4BIT) return iv_bytes(bytes, 1);
+    return iv_bytes(_mm_and_si128(offsets ? _mm_srli_epi16(bytes, 4) : bytes, _mm_set1_epi8(15)), 0);
+#else
+    iv r;
+    LANES r.v[l] = w->factored == FACTORS_4BIT ? ((uint8_t)base[l] >> (offsets ? 4 : 0)) & 15 : base[l];
+    return r;
+#endif
+}
 
 /* 8 k from i of the panel's 16 columns, per layout (see gemm.c), i being `at` k into a run of SPAN (q5 and q6:
  * a block of their high bits; `at` a constant, so that the shifts are), prefetching ahead where `ahead` (panel.h);
@@ -300,48 +337,91 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define q6_dot iv_dot
 #define q8_dot iv_dot_q8
 
-/* Per group: the integer dots of R rows x U panels, then c = (s * d) * (dot - zero * sum(q)) + c and, with
- * offsets, c = m * (d * sum(q)) + c. */
-#define DEFINE_I8_TILE(NAME, R, SUF, U, HAS_MIN, KIND)                                                              \
+/* Each row's sum of q over group g (for the zero and the offsets). */
+#define GROUP_QSUMS(QSUM, R)                                                                                    \
+    UNROLL for (int r = 0; r < R; r++) {                                                                        \
+        QSUM[r] = 0;                                                                                            \
+        for (int64_t h = g * group / 16; h < (g + 1) * group / 16; h++) QSUM[r] += xq->sums[(row + r) * (k / 16) + h]; \
+    }
+
+/* The integer dots of R rows x U panels over group g, less zero * sum(q): exact in int32. */
+#define GROUP_DOTS(DOT, R, U, KIND, QSUM)                                                                       \
+    iv DOT[R][U];                                                                                               \
+    UNROLL for (int r = 0; r < R; r++) {                                                                        \
+        const iv start = iv_set1(-zero * QSUM[r]);                                                              \
+        UNROLL for (int u = 0; u < U; u++) DOT[r][u] = start;                                                   \
+    }                                                                                                           \
+    for (int64_t i = g * group; i < (g + 1) * group; i += KIND##_SPAN) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
+        bv wv[U][2];                                                                                            \
+        UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i + o, o, U > UNIT, wv[u]);                   \
+        UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
+            DOT[r][u] = KIND##_dot(DOT[r][u], wv[u][h], x + r * k + i + o + 4 * h);                            \
+    }
+
+/* Parts with a scale per group (blocks of 32), group by group: c = (s * d) * dot + c and, with offsets,
+ * c = m * (d * sum(q)) + c. */
+#define DEFINE_I8_TILE(NAME, R, SUF, U, HAS_MIN, KIND)                                                          \
     static void NAME##_##R##SUF(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,  \
                                 float *out) {                                                                   \
-        const int64_t k = w->k, group = w->group, groups = k / group, sums = k / 16, blocks = k / 32;           \
+        const int64_t k = w->k, group = w->group, groups = k / group;                                           \
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
         ZEROS(c, R, U)                                                                                          \
-        for (int64_t g0 = 0; g0 < groups; g0 += groups_per_super(w)) {                                         \
-          LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                   \
-          for (int64_t g = g0; g < g0 + groups_per_super(w); g++) {                                            \
-            float d[R];                                                                                         \
+        for (int64_t g = 0; g < groups; g++) {                                                                  \
             int32_t qsum[R];                                                                                    \
-            UNROLL for (int r = 0; r < R; r++) {                                                                \
-                d[r] = xq->d[(row + r) * blocks + g * group / 32];                                              \
-                qsum[r] = 0;                                                                                    \
-                for (int64_t j = g * group / 16; j < (g + 1) * group / 16; j++) qsum[r] += xq->sums[(row + r) * sums + j]; \
-            }                                                                                                   \
-            iv dot[R][U];                                                                                       \
-            UNROLL for (int r = 0; r < R; r++) {                                                                \
-                const iv start = iv_set1(-zero * qsum[r]);                                                      \
-                UNROLL for (int u = 0; u < U; u++) dot[r][u] = start;                                           \
-            }                                                                                                   \
-            for (int64_t i = g * group; i < (g + 1) * group; i += KIND##_SPAN) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
-                bv wv[U][2];                                                                                    \
-                UNROLL for (int u = 0; u < U; u++) KIND##_load8(w, p + u, i + o, o, U > UNIT, wv[u]);            \
-                UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
-                    dot[r][u] = KIND##_dot(dot[r][u], wv[u][h], x + r * k + i + o + 4 * h);                    \
-            }                                                                                                   \
+            GROUP_QSUMS(qsum, R)                                                                                \
+            GROUP_DOTS(dot, R, U, KIND, qsum)                                                                   \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
-                const pv s = group_scale(w, 0, at, supers[u][0]);                                               \
-                const pv m = HAS_MIN ? group_scale(w, 1, at, supers[u][1]) : pv_zero();                         \
+                const pv s = group_scale(w, 0, at, pv_zero());                                                  \
+                const pv m = HAS_MIN ? group_scale(w, 1, at, pv_zero()) : pv_zero();                            \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
-                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d[r])), iv_float(dot[r][u]), c[r][u]); \
-                    if (HAS_MIN) c[r][u] = pv_fma(d[r] * (float)qsum[r], m, c[r][u]);                           \
+                    const float d = xq->d[(row + r) * (k / 32) + g * group / 32];                               \
+                    c[r][u] = pv_fmav(pv_mul(s, pv_set1(d)), iv_float(dot[r][u]), c[r][u]);                     \
+                    if (HAS_MIN) c[r][u] = pv_fma(d * (float)qsum[r], m, c[r][u]);                              \
                 }                                                                                               \
             }                                                                                                   \
-          }                                                                                                     \
         }                                                                                                       \
         TILE_EPILOGUE(R, U)                                                                                     \
+    }
+
+/* Factored parts, superblock by superblock (see the top); c kept in out, touched once a superblock. */
+#define DEFINE_I8_SUPER_TILE(NAME, R, SUF, U, HAS_MIN, KIND)                                                    \
+    static void NAME##_##R##SUF(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,  \
+                                float *out) {                                                                   \
+        const int64_t k = w->k, group = w->group, groups = k / group, per = 256 / group;                        \
+        const int zero = KIND##_zero(w, HAS_MIN);                                                               \
+        const int8_t *x = xq->q + row * k;                                                                      \
+        UNROLL for (int t = 0; t < R * U; t++) pv_store(out + t * PANEL, pv_zero());                            \
+        for (int64_t g0 = 0; g0 < groups; g0 += per) {                                                          \
+            int32_t qsum[16][R]; /* per group of the superblock */                                              \
+            iv acc[R][U];                                                                                       \
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) acc[r][u] = iv_set1(0);       \
+            for (int64_t g = g0; g < g0 + per; g++) {                                                           \
+                GROUP_QSUMS(qsum[g - g0], R)                                                                    \
+                GROUP_DOTS(dot, R, U, KIND, qsum[g - g0])                                                       \
+                UNROLL for (int u = 0; u < U; u++) {                                                            \
+                    const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL);                               \
+                    UNROLL for (int r = 0; r < R; r++) acc[r][u] = iv_mul_add(acc[r][u], dot[r][u], sub);       \
+                }                                                                                               \
+            }                                                                                                   \
+            LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                 \
+            UNROLL for (int u = 0; u < U; u++) {                                                                \
+                pv offsets[R];                                                                                  \
+                UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_zero();                                      \
+                for (int64_t j = 0; HAS_MIN && j < per; j++) {                                                  \
+                    const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL));                \
+                    UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)qsum[j][r], sub, offsets[r]); \
+                }                                                                                               \
+                UNROLL for (int r = 0; r < R; r++) {                                                            \
+                    const pv d = pv_set1(xq->d[(row + r) * (k / 256) + g0 / per]);                              \
+                    float *o = out + (r * U + u) * PANEL;                                                       \
+                    pv c = pv_fmav(pv_mul(supers[u][0], d), iv_float(acc[r][u]), pv_f32(o));                    \
+                    if (HAS_MIN) c = pv_fmav(pv_mul(supers[u][1], d), offsets[r], c);                           \
+                    pv_store(o, c);                                                                             \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
     }
 
 TILES_OF(DEFINE_I8_TILE, q8, 0, q8)
@@ -356,14 +436,27 @@ TILES_OF(DEFINE_I8_TILE, q2, 0, q2)
 TILES_OF(DEFINE_I8_TILE, q2m, 1, q2)
 TILES_OF(DEFINE_I8_TILE, q3, 0, q3)
 TILES_OF(DEFINE_I8_TILE, q3m, 1, q3)
+/* The K-quants: Q4_K, Q5_K (offsets), Q6_K, Q3_K (zeros), Q2_K (offsets, 4-bit factors). */
+TILES_OF(DEFINE_I8_SUPER_TILE, k_q4m, 1, q4)
+TILES_OF(DEFINE_I8_SUPER_TILE, k_q5m, 1, q5)
+TILES_OF(DEFINE_I8_SUPER_TILE, k_q6, 0, q6)
+TILES_OF(DEFINE_I8_SUPER_TILE, k_q2m, 1, q2)
+TILES_OF(DEFINE_I8_SUPER_TILE, k_q3, 0, q3)
 
 typedef void (*int8_tile_fn)(const struct int8_rows *, int64_t, const struct packed_weight *, int64_t, float *);
 #define INT_FORMATS(T) {T(q8), T(q8m), T(q4), T(q4m), T(q5), T(q5m), T(q6), T(q6m), T(q2), T(q2m), T(q3), T(q3m)}
-static const int8_tile_fn NARROW_INT8[12][8] = INT_FORMATS(NARROW_TABLE);
-static const int8_tile_fn WIDE_INT8[12][3] = INT_FORMATS(WIDE_TABLE);
+#define FACTORED_FORMATS(T) {{0}, {0}, {0}, T(k_q4m), {0}, T(k_q5m), T(k_q6), {0}, {0}, T(k_q2m), T(k_q3), {0}}
+static const int8_tile_fn NARROW_INT8[2][12][8] = {INT_FORMATS(NARROW_TABLE), FACTORED_FORMATS(NARROW_TABLE)};
+static const int8_tile_fn WIDE_INT8[2][12][3] = {INT_FORMATS(WIDE_TABLE), FACTORED_FORMATS(WIDE_TABLE)};
+
+static int format_of(const struct packed_weight *w) { return 2 * (w->format - FMT_Q8) + (w->has_min != 0); }
+
+int64_t int8_block(const struct packed_weight *w) { return w->factored ? 256 : 32; }
+
+int int8_tiles_for(const struct packed_weight *w) { return NARROW_INT8[w->factored != 0][format_of(w)][0] != 0; }
 
 void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,
                float *out) {
-    const int f = 2 * (w->format - FMT_Q8) + (w->has_min != 0);
-    (wide ? WIDE_INT8[f] : NARROW_INT8[f])[rows - 1](xq, row, w, p, out);
+    const int f = format_of(w), superblocks = w->factored != 0;
+    (wide ? WIDE_INT8[superblocks][f] : NARROW_INT8[superblocks][f])[rows - 1](xq, row, w, p, out);
 }

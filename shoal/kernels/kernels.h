@@ -32,14 +32,18 @@ struct packed_weight {
 
 int64_t weight_columns(const struct packed_weight *w); /* all its parts' */
 int64_t xsum_size(const struct packed_weight *w, int64_t m);
-/* x quantized per row in blocks of 32 k: q = round(x / d), d = max|x| / 127; sums: q's sums per 16 k. */
+/* x quantized per row in blocks of `block` k (32, or a superblock's 256 for factored parts, as llama.cpp's Q8_0
+ * and Q8_K): q = round(x / d), d = max|x| / 127; sums: q's sums per 16 k. */
 struct int8_rows {
     int8_t *q;     /* [m][k] */
-    float *d;      /* [m][k / 32] */
+    float *d;      /* [m][k / block] */
     int32_t *sums; /* [m][k / 16] */
-    int64_t k;
+    int64_t k, block;
 };
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
+/* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format. */
+int64_t int8_block(const struct packed_weight *w);
+int int8_tiles_for(const struct packed_weight *w);
 /* The tile of `rows` rows from `row` against the panels from p (units of `wide` ? 2 * UNIT : UNIT panels) of an
  * int8_x part; out as gemm.c's tiles. */
 void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,
