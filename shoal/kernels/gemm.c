@@ -257,7 +257,7 @@ static int64_t sums_size(const struct packed_weight *w, int64_t m) {
     return size;
 }
 
-static const int64_t INT8_BLOCKS[2] = {32, 256};
+static const int64_t INT8_BLOCKS[2] = {INT8_BLOCK, INT8_SUPER_BLOCK};
 
 /* Floats of x in int8 in blocks of `block`: its values, scales and sums (gemm_int8.c). */
 static int64_t int8_rows_size(int64_t m, int64_t k, int64_t block) { return m * k / 4 + m * k / block + m * k / 16; }
@@ -302,7 +302,7 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             sums += m * groups;
         }
     }
-    struct int8_rows xq[2] = {{0}}; /* x in int8 in blocks of 32 and 256, where a part takes it so */
+    struct int8_rows xq[2] = {{0}}; /* x in int8 in each of INT8_BLOCKS, where a part takes it so */
     float *free_scratch = xsum + sums_size(w, m);
     for (int b = 0; b < 2; b++) {
         if (!any_int8(w, INT8_BLOCKS[b])) continue;
@@ -326,11 +326,12 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             }
             const int64_t groups = groups_of(part);
             const tile_fn *tiles = wide ? WIDE_TILES[format_index(part)] : NARROW_TILES[format_index(part)];
-            const int max_rows = wide ? WIDE_ROWS : uses_int8(part) ? INT8_ROWS : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
+            const struct int8_rows *part_xq = uses_int8(part) ? &xq[int8_block(part) == INT8_BLOCKS[1]] : NULL;
+            const int max_rows = wide ? WIDE_ROWS : part_xq ? INT8_ROWS : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
             for (int64_t row = row0; row < row1;) {
                 const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
-                if (uses_int8(part))
-                    int8_tile(&xq[int8_block(part) == 256], row, rows, wide, part, local * panels, tile);
+                if (part_xq)
+                    int8_tile(part_xq, row, rows, wide, part, local * panels, tile);
                 else
                     tiles[rows - 1](x + row * k, k, part, local * panels, k, part->has_min ? sums + row * groups : NULL,
                                     tile);

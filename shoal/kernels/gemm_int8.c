@@ -376,7 +376,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
                 const pv s = group_scale(w, 0, at, pv_zero());                                                  \
                 const pv m = HAS_MIN ? group_scale(w, 1, at, pv_zero()) : pv_zero();                            \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
-                    const float d = xq->d[(row + r) * (k / 32) + g * group / 32];                               \
+                    const float d = xq->d[(row + r) * (k / INT8_BLOCK) + g * group / INT8_BLOCK];               \
                     c[r][u] = pv_fmav(pv_mul(s, pv_set1(d)), iv_float(dot[r][u]), c[r][u]);                     \
                     if (HAS_MIN) c[r][u] = pv_fma(d * (float)qsum[r], m, c[r][u]);                              \
                 }                                                                                               \
@@ -389,7 +389,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define DEFINE_I8_SUPER_TILE(NAME, R, SUF, U, HAS_MIN, KIND)                                                    \
     static void NAME##_##R##SUF(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,  \
                                 float *out) {                                                                   \
-        const int64_t k = w->k, group = w->group, groups = k / group, per = 256 / group;                        \
+        const int64_t k = w->k, group = w->group, groups = k / group, per = groups_per_super(w);                \
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
         UNROLL for (int t = 0; t < R * U; t++) pv_store(out + t * PANEL, pv_zero());                            \
@@ -414,7 +414,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
                     UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)qsum[j][r], sub, offsets[r]); \
                 }                                                                                               \
                 UNROLL for (int r = 0; r < R; r++) {                                                            \
-                    const pv d = pv_set1(xq->d[(row + r) * (k / 256) + g0 / per]);                              \
+                    const pv d = pv_set1(xq->d[(row + r) * (k / INT8_SUPER_BLOCK) + g0 / per]);                 \
                     float *o = out + (r * U + u) * PANEL;                                                       \
                     pv c = pv_fmav(pv_mul(supers[u][0], d), iv_float(acc[r][u]), pv_f32(o));                    \
                     if (HAS_MIN) c = pv_fmav(pv_mul(supers[u][1], d), offsets[r], c);                           \
@@ -451,7 +451,7 @@ static const int8_tile_fn WIDE_INT8[2][12][3] = {INT_FORMATS(WIDE_TABLE), FACTOR
 
 static int format_of(const struct packed_weight *w) { return 2 * (w->format - FMT_Q8) + (w->has_min != 0); }
 
-int64_t int8_block(const struct packed_weight *w) { return w->factored ? 256 : 32; }
+int64_t int8_block(const struct packed_weight *w) { return w->factored ? INT8_SUPER_BLOCK : INT8_BLOCK; }
 
 int int8_tiles_for(const struct packed_weight *w) { return NARROW_INT8[w->factored != 0][format_of(w)][0] != 0; }
 

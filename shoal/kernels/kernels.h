@@ -34,6 +34,7 @@ int64_t weight_columns(const struct packed_weight *w); /* all its parts' */
 int64_t xsum_size(const struct packed_weight *w, int64_t m);
 /* x quantized per row in blocks of `block` k (32, or a superblock's 256 for factored parts, as llama.cpp's Q8_0
  * and Q8_K): q = round(x / d), d = max|x| / 127; sums: q's sums per 16 k. */
+enum { INT8_BLOCK = 32, INT8_SUPER_BLOCK = 256 }; /* the two blocks */
 struct int8_rows {
     int8_t *q;     /* [m][k] */
     float *d;      /* [m][k / block] */
