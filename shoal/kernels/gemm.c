@@ -327,7 +327,7 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             const int64_t groups = groups_of(part);
             const tile_fn *tiles = wide ? WIDE_TILES[format_index(part)] : NARROW_TILES[format_index(part)];
             const struct int8_rows *part_xq = uses_int8(part) ? &xq[int8_block(part) == INT8_BLOCKS[1]] : NULL;
-            const int max_rows = wide ? WIDE_ROWS : part_xq ? INT8_ROWS : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
+            const int max_rows = wide ? WIDE_ROWS : part_xq ? int8_rows_for(part) : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
             for (int64_t row = row0; row < row1;) {
                 const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
                 if (part_xq)

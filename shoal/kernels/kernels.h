@@ -45,6 +45,7 @@ void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
 /* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format. */
 int64_t int8_block(const struct packed_weight *w);
 int int8_tiles_for(const struct packed_weight *w);
+int int8_rows_for(const struct packed_weight *w);
 /* The tile of `rows` rows from `row` against the panels from p (units of `wide` ? 2 * UNIT : UNIT panels) of an
  * int8_x part; out as gemm.c's tiles. */
 void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,

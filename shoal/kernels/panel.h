@@ -16,7 +16,6 @@
 #define UNIT 2
 #define FLOAT_ROWS 8
 #define QUANT_ROWS 6
-#define INT8_ROWS 8 /* measured: 8 rows beat 6 (the weights' bytes made once serve more rows) */
 typedef struct {
     __m512 v;
 } pv;
@@ -68,7 +67,6 @@ static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
 #define UNIT 1
 #define FLOAT_ROWS 4
 #define QUANT_ROWS 3
-#define INT8_ROWS 4 /* measured: 4 rows beat 3 on the int8 path (fewer vectors per dot) */
 typedef struct {
     __m256 a, b;
 } pv;
@@ -136,7 +134,6 @@ static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
 #define UNIT 1
 #define FLOAT_ROWS 4
 #define QUANT_ROWS 4
-#define INT8_ROWS 4
 typedef struct {
     float v[PANEL];
 } pv;
