@@ -49,6 +49,28 @@ def test_the_second_load_maps_the_saved_weights_and_gives_the_same_logits(wide_d
     assert torch.equal(shoal_logits(second, ids, chunks=[17, 9]), shoal_logits(first, ids, chunks=[17, 9]))
 
 
+def resident_kib(path: Path) -> int:
+    """This process's resident KiB of its mappings of `path`."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+def test_a_load_from_the_cache_maps_every_page_before_the_first_step(wide_dir, tmp_path):
+    """As llama.cpp's MAP_POPULATE: no page is left to map on its first use (a mixture of experts' first use
+    of an expert cost about twice its read that way)."""
+    path = write_gguf(wide_dir, tmp_path / "m.gguf", "Q4_K", MIX)
+    shoal.load_model(path)  # saves the cache
+    [cache] = caches(path)
+    _model = shoal.load_model(path)  # held: its weights are the mapping measured
+    assert resident_kib(cache) >= 0.9 * cache.stat().st_size / 1024
+
+
 def test_int8_precision_from_the_cache_is_int8_precision_packed_afresh(wide_dir, tmp_path):
     """The cache holds the layout only: precision="int8" applies to mapped weights as to fresh ones, and a
     float32 load of the same cache stays float32."""

@@ -93,6 +93,7 @@ class PackedCache:
     @classmethod
     def _open(cls, path: Path) -> PackedCache:
         mapping = np.memmap(path, mode="c")  # copy-on-write: shared with other processes, never written
+        _map_pages_now(mapping)
         length = int(np.frombuffer(mapping[:8], dtype="<u8")[0])
         header = json.loads(bytes(mapping[8 : 8 + length]))
         if header.get("version") != FORMAT_VERSION:
@@ -192,3 +193,16 @@ class PackedCache:
 
 def _aligned(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module does not name it
+
+
+def _map_pages_now(mapping: np.memmap) -> None:
+    """Map every page of the file into this process at load (read faults only, so the pages stay shared), as
+    llama.cpp's MAP_POPULATE does: otherwise each 64 KiB is mapped on first use, which made a mixture of
+    experts' first use of an expert cost about twice its read. Best effort: older kernels refuse it."""
+    try:
+        mapping._mmap.madvise(MADV_POPULATE_READ)
+    except (AttributeError, OSError, ValueError):
+        pass
