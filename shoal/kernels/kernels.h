@@ -42,7 +42,7 @@ struct int8_rows {
     int64_t k, block;
 };
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
-/* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format. */
+/* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format; their rows. */
 int64_t int8_block(const struct packed_weight *w);
 int int8_tiles_for(const struct packed_weight *w);
 int int8_rows_for(const struct packed_weight *w);

@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 TENSORS = ("quants", "scales", "mins", "high", "super_scales", "super_mins", "bias")
 FIELDS = ("n", "k", "format", "group", "zero")
 ALIGN = 64
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module does not name it
 # The code whose change changes the layout: part of the key.
 LAYOUT_SOURCES = ("cpu.py", "formats.py", "packed_cache.py", "gemm.c", "kernels.h")
 
@@ -193,9 +194,6 @@ class PackedCache:
 
 def _aligned(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
-
-
-MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module does not name it
 
 
 def _map_pages_now(mapping: np.memmap) -> None:
