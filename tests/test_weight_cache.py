@@ -4,6 +4,7 @@ weights shared by two processes."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import subprocess
 import sys
@@ -49,14 +50,15 @@ def test_the_second_load_maps_the_saved_weights_and_gives_the_same_logits(wide_d
     assert torch.equal(shoal_logits(second, ids, chunks=[17, 9]), shoal_logits(first, ids, chunks=[17, 9]))
 
 
-def resident_kib(path: Path) -> int:
-    """This process's resident KiB of its mappings of `path`."""
-    total, inside = 0, False
+def mapped_kib(name_end: str) -> dict[str, int]:
+    """This process's resident and proportional KiB ("Rss", "Pss") over its mappings of files whose path ends
+    with name_end, read at one moment."""
+    total, inside = {"Rss": 0, "Pss": 0}, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         if line[:1].isalnum() and "-" in line.split()[0]:
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
+            inside = line.rstrip().endswith(name_end)
+        elif inside and line.split(":")[0] in total:
+            total[line.split(":")[0]] += int(line.split()[1])
     return total
 
 
@@ -68,7 +70,7 @@ def test_a_load_from_the_cache_maps_every_page_before_the_first_step(wide_dir, t
     shoal.load_model(path)  # saves the cache
     [cache] = caches(path)
     _model = shoal.load_model(path)  # held: its weights are the mapping measured
-    assert resident_kib(cache) >= 0.9 * cache.stat().st_size / 1024
+    assert mapped_kib(str(cache))["Rss"] >= 0.9 * cache.stat().st_size / 1024
 
 
 def test_int8_precision_from_the_cache_is_int8_precision_packed_afresh(wide_dir, tmp_path):
@@ -105,11 +107,17 @@ def test_turned_off_nothing_is_saved(wide_dir, tmp_path):
     assert caches(path) == []
 
 
-SHARER = textwrap.dedent(
-    """
+SHARER = (
+    textwrap.dedent(
+        """
     import sys, time
     from pathlib import Path
     import shoal
+    """
+    )
+    + inspect.getsource(mapped_kib)
+    + textwrap.dedent(
+        """
     model = shoal.load_model(sys.argv[1])
     for linear in model.module.linears:  # every weight read once, as a forward pass reads them
         for part in linear.parts():
@@ -119,17 +127,10 @@ SHARER = textwrap.dedent(
     Path(sys.argv[2]).touch()
     while not Path(sys.argv[3]).exists():
         time.sleep(0.05)
-    rss = pss = 0
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    inside = False
-    for line in lines:
-        if line[:1].isalnum() and "-" in line.split()[0]:
-            inside = line.rstrip().endswith(".packed")
-        elif inside and line.startswith(("Rss:", "Pss:")):
-            kb = int(line.split()[1])
-            rss, pss = (rss + kb, pss) if line.startswith("Rss:") else (rss, pss + kb)
-    print(rss, pss, model.weight_bytes // 1024)
+    kib = mapped_kib(".packed")
+    print(kib["Rss"], kib["Pss"], model.weight_bytes // 1024)
     """
+    )
 )
 
 

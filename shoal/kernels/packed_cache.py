@@ -94,7 +94,6 @@ class PackedCache:
     @classmethod
     def _open(cls, path: Path) -> PackedCache:
         mapping = np.memmap(path, mode="c")  # copy-on-write: shared with other processes, never written
-        _map_pages_now(mapping)
         length = int(np.frombuffer(mapping[:8], dtype="<u8")[0])
         header = json.loads(bytes(mapping[8 : 8 + length]))
         if header.get("version") != FORMAT_VERSION:
@@ -106,6 +105,7 @@ class PackedCache:
         )
         if cache.data_start + end > len(mapping):
             raise ValueError("the file is shorter than its header says (an interrupted copy?)")
+        _map_pages_now(mapping)  # only once the file is known whole: one refused above is not read in full
         return cache
 
     @property
