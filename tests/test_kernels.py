@@ -177,3 +177,25 @@ def test_the_experts_call_gives_the_bits_of_the_composed_operations_whatever_the
             1,
         )
         assert torch.equal(be.experts(x[row : row + 1], group, alone)[0], fused[row]), row
+
+
+def test_the_fused_layers_scratch_is_kept_per_thread():
+    """cpu.Workspace: a layer's scratch comes back from call to call (a fresh buffer past glibc's mmap
+    threshold would be mapped and faulted in at every layer), grown when a call needs more, and a second
+    thread (a second engine on the same model) gets a buffer of its own."""
+    import threading
+
+    from shoal.kernels.cpu import Workspace
+
+    workspace = Workspace()
+    first = workspace.floats(1000)
+    assert first.numel() >= 1000
+    assert workspace.floats(10).data_ptr() == first.data_ptr()
+    grown = workspace.floats(5000)
+    assert grown.numel() >= 5000 and workspace.floats(5000).data_ptr() == grown.data_ptr()
+    other = []
+    thread = threading.Thread(target=lambda: other.append(workspace.floats(10).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != grown.data_ptr()
+    assert workspace.floats(10).data_ptr() == grown.data_ptr()

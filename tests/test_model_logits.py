@@ -139,22 +139,32 @@ def test_sliding_window_attention_matches_transformers(tiny_dirs, tmp_path, c_ke
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
-@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "phi3_128k"])
+@pytest.mark.parametrize("arch", [*ARCHS, "phi3", "phi3_128k", "qwen3_moe", "mixtral"])
 def test_the_fused_c_layer_gives_the_bits_of_the_composed_operations(
-    tiny_dirs, phi3_dirs, tmp_path, arch, precision, monkeypatch
+    tiny_dirs, phi3_dirs, moe_dirs, tmp_path, arch, precision, monkeypatch
 ):
-    """layer.c runs a Llama-family layer in one call; the model's own forward composes the same operations."""
+    """layer.c runs a Llama-family layer in one call, its MLP a mixture of experts where the model has one;
+    the model's own forward composes the same operations."""
     from shoal.kernels.backend import CpuBackend
 
-    gguf_path = write_gguf({**tiny_dirs, **phi3_dirs}[arch], tmp_path / f"{arch}.gguf", qtype="Q8_0")
+    dirs = {**tiny_dirs, **phi3_dirs, **moe_dirs}
+    gguf_path = write_gguf(dirs[arch], tmp_path / f"{arch}.gguf", qtype="Q8_0")
     fused = shoal.load_model(gguf_path, precision=precision, weight_cache=False)
     assert all(layer.fused is not None for layer in fused.module.layers)
-    ids = prompt_ids(fused)
-    expected = shoal_logits(fused, ids, chunks=[17, 9])
+    ids, chunks = prompt_ids(fused), [17, 9]
+    if arch in moe_dirs:  # a chunk of 530 rows, 1,060 assignments: experts.c's prefill form too
+        ids, chunks = (ids * 15)[:600], [530, 69]
+    expected = shoal_logits(fused, ids, chunks=chunks)
     monkeypatch.setattr(CpuBackend, "fuse_layer", lambda self, layer: None)
     composed = shoal.load_model(gguf_path, precision=precision, weight_cache=False)
     assert all(layer.fused is None for layer in composed.module.layers)
-    assert torch.equal(shoal_logits(composed, ids, chunks=[17, 9]), expected)
+    assert torch.equal(shoal_logits(composed, ids, chunks=chunks), expected)
+
+
+def test_a_mixture_with_a_shared_expert_runs_composed(moe_dirs):
+    """layer.c's mixture of experts has no shared expert: Qwen2-MoE's layers compose their operations."""
+    model = shoal.load_model(moe_dirs["qwen2_moe"], weight_cache=False)
+    assert all(layer.fused is None for layer in model.module.layers)
 
 
 # ---- issue 19's families: Gemma 3, Qwen3-MoE, Mixtral, Qwen2-MoE, Phi-3 ----

@@ -73,13 +73,25 @@ class Rope:
 
 
 @dataclass(eq=False)
+class RoutedExperts:
+    """A mixture of experts without a shared expert, as a back end may fuse it into a layer: the router's
+    projection, the experts as expert_group() holds them, and the router's top_k and normalize."""
+
+    router: Any
+    group: Any
+    top_k: int
+    normalize: bool
+
+
+@dataclass(eq=False)
 class PreNormLayer:
     """A Llama-family decoder layer as a back end may fuse it: x += o(attn(rope(qkv(norm(x))))), then
-    x += down(silu(gate) * up(norm(x))); q/k norms per head where given."""
+    x += down(silu(gate) * up(norm(x))), or x += the routed experts' outputs for norm(x) where `experts`;
+    q/k norms per head where given."""
 
     qkv: Any
     o: Any
-    gate_up: Any
+    gate_up: Any  # None where experts
     down: Any
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -89,6 +101,7 @@ class PreNormLayer:
     window: int
     eps: float
     scale: float
+    experts: RoutedExperts | None = None
 
 
 @dataclass(eq=False)
@@ -250,6 +263,7 @@ class CpuBackend(Backend):
             self.name += "-int8"
         self.pack_cache: PackedCache | None = None  # set while a GGUF file's model is built (loaded.py)
         self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.workspace = cpu.Workspace()  # the fused layers' scratch
 
     def pack(self, parts: list[Weight], bias: torch.Tensor | None = None) -> cpu.PackedWeight:
         packed = self._packed(parts, bias)
@@ -318,7 +332,7 @@ class CpuBackend(Backend):
         def run(x: torch.Tensor, rope: Rope, kv_cache, meta: KernelAttentionMetadata) -> torch.Tensor:
             if meta.step is None:  # the same for every layer of a step
                 meta.step = cpu.step_struct(meta, rope.cos, rope.sin, kv_cache[0].shape[2], kv_cache[0].dtype)
-            return cpu.decoder_layer(self.lib, plan, x.contiguous(), meta.step, *kv_cache)
+            return cpu.decoder_layer(self.lib, plan, x.contiguous(), meta.step, *kv_cache, self.workspace)
 
         return run
 

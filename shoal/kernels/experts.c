@@ -1,7 +1,8 @@
-/* A mixture of experts' MLPs in one call and one OpenMP parallel region: for each active expert, its rows of x
- * gathered, the fused gate/up projection, act(gate) * up, the down projection, and each row's weighted output
- * added to out. The same kernel bodies as the separate calls; what it saves is four Python calls and thread
- * wake-ups per active expert (a Qwen3-30B-A3B layer has 128 experts).
+/* A mixture of experts' MLPs in one call and one OpenMP parallel region (or inside layer.c's, as the rest of a
+ * fused layer): for each active expert, its rows of x gathered, the fused gate/up projection, act(gate) * up,
+ * the down projection, and each row's weighted output added to out. The same kernel bodies as the separate
+ * calls; what it saves is four Python calls and thread wake-ups per active expert (a Qwen3-30B-A3B layer has
+ * 128 experts).
  *
  * Two ways to share the work, chosen by the step's size alone:
  * - few assignments (decode): each thread runs whole experts (their GEMMs on that one thread), into a buffer
@@ -19,13 +20,6 @@
 #include "kernels.h"
 
 #define EXPERT_PARALLEL_MAX 1024 /* assignments up to which each thread runs whole experts */
-
-struct expert_group {
-    const struct packed_weight *const *gate_up; /* [experts] */
-    const struct packed_weight *const *down;    /* [experts] */
-    int64_t num_experts, hidden, inter;
-    int32_t activation;
-};
 
 /* The largest xsum scratch any expert's GEMMs need for m rows. */
 static int64_t xsum_floats(const struct expert_group *g, int64_t m) {
@@ -75,15 +69,14 @@ static void add_weighted(const int64_t *rows, const float *weights, int64_t firs
 
 /* rows [assignments]: the token row of each (token, expert) assignment, grouped by expert in ascending order;
  * starts [experts + 1]: where each expert's assignments begin; weights [assignments]: the router's weight of
- * each; most: the most assignments of one expert, as scratch was sized for (expert_group_scratch). out
- * [tokens, hidden] is added to. */
-void expert_group_f32(const struct expert_group *g, const float *x, const int64_t *rows, const float *weights,
-                      const int64_t *starts, int64_t most, float *out, float *scratch, int num_threads) {
+ * each; most: the most assignments of one expert, at most what scratch was sized for (expert_group_scratch,
+ * with the team's thread count). out [tokens, hidden] is added to. */
+void expert_group_body(const struct expert_group *g, const float *x, const int64_t *rows, const float *weights,
+                       const int64_t *starts, int64_t most, float *out, float *scratch) {
     const int64_t hidden = g->hidden, assignments = starts[g->num_experts];
     const int64_t work = working_floats(g, most);
     if (assignments > EXPERT_PARALLEL_MAX) {
         float *y = scratch + work;
-#pragma omp parallel num_threads(num_threads)
         for (int64_t e = 0; e < g->num_experts; e++) {
             const int64_t m = starts[e + 1] - starts[e];
             if (m == 0) continue;
@@ -92,27 +85,30 @@ void expert_group_f32(const struct expert_group *g, const float *x, const int64_
         }
         return;
     }
-    float *y = scratch + num_threads * work; /* [assignments, hidden] */
-#pragma omp parallel num_threads(num_threads)
-    {
-        float *mine = scratch + omp_get_thread_num() * work;
+    float *y = scratch + omp_get_num_threads() * work; /* [assignments, hidden] */
+    float *mine = scratch + omp_get_thread_num() * work;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t e = 0; e < g->num_experts; e++) {
-            const int64_t m = starts[e + 1] - starts[e];
-            if (m == 0) continue;
+    for (int64_t e = 0; e < g->num_experts; e++) {
+        const int64_t m = starts[e + 1] - starts[e];
+        if (m == 0) continue;
 #pragma omp parallel num_threads(1) /* a team of this thread alone: the bodies' loops all run here */
-            run_expert(g, e, x, rows, starts[e], m, mine, y + starts[e] * hidden);
-        }
+        run_expert(g, e, x, rows, starts[e], m, mine, y + starts[e] * hidden);
+    }
 #pragma omp for schedule(static)
-        for (int64_t d0 = 0; d0 < hidden; d0 += 16) { /* every row's assignments in ascending expert order */
-            const int64_t d1 = d0 + 16 < hidden ? d0 + 16 : hidden;
-            for (int64_t a = 0; a < assignments; a++) {
-                float *o = out + rows[a] * hidden;
-                const float w = weights[a], *ya = y + a * hidden;
-                for (int64_t d = d0; d < d1; d++) o[d] += ya[d] * w;
-            }
+    for (int64_t d0 = 0; d0 < hidden; d0 += 16) { /* every row's assignments in ascending expert order */
+        const int64_t d1 = d0 + 16 < hidden ? d0 + 16 : hidden;
+        for (int64_t a = 0; a < assignments; a++) {
+            float *o = out + rows[a] * hidden;
+            const float w = weights[a], *ya = y + a * hidden;
+            for (int64_t d = d0; d < d1; d++) o[d] += ya[d] * w;
         }
     }
+}
+
+void expert_group_f32(const struct expert_group *g, const float *x, const int64_t *rows, const float *weights,
+                      const int64_t *starts, int64_t most, float *out, float *scratch, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    expert_group_body(g, x, rows, weights, starts, most, out, scratch);
 }
 
 /* The router's choice, as transformers makes it: per token, softmax over the experts' logits, the top_k

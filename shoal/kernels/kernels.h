@@ -63,4 +63,16 @@ void attention_body(const float *q, int64_t q_stride, const void *k_cache, const
                     float *out, const int64_t *row_table_offset, const int64_t *tables, const int64_t *positions,
                     int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                     int64_t block_size, int64_t window, float scale);
+/* A mixture of experts' MLPs (experts.c): per expert, its fused gate/up and its down projection. */
+struct expert_group {
+    const struct packed_weight *const *gate_up; /* [experts] */
+    const struct packed_weight *const *down;    /* [experts] */
+    int64_t num_experts, hidden, inter;
+    int32_t activation;
+};
+int64_t expert_group_scratch(const struct expert_group *g, int64_t most, int64_t assignments, int num_threads);
+void expert_group_body(const struct expert_group *g, const float *x, const int64_t *rows, const float *weights,
+                       const int64_t *starts, int64_t most, float *out, float *scratch);
+int64_t route_tokens(const float *logits, int64_t tokens, int64_t experts, int64_t top_k, int normalize,
+                     int64_t *rows, float *weights, int64_t *starts);
 #endif

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from shoal.kernels.backend import Backend, Heads, PreNormLayer, Rope
+from shoal.kernels.backend import Backend, Heads, PreNormLayer, Rope, RoutedExperts
 from shoal.kernels.formats import Weight
 from shoal.models.config import ModelConfig
 from shoal.models.layers import (
@@ -37,13 +37,22 @@ class DecoderLayer:
         self.mlp = make_mlp(cfg, index, weights, backend)
         self.input_norm = backend.vector(weights[p + "input_layernorm.weight"])
         self.post_attention_norm = backend.vector(weights[p + "post_attention_layernorm.weight"])
-        self.fused = backend.fuse_layer(self.as_pre_norm()) if isinstance(self.mlp, GatedMLP) else None
+        self.fused = backend.fuse_layer(self.as_pre_norm()) if self.fusable() else None
+
+    def fusable(self) -> bool:
+        """A SiLU MLP, or experts without a shared one: the forms PreNormLayer holds."""
+        if isinstance(self.mlp, MixtureOfExperts):
+            return self.mlp.shared is None
+        return self.mlp.activation == "silu"
 
     def as_pre_norm(self) -> PreNormLayer:
-        a = self.attn
+        a, mlp = self.attn, self.mlp
+        experts = None
+        if isinstance(mlp, MixtureOfExperts):
+            experts = RoutedExperts(mlp.router, mlp.group, mlp.top_k, mlp.normalize)
         return PreNormLayer(
-            a.qkv, a.o, self.mlp.gate_up, self.mlp.down, self.input_norm, self.post_attention_norm,
-            a.q_norm, a.k_norm, a.heads, a.window, self.eps, a.scale,
+            a.qkv, a.o, getattr(mlp, "gate_up", None), getattr(mlp, "down", None), self.input_norm,
+            self.post_attention_norm, a.q_norm, a.k_norm, a.heads, a.window, self.eps, a.scale, experts,
         )  # fmt: skip
 
     @property
