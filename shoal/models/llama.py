@@ -47,12 +47,14 @@ class DecoderLayer:
 
     def as_pre_norm(self) -> PreNormLayer:
         a, mlp = self.attn, self.mlp
-        experts = None
         if isinstance(mlp, MixtureOfExperts):
+            gate_up, down = None, None
             experts = RoutedExperts(mlp.router, mlp.group, mlp.top_k, mlp.normalize)
+        else:
+            gate_up, down, experts = mlp.gate_up, mlp.down, None
         return PreNormLayer(
-            a.qkv, a.o, getattr(mlp, "gate_up", None), getattr(mlp, "down", None), self.input_norm,
-            self.post_attention_norm, a.q_norm, a.k_norm, a.heads, a.window, self.eps, a.scale, experts,
+            a.qkv, a.o, gate_up, down, self.input_norm, self.post_attention_norm, a.q_norm, a.k_norm, a.heads,
+            a.window, self.eps, a.scale, experts,
         )  # fmt: skip
 
     @property
