@@ -199,3 +199,52 @@ def test_the_fused_layers_scratch_is_kept_per_thread():
     thread.join()
     assert other[0] != grown.data_ptr()
     assert workspace.floats(10).data_ptr() == grown.data_ptr()
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_attention_gives_a_row_the_same_bits_alone_in_a_batch_and_from_any_cache_type(kernel, kv_dtype):
+    """A decode row alone (few tasks: one query head each, every thread busy) and the same row among many
+    (a task per KV head and its query heads) give the same bits; a 16-bit cache, read and widened in
+    registers, gives the bits of a float32 cache holding the same values; so do 1 and 2 threads."""
+    import types
+
+    from shoal.kernels.cpu import attention_c
+
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, d, block = 9, 3, 64, 16
+    positions = [700, 5, 16, 300, 699, 31, 64, 128]
+    tables, offsets = [], []
+    for p in positions:  # every row its own blocks, scattered over the pool
+        offsets.append(len(tables))
+        tables.extend(range(len(tables), len(tables) + p // block + 1))
+    order = torch.randperm(len(tables), generator=g)
+    pool = [torch.randn(len(tables), kv_heads, block, d, generator=g).to(kv_dtype) for _ in range(2)]
+    qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * d, generator=g)
+
+    def attend(rows: list[int], caches) -> torch.Tensor:
+        flat, starts = [], []
+        for r in rows:
+            starts.append(len(flat))
+            end = offsets[r + 1] if r + 1 < len(offsets) else len(tables)
+            flat.extend(order[offsets[r] : end].tolist())
+        meta = types.SimpleNamespace(
+            row_table_offset=torch.tensor(starts),
+            tables=torch.tensor(flat),
+            row_positions=torch.tensor([positions[r] for r in rows]),
+        )
+        return attention_c(kernel, qkv[rows].contiguous(), *caches, meta, heads, d**-0.5, 0)
+
+    everything = list(range(len(positions)))
+    batch = attend(everything, pool)
+    assert batch.abs().max() > 0.1
+    wide = [c.float() for c in pool]
+    assert torch.equal(attend(everything, wide), batch)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for row in (0, 3):
+                assert torch.equal(attend([row], pool)[0], batch[row]), (n, row)
+                assert torch.equal(attend([row], wide)[0], batch[row]), (n, row)
+    finally:
+        torch.set_num_threads(threads)
