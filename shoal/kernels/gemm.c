@@ -328,6 +328,13 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
             const tile_fn *tiles = wide ? WIDE_TILES[format_index(part)] : NARROW_TILES[format_index(part)];
             const struct int8_rows *part_xq = uses_int8(part) ? &xq[int8_block(part) == INT8_BLOCKS[1]] : NULL;
             const int max_rows = wide ? WIDE_ROWS : part_xq ? int8_rows_for(part) : part->format < FMT_Q8 ? FLOAT_ROWS : QUANT_ROWS;
+            if (part_xq && !wide && int8_decodes(part, row1 - row0)) {
+                float block[ROW_BLOCK * UNIT * PANEL];
+                int8_decoded_unit(part_xq, row0, row1 - row0, part, local * panels, block);
+                store(y + column, ldy, part->n, row0, (int)(row1 - row0), local * panels, panels, block, part->bias,
+                      accumulate);
+                continue;
+            }
             for (int64_t row = row0; row < row1;) {
                 const int rows = row1 - row < max_rows ? (int)(row1 - row) : max_rows;
                 if (part_xq)

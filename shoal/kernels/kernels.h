@@ -50,6 +50,12 @@ int int8_rows_for(const struct packed_weight *w);
  * int8_x part; out as gemm.c's tiles. */
 void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, const struct packed_weight *w, int64_t p,
                float *out);
+/* Prefill: whether `rows` rows of an int8_x part take int8_decoded_unit, which runs rows row0.. against one narrow
+ * unit (UNIT panels from p) of it, each superblock of the unit decoded to bytes once for all of them instead of once
+ * per tile: the tiles' bits, out [rows][UNIT][PANEL]. */
+int int8_decodes(const struct packed_weight *w, int64_t rows);
+void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, const struct packed_weight *w,
+                       int64_t p, float *out);
 /* xsum: scratch of xsum_size(w, m) floats. */
 void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *y, int accumulate, float *xsum);
 void rms_norm_body(const float *x, int64_t rows, int64_t dim, const float *weight, float eps, float *out);
