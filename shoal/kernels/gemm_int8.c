@@ -379,7 +379,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         for (int64_t g = 0; g < groups; g++) {                                                                  \
             int32_t qsum[R];                                                                                    \
             GROUP_QSUMS(qsum, R)                                                                                \
-            GROUP_DOTS(dot, R, U, KIND, qsum, FROM_PACKED)                                                                   \
+            GROUP_DOTS(dot, R, U, KIND, qsum, FROM_PACKED)                                                          \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
                 const pv s = group_scale(w, 0, at, pv_zero());                                                  \
@@ -417,7 +417,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
             GROUP_QSUMS(qsum[g - g0], R)                                                                        \
             GROUP_DOTS(dot, R, U, KIND, qsum[g - g0], LOAD8)                                                    \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
-                const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                                   \
+                const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                      \
                 UNROLL for (int r = 0; r < R; r++) acc[r][u] = iv_mul_add(acc[r][u], dot[r][u], sub);           \
             }                                                                                                   \
         }                                                                                                       \
@@ -426,7 +426,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
             pv offsets[R];                                                                                      \
             UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_zero();                                          \
             for (int64_t j = 0; HAS_MIN && j < per; j++) {                                                      \
-                const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));                    \
+                const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));       \
                 UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)qsum[j][r], sub, offsets[r]);     \
             }                                                                                                   \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
