@@ -520,10 +520,11 @@ static int format_of(const struct packed_weight *w) { return 2 * (w->format - FM
 int64_t int8_block(const struct packed_weight *w) { return w->factored ? INT8_SUPER_BLOCK : INT8_BLOCK; }
 
 static const int8_t KGROUP[12] = {0, 0, 0, q4_KGROUP, 0, q5_KGROUP, q6_KGROUP, 0, 0, q2_KGROUP, q3_KGROUP, 0};
+static const int8_t FOUR_BIT[12] = {0, 0, 0, q4_FOUR_BIT, 0, q5_FOUR_BIT, q6_FOUR_BIT, 0, 0, q2_FOUR_BIT, q3_FOUR_BIT, 0};
 
 int int8_tiles_for(const struct packed_weight *w) {
     const int f = format_of(w);
-    if (w->factored && (w->group != KGROUP[f] || (w->factored == FACTORS_4BIT) != (f == 2 * (FMT_Q2 - FMT_Q8) + 1))) return 0;
+    if (w->factored && (w->group != KGROUP[f] || (w->factored == FACTORS_4BIT) != FOUR_BIT[f])) return 0;
     return NARROW_INT8[w->factored != 0][f][0] != 0;
 }
 
@@ -558,7 +559,7 @@ int int8_decodes(const struct packed_weight *w, int64_t rows) {
 void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, const struct packed_weight *w,
                        int64_t p, float *out) {
     const int f = format_of(w), max_rows = int8_rows_for(w);
-    const int64_t groups = w->k / w->group, per = INT8_SUPER_BLOCK / w->group;
+    const int64_t groups = w->k / w->group, per = groups_per_super(w);
     bv dec[INT8_SUPER_BLOCK / 8][UNIT][2];
     memset(out, 0, sizeof(float) * rows * UNIT * PANEL);
     for (int64_t g0 = 0; g0 < groups; g0 += per) {
