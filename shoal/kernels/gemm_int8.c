@@ -350,17 +350,20 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 
 /* The integer dots of R rows x U panels over group g, less zero * sum(q): exact in int32. LOAD8(KIND, u, i, at,
  * ahead, out) gives panel p + u's 8 k from i: FROM_PACKED decodes them from w, FROM_DECODED reads them from `dec`,
- * the unit's superblock decoded once (int8_decoded_unit). */
+ * the unit's superblock decoded once (int8_decoded_unit). The group's SPANS runs of KIND##_SPAN k go in a loop, or
+ * unrolled where SPANS_LOOP is UNROLL: the decoded tiles' (SIMD builds; Q3_K and Q2_K have two runs a group),
+ * measured 1.18x faster at 512 rows on Zen 4, in the packed tiles no faster once the weights come from memory. */
 #define FROM_PACKED(KIND, u, i, at, ahead, out) KIND##_load8(w, p + (u), i, at, ahead, out)
 #define FROM_DECODED(KIND, u, i, at, ahead, out) \
     ((out)[0] = dec[((i) & (INT8_SUPER_BLOCK - 1)) >> 3][u][0], (out)[1] = dec[((i) & (INT8_SUPER_BLOCK - 1)) >> 3][u][1])
-#define GROUP_DOTS(DOT, R, U, KIND, QSUM, LOAD8)                                                                \
+#define GROUP_DOTS(DOT, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
     iv DOT[R][U];                                                                                               \
     UNROLL for (int r = 0; r < R; r++) {                                                                        \
         const iv start = iv_set1(-zero * QSUM[r]);                                                              \
         UNROLL for (int u = 0; u < U; u++) DOT[r][u] = start;                                                   \
     }                                                                                                           \
-    for (int64_t i = g * group; i < (g + 1) * group; i += KIND##_SPAN) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
+    SPANS_LOOP for (int64_t span = 0; span < (SPANS); span++) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
+        const int64_t i = g * group + span * KIND##_SPAN;                                                       \
         bv wv[U][2];                                                                                            \
         UNROLL for (int u = 0; u < U; u++) LOAD8(KIND, u, i + o, o, U > UNIT, wv[u]);                           \
         UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
@@ -379,7 +382,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         for (int64_t g = 0; g < groups; g++) {                                                                  \
             int32_t qsum[R];                                                                                    \
             GROUP_QSUMS(qsum, R)                                                                                \
-            GROUP_DOTS(dot, R, U, KIND, qsum, FROM_PACKED)                                                          \
+            GROUP_DOTS(dot, R, U, KIND, qsum, FROM_PACKED, group / KIND##_SPAN, )                                       \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
                 const pv s = group_scale(w, 0, at, pv_zero());                                                  \
@@ -407,15 +410,21 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define q5_FOUR_BIT 0
 #define q6_FOUR_BIT 0
 
+#if defined(__AVX2__)
+#define DECODED_SPANS UNROLL
+#else
+#define DECODED_SPANS /* a loop: the portable build's compile time */
+#endif
+
 /* Factored parts: superblock g0 of R rows x U panels added to out (see the top). */
-#define SUPERBLOCK(R, U, HAS_MIN, KIND, LOAD8)                                                                  \
+#define SUPERBLOCK(R, U, HAS_MIN, KIND, LOAD8, SPANS_LOOP)                                                              \
     {                                                                                                           \
         int32_t qsum[16][R]; /* per group of the superblock */                                                  \
         iv acc[R][U];                                                                                           \
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) acc[r][u] = iv_set1(0);           \
         for (int64_t g = g0; g < g0 + per; g++) {                                                               \
             GROUP_QSUMS(qsum[g - g0], R)                                                                        \
-            GROUP_DOTS(dot, R, U, KIND, qsum[g - g0], LOAD8)                                                    \
+            GROUP_DOTS(dot, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)                   \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                      \
                 UNROLL for (int r = 0; r < R; r++) acc[r][u] = iv_mul_add(acc[r][u], dot[r][u], sub);           \
@@ -447,7 +456,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
         UNROLL for (int t = 0; t < R * U; t++) pv_store(out + t * PANEL, pv_zero());                            \
-        for (int64_t g0 = 0; g0 < groups; g0 += per) SUPERBLOCK(R, U, HAS_MIN, KIND, FROM_PACKED)              \
+        for (int64_t g0 = 0; g0 < groups; g0 += per) SUPERBLOCK(R, U, HAS_MIN, KIND, FROM_PACKED, )              \
     }
 
 /* The same for one superblock from the unit's decoded bytes. */
@@ -457,7 +466,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;   \
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
-        SUPERBLOCK(R, UNIT, HAS_MIN, KIND, FROM_DECODED)                                                        \
+        SUPERBLOCK(R, UNIT, HAS_MIN, KIND, FROM_DECODED, DECODED_SPANS)                                                 \
     }
 
 /* A unit's UNIT panels of superblock from k = i0, decoded to bytes as the dots take them. */
