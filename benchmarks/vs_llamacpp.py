@@ -8,9 +8,10 @@ shape, made once and cached (gguf_shapes.py; --layers N keeps N of its layers, f
 Both engines run each file at batch 1, 4, 16 and 64 (32-token prompts, 64 new tokens, 2 threads) and at
 batch 1 after a 2,048-token prompt; each is run twice (--runs N: N times, alternating) and its best figures
 kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its default KV layout (not -kvu,
-which is slower from 16 up). Printed: decode and prefill tokens/s with the ratio shoal / llama.cpp, both
-engines' peak RSS, and the batch-1 bandwidth limit (this machine's read bandwidth over the bytes each token
-reads). shoal runs once per --precision (default both: float32, its default and transformers' numbers, and
+which is slower from 16 up). shoal's prefill is counted as llama-batched-bench counts its prompt processing:
+the batch's prompts to their first token, with no decode step in the window. Printed: decode and prefill
+tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the batch-1 bandwidth limit (this
+machine's read bandwidth over the bytes each token reads). shoal runs once per --precision (default both: float32, its default and transformers' numbers, and
 int8, activations in int8 as llama.cpp computes). Writes benchmarks/results/vs_llamacpp.json.
 
 Run it on an idle machine: llama.cpp's threads spin, and any other load distorts its figures badly.
@@ -160,22 +161,39 @@ def shoal_child(model: str, threads: int, kv_memory: int, precision: str) -> Non
     engine, vocab = llm.engine, llm.model.config.vocab_size
     params = shoal.SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
-    def measure(batch: int, seed: int, prompt_len: int = PROMPT) -> dict:
+    def add(batch: int, seed: int, prompt_len: int, sampling: shoal.SamplingParams) -> None:
         rng = random.Random(seed)
         for i in range(batch):
             prompt = [rng.randrange(100, vocab - 100) for _ in range(prompt_len)]
-            engine.add_request(prompt, params, f"{seed}-{i}", output_kind=OutputKind.CUMULATIVE)
-        start, started, first = time.perf_counter(), set(), None
+            engine.add_request(prompt, sampling, f"{seed}-{i}", output_kind=OutputKind.CUMULATIVE)
+
+    def prefill(batch: int, seed: int, prompt_len: int) -> float:
+        """Prompt tokens/s as llama-batched-bench counts them: every prompt to its first token, no decode
+        step in the window (each request stops at one token)."""
+        add(batch, seed, prompt_len, shoal.SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        return batch * prompt_len / (time.perf_counter() - start)
+
+    def decode(batch: int, seed: int, prompt_len: int) -> float:
+        """Tokens/s from the moment every sequence has its first token, counting only the tokens made after."""
+        add(batch, seed, prompt_len, params)
+        made: dict[str, int] = {}
+        at_first = first = None
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.outputs and out.outputs[0].token_ids:
-                    started.add(out.request_id)
-            if first is None and len(started) == batch:
-                first = time.perf_counter()
-        end = time.perf_counter()
+                    made[out.request_id] = len(out.outputs[0].token_ids)
+            if first is None and len(made) == batch:
+                first, at_first = time.perf_counter(), sum(made.values())
+        return (sum(made.values()) - at_first) / (time.perf_counter() - first)
+
+    def measure(batch: int, seed: int, prompt_len: int = PROMPT) -> dict:
+        # Different seeds for the two passes: the second must not find the first's prompt in the cache.
         return {
-            "prefill": batch * prompt_len / (first - start),
-            "decode": batch * (NEW_TOKENS - 1) / (end - first),
+            "prefill": prefill(batch, seed, prompt_len),
+            "decode": decode(batch, seed + 10_000, prompt_len),
         }
 
     measure(4, seed=999)  # warm-up: kernels compiled, caches filled
