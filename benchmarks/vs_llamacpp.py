@@ -11,8 +11,9 @@ kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its de
 which is slower from 16 up). shoal's prefill is counted as llama-batched-bench counts its prompt processing:
 the batch's prompts to their first token, with no decode step in the window. Printed: decode and prefill
 tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the batch-1 bandwidth limit (this
-machine's read bandwidth over the bytes each token reads). shoal runs once per --precision (default both: float32, its default and transformers' numbers, and
-int8, activations in int8 as llama.cpp computes). Writes benchmarks/results/vs_llamacpp.json.
+machine's read bandwidth over the bytes each token reads). shoal runs once per --precision (default both:
+float32, its default and transformers' numbers, and int8, activations in int8 as llama.cpp computes).
+Writes benchmarks/results/vs_llamacpp.json.
 
 Run it on an idle machine: llama.cpp's threads spin, and any other load distorts its figures badly.
 Never run in CI. Without a compiler or cmake, llama.cpp is skipped with a message and shoal runs alone.

@@ -317,12 +317,12 @@ static inline bv q3_load(const struct packed_weight *w, int64_t panel, int64_t i
     if (ahead && i % 16 == 0) PREFETCH(quants), PREFETCH(high);
     return bv_q23(quants, high, (int)(i % 8));
 }
-#define TWICE(KIND)                                                                                              \
-    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead,  \
-                                    bv *out) {                                                                   \
-        (void)at;                                                                                                \
-        out[0] = KIND##_load(w, panel, i, ahead);                                                                \
-        out[1] = KIND##_load(w, panel, i + 4, ahead);                                                            \
+#define TWICE(KIND)                                                                                             \
+    static inline void KIND##_load8(const struct packed_weight *w, int64_t panel, int64_t i, int at, int ahead, \
+                                    bv *out) {                                                                  \
+        (void)at;                                                                                               \
+        out[0] = KIND##_load(w, panel, i, ahead);                                                               \
+        out[1] = KIND##_load(w, panel, i + 4, ahead);                                                           \
     }
 TWICE(q8)
 TWICE(q2)
@@ -344,19 +344,19 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 /* Each row's sum of q over group g (for the zero and the offsets): groups are 16 or 32 k (uses_int8). */
 #define GROUP_QSUMS(QSUM, R)                                                                                    \
     UNROLL for (int r = 0; r < R; r++) {                                                                        \
-        const int32_t *sums = xq->sums + (row + r) * (k / 16) + g * group / 16;                                  \
+        const int32_t *sums = xq->sums + (row + r) * (k / 16) + g * group / 16;                                 \
         QSUM[r] = sums[0] + (group == 32 ? sums[1] : 0);                                                        \
     }
 
 /* The integer dots of R rows x U panels over group g, less zero * sum(q): exact in int32. LOAD8(KIND, u, i, at,
  * ahead, out) gives panel p + u's 8 k from i: FROM_PACKED decodes them from w, FROM_DECODED reads them from `dec`,
- * the unit's superblock decoded once (int8_decoded_unit). The group's SPANS runs of KIND##_SPAN k go in a loop, or
- * unrolled where SPANS_LOOP is UNROLL: the decoded tiles' (SIMD builds; Q3_K and Q2_K have two runs a group),
- * measured 1.18x faster at 512 rows on Zen 4, in the packed tiles no faster once the weights come from memory. */
+ * the unit's superblock decoded once (int8_decoded_unit). The group's SPANS runs of KIND##_SPAN k go in a loop
+ * (SPANS_LOOP empty) or unrolled (UNROLL): the SIMD builds' decoded tiles unroll them (Q3_K and Q2_K have two runs
+ * a group: 1.11-1.17x at 512 rows on Zen 4); the packed tiles, bound by reading the weights, gained nothing. */
 #define FROM_PACKED(KIND, u, i, at, ahead, out) KIND##_load8(w, p + (u), i, at, ahead, out)
-#define FROM_DECODED(KIND, u, i, at, ahead, out) \
+#define FROM_DECODED(KIND, u, i, at, ahead, out)                                                                \
     ((out)[0] = dec[((i) & (INT8_SUPER_BLOCK - 1)) >> 3][u][0], (out)[1] = dec[((i) & (INT8_SUPER_BLOCK - 1)) >> 3][u][1])
-#define GROUP_DOTS(DOT, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
+#define GROUP_DOTS(DOT, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                             \
     iv DOT[R][U];                                                                                               \
     UNROLL for (int r = 0; r < R; r++) {                                                                        \
         const iv start = iv_set1(-zero * QSUM[r]);                                                              \
@@ -367,7 +367,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         bv wv[U][2];                                                                                            \
         UNROLL for (int u = 0; u < U; u++) LOAD8(KIND, u, i + o, o, U > UNIT, wv[u]);                           \
         UNROLL for (int h = 0; h < 2; h++) UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) \
-            DOT[r][u] = KIND##_dot(DOT[r][u], wv[u][h], x + r * k + i + o + 4 * h);                            \
+            DOT[r][u] = KIND##_dot(DOT[r][u], wv[u][h], x + r * k + i + o + 4 * h);                             \
     }
 
 /* Parts with a scale per group (blocks of 32), group by group: c = (s * d) * dot + c and, with offsets,
@@ -382,7 +382,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
         for (int64_t g = 0; g < groups; g++) {                                                                  \
             int32_t qsum[R];                                                                                    \
             GROUP_QSUMS(qsum, R)                                                                                \
-            GROUP_DOTS(dot, R, U, KIND, qsum, FROM_PACKED, group / KIND##_SPAN, )                                       \
+            GROUP_DOTS(dot, R, U, KIND, qsum, FROM_PACKED, group / KIND##_SPAN, )                               \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
                 const int64_t at = ((p + u) * groups + g) * PANEL;                                              \
                 const pv s = group_scale(w, 0, at, pv_zero());                                                  \
@@ -417,16 +417,16 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #endif
 
 /* Factored parts: superblock g0 of R rows x U panels added to out (see the top). */
-#define SUPERBLOCK(R, U, HAS_MIN, KIND, LOAD8, SPANS_LOOP)                                                              \
+#define SUPERBLOCK(R, U, HAS_MIN, KIND, LOAD8, SPANS_LOOP)                                                      \
     {                                                                                                           \
         int32_t qsum[16][R]; /* per group of the superblock */                                                  \
         iv acc[R][U];                                                                                           \
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) acc[r][u] = iv_set1(0);           \
         for (int64_t g = g0; g < g0 + per; g++) {                                                               \
             GROUP_QSUMS(qsum[g - g0], R)                                                                        \
-            GROUP_DOTS(dot, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)                   \
+            GROUP_DOTS(dot, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)           \
             UNROLL for (int u = 0; u < U; u++) {                                                                \
-                const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                      \
+                const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                  \
                 UNROLL for (int r = 0; r < R; r++) acc[r][u] = iv_mul_add(acc[r][u], dot[r][u], sub);           \
             }                                                                                                   \
         }                                                                                                       \
@@ -435,7 +435,7 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
             pv offsets[R];                                                                                      \
             UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_zero();                                          \
             for (int64_t j = 0; HAS_MIN && j < per; j++) {                                                      \
-                const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));       \
+                const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));   \
                 UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)qsum[j][r], sub, offsets[r]);     \
             }                                                                                                   \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
@@ -452,26 +452,26 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define DEFINE_I8_SUPER_TILE(NAME, R, SUF, U, HAS_MIN, KIND)                                                    \
     static void NAME##_##R##SUF(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,  \
                                 float *out) {                                                                   \
-        const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;   \
+        const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;      \
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
         UNROLL for (int t = 0; t < R * U; t++) pv_store(out + t * PANEL, pv_zero());                            \
-        for (int64_t g0 = 0; g0 < groups; g0 += per) SUPERBLOCK(R, U, HAS_MIN, KIND, FROM_PACKED, )              \
+        for (int64_t g0 = 0; g0 < groups; g0 += per) SUPERBLOCK(R, U, HAS_MIN, KIND, FROM_PACKED, )             \
     }
 
 /* The same for one superblock from the unit's decoded bytes. */
-#define DEFINE_I8_DECODED_TILE(NAME, R, HAS_MIN, KIND)                                                            \
+#define DEFINE_I8_DECODED_TILE(NAME, R, HAS_MIN, KIND)                                                          \
     static void NAME##_##R##d(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,   \
-                              int64_t g0, const bv (*dec)[UNIT][2], float *out) {                              \
-        const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;   \
+                              int64_t g0, const bv (*dec)[UNIT][2], float *out) {                               \
+        const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;      \
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
-        SUPERBLOCK(R, UNIT, HAS_MIN, KIND, FROM_DECODED, DECODED_SPANS)                                                 \
+        SUPERBLOCK(R, UNIT, HAS_MIN, KIND, FROM_DECODED, DECODED_SPANS)                                         \
     }
 
 /* A unit's UNIT panels of superblock from k = i0, decoded to bytes as the dots take them. */
 #define DEFINE_DECODE(KIND)                                                                                     \
-    static void KIND##_decode(const struct packed_weight *w, int64_t p, int64_t i0, bv (*dec)[UNIT][2]) {      \
+    static void KIND##_decode(const struct packed_weight *w, int64_t p, int64_t i0, bv (*dec)[UNIT][2]) {       \
         for (int64_t i = i0; i < i0 + INT8_SUPER_BLOCK; i += KIND##_SPAN)                                       \
             UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) UNROLL for (int u = 0; u < UNIT; u++)               \
                 KIND##_load8(w, p + u, i + o, o, 0, dec[(i - i0 + o) / 8][u]);                                  \
@@ -506,10 +506,10 @@ typedef void (*int8_tile_fn)(const struct int8_rows *, int64_t, const struct pac
 static const int8_tile_fn NARROW_INT8[2][12][8] = {INT_FORMATS(NARROW_TABLE), FACTORED_FORMATS(NARROW_TABLE)};
 static const int8_tile_fn WIDE_INT8[2][12][3] = {INT_FORMATS(WIDE_TABLE), FACTORED_FORMATS(WIDE_TABLE)};
 
-#define DECODED_OF(NAME, HAS_MIN, KIND)                                                                           \
-    DEFINE_I8_DECODED_TILE(NAME, 1, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 2, HAS_MIN, KIND)                \
-    DEFINE_I8_DECODED_TILE(NAME, 3, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 4, HAS_MIN, KIND)                \
-    DEFINE_I8_DECODED_TILE(NAME, 5, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 6, HAS_MIN, KIND)                \
+#define DECODED_OF(NAME, HAS_MIN, KIND)                                                                         \
+    DEFINE_I8_DECODED_TILE(NAME, 1, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 2, HAS_MIN, KIND)               \
+    DEFINE_I8_DECODED_TILE(NAME, 3, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 4, HAS_MIN, KIND)               \
+    DEFINE_I8_DECODED_TILE(NAME, 5, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 6, HAS_MIN, KIND)               \
     DEFINE_I8_DECODED_TILE(NAME, 7, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 8, HAS_MIN, KIND)
 DECODED_OF(k_q5m, 1, q5)
 DECODED_OF(k_q6, 0, q6)
