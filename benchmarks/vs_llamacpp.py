@@ -300,8 +300,16 @@ def report(name: str, size_mib: float, ours: dict, theirs: dict, bandwidth: floa
         print(f"{'1 @' + str(LONG_PROMPT):>5} | {a.get('decode', 0):12.1f} {b.get('decode', 0):9.1f} {ratios[0]:>6} | "
               f"{a.get('prefill', 0):13.1f} {b.get('prefill', 0):9.1f} {ratios[1]:>6}")  # fmt: skip
     per_token = ours.get("bytes_per_token") or ours.get("weight_bytes") or size_mib * 2**20
+    limit = bandwidth / per_token
     print(f"batch-1 bandwidth limit: {bandwidth / 1e9:.1f} GB/s read / {per_token / 1e9:.2f} GB per token "
-          f"= {bandwidth / per_token:.1f} tokens/s")  # fmt: skip
+          f"= {limit:.1f} tokens/s")  # fmt: skip
+    shares = [
+        f"{engine} {runs['batches'][1]['decode'] / limit:.0%}"
+        for engine, runs in (("shoal", ours), ("llama.cpp", theirs))
+        if runs.get("batches", {}).get(1, {}).get("decode")
+    ]
+    if shares:
+        print("batch 1 at that limit: " + ", ".join(shares))
     if ours:
         print(f"shoal: weights {ours['weight_bytes'] / 2**20:.0f} MiB ({ours['weight_bytes'] / 2**20 / size_mib:.3f}x "
               f"the file), loaded in {ours['load_s']:.1f} s")  # fmt: skip
