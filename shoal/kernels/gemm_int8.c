@@ -351,8 +351,8 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 /* The integer dots of R rows x U panels over group g, less zero * sum(q): exact in int32. LOAD8(KIND, u, i, at,
  * ahead, out) gives panel p + u's 8 k from i: FROM_PACKED decodes them from w, FROM_DECODED reads them from `dec`,
  * the unit's superblock decoded once (int8_decoded_unit). The group's SPANS runs of KIND##_SPAN k go in a loop
- * (SPANS_LOOP empty) or unrolled (UNROLL): the SIMD builds' decoded tiles unroll them (Q3_K and Q2_K have two runs
- * a group: 1.11-1.17x at 512 rows on Zen 4); the packed tiles, bound by reading the weights, gained nothing. */
+ * (SPANS_LOOP empty) or unrolled (UNROLL): the AVX-512 build's decoded tiles unroll them (Q3_K and Q2_K have two
+ * runs a group: 1.11-1.17x at 512 rows on Zen 4); the packed tiles, bound by reading the weights, gained nothing. */
 #define FROM_PACKED(KIND, u, i, at, ahead, out) KIND##_load8(w, p + (u), i, at, ahead, out)
 #define FROM_DECODED(KIND, u, i, at, ahead, out)                                                                \
     ((out)[0] = dec[((i) & (INT8_SUPER_BLOCK - 1)) >> 3][u][0], (out)[1] = dec[((i) & (INT8_SUPER_BLOCK - 1)) >> 3][u][1])
@@ -410,10 +410,10 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define q5_FOUR_BIT 0
 #define q6_FOUR_BIT 0
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
 #define DECODED_SPANS UNROLL
-#else
-#define DECODED_SPANS /* a loop: the portable build's compile time */
+#else /* AVX2 (16 registers): Q3_K 0.95x unrolled; portable: its compile time */
+#define DECODED_SPANS
 #endif
 
 /* Factored parts: superblock g0 of R rows x U panels added to out (see the top). */
