@@ -57,7 +57,9 @@ def find_tools(extra: Path | None) -> dict[str, str] | None:
 
 
 def cmake_flags() -> list[str]:
-    """Explicit instruction sets where the CPU lists AMX: GGML_NATIVE builds crashed there on quantized files."""
+    """Explicit instruction sets where the CPU lists AMX, with llama.cpp's AMX off: built with it (natively or by
+    these flags plus GGML_AMX_*=ON), llama-batched-bench dies of SIGILL on quantized files at its AMX kernel's first
+    tile instruction (seen on a 2-core Xeon KVM guest: tilezero in tinygemm_kernel_amx<block_q8_K, block_q6_K>)."""
     flags = cpu_flags()
     if "amx_tile" not in flags:
         return ["-DGGML_NATIVE=ON"]
@@ -147,7 +149,7 @@ def llama_cpp_run(tools: dict[str, str], model: str, threads: int, log: Path) ->
 # ---- shoal, in a child process of its own (for its peak RSS) ----
 
 
-def shoal_child(model: str, threads: int, kv_memory: int, precision: str) -> None:
+def shoal_child(model: str, threads: int, kv_memory: int, precision: str, kernels: str) -> None:
     """Load time, the batches and the long prompt, printed as one SHOAL_RESULT line."""
     import random
 
@@ -156,7 +158,12 @@ def shoal_child(model: str, threads: int, kv_memory: int, precision: str) -> Non
 
     loading = time.perf_counter()
     llm = shoal.LLM(
-        model, kv_cache_memory=kv_memory, num_threads=threads, max_num_seqs=64, precision=precision
+        model,
+        kv_cache_memory=kv_memory,
+        num_threads=threads,
+        max_num_seqs=64,
+        precision=precision,
+        kernels=kernels,
     )
     load_s = time.perf_counter() - loading
     engine, vocab = llm.engine, llm.model.config.vocab_size
@@ -206,9 +213,9 @@ def shoal_child(model: str, threads: int, kv_memory: int, precision: str) -> Non
                                         "bytes_per_token": llm.model.module.bytes_per_token}))  # fmt: skip
 
 
-def shoal_run(model: str, threads: int, kv_memory: int, precision: str, log: Path) -> dict:
+def shoal_run(model: str, threads: int, kv_memory: int, precision: str, kernels: str, log: Path) -> dict:
     command = [sys.executable, __file__, "--child", model, "--threads", str(threads), "--kv", str(kv_memory),
-               "--precision", precision]  # fmt: skip
+               "--precision", precision, "--kernels", kernels]  # fmt: skip
     status, rss = run_measured(command, log)
     text = log.read_text()
     match = re.search(r"^SHOAL_RESULT (.*)$", text, re.MULTILINE)
@@ -340,10 +347,15 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="float32,int8", help="shoal's precision option(s), comma-separated"
     )
+    parser.add_argument(
+        "--kernels",
+        default="auto",
+        help="shoal's kernel build: auto (the widest that runs), amx, avx512, ...",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        shoal_child(args.child, args.threads, args.kv or kv_memory(args.child), args.precision)
+        shoal_child(args.child, args.threads, args.kv or kv_memory(args.child), args.precision, args.kernels)
         return
 
     from shoal.models.loader import default_model_path
@@ -389,7 +401,7 @@ def main() -> None:
         for _ in range(args.runs):
             for precision in precisions:
                 log = out_dir / f"{name}.shoal-{precision}.log"
-                ours[precision].append(shoal_run(model, args.threads, kv, precision, log))
+                ours[precision].append(shoal_run(model, args.threads, kv, precision, args.kernels, log))
             if tools:
                 theirs.append(llama_cpp_run(tools, model, args.threads, out_dir / f"{name}.llama.log"))
         theirs = best_of(theirs)

@@ -27,7 +27,7 @@ class EngineConfig:
     dtype: "float32" (default; bf16 matmul is ~100x slower on CPUs without AVX512-BF16), "bfloat16", "float16".
     num_threads: torch threads on CPU; default all cores.
     quantization: weight format at load: "auto" (as stored), float32, float16, bfloat16, q8_0, q4_0, q4_1.
-    kernels: compute path: "auto", or "avx512", "avx2", "portable" (shoal's C kernels), "torch".
+    kernels: compute path: "auto", or "amx", "avx512", "avx2", "portable" (shoal's C kernels), "torch".
     kv_cache_dtype: how the KV pool stores keys and values: "auto" (as the activations: float32 unless
         dtype says otherwise), float32, or float16 / bfloat16 (half the memory, twice the tokens; attention
         still computes in the activations' dtype).

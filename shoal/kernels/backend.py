@@ -31,7 +31,7 @@ from shoal.kernels.formats import QuantizedTensor, Weight, kept_form, layout_run
 from shoal.kernels.packed_cache import PackedCache
 
 logger = logging.getLogger("shoal")
-KERNEL_CHOICES = ("auto", "avx512", "avx2", "portable", "torch")
+KERNEL_CHOICES = ("auto", "amx", "avx512", "avx2", "portable", "torch")
 PRECISIONS = ("float32", "int8")
 MKL_PACK_HINT = 64
 MKL_INVARIANT_ROWS = 16

@@ -1,8 +1,9 @@
 """Compiling shoal's C kernels for the CPU at hand, once, cached by a hash of sources, flags and CPU.
 
-Three builds of the same sources: AVX-512 (F, BW, VL, DQ, VNNI), AVX2 + FMA + F16C, and portable C (any compiler,
-ARM included). A CPU flag is not proof that an instruction runs (hypervisors hide some), so before a build
-is used, a probe compiled with the same flags is run in a child process; "auto" takes the widest that runs.
+Four builds of the same sources: AVX-512 (F, BW, VL, DQ, VNNI) with AMX's int8 tiles (Intel, from Sapphire
+Rapids), AVX-512 alone, AVX2 + FMA + F16C, and portable C (any compiler, ARM included). A CPU flag is not proof
+that an instruction runs (hypervisors hide some, and Linux grants AMX's tile state only on request), so before a
+build is used, a probe compiled with the same flags is run in a child process; "auto" takes the widest that runs.
 """
 
 from __future__ import annotations
@@ -26,25 +27,51 @@ SOURCES = [
 ]
 HEADERS = [HERE / "simd_math.h", HERE / "kernels.h", HERE / "panel.h"]
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+AVX512_FLAGS = [
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+]
 ISA_FLAGS = {
-    "avx512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx512vnni",
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-    ],
+    "amx": [*AVX512_FLAGS, "-mamx-tile", "-mamx-int8"],
+    "avx512": AVX512_FLAGS,
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "portable": [],
 }
-X86_ONLY = ("avx512", "avx2")
+X86_ONLY = ("amx", "avx512", "avx2")
 # Executes an instruction of each extension the build may use; exits 0 only if all ran.
 PROBE = r"""
 #include <immintrin.h>
+#include <string.h>
+#ifdef __AMX_INT8__
+#include <sys/syscall.h>
+#include <unistd.h>
+static int amx_runs(void) { /* the kernel grants the tile state, and a tile product of 2s and 3s gives 64 * 6 */
+    struct { unsigned char palette, start, reserved[14]; unsigned short bytes[16]; unsigned char rows[16]; } c = {1};
+    signed char a[16][64], b[16][64];
+    int sums[16][16];
+    if (syscall(SYS_arch_prctl, 0x1023, 18)) return 0;
+    for (int t = 0; t < 3; t++) c.bytes[t] = 64, c.rows[t] = 16;
+    memset(a, 2, sizeof a), memset(b, 3, sizeof b);
+    _tile_loadconfig(&c);
+    _tile_zero(0);
+    _tile_loadd(1, a, 64);
+    _tile_loadd(2, b, 64);
+    _tile_dpbssd(0, 1, 2);
+    _tile_stored(0, sums, 64);
+    _tile_release();
+    return sums[15][15] == 384;
+}
+#endif
 int main(void) {
+#ifdef __AMX_INT8__
+    if (!amx_runs()) return 1;
+#endif
     volatile float in[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
     float out[16];
 #ifdef __AVX512F__

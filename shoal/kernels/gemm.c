@@ -228,8 +228,16 @@ static void store(float *y, int64_t ldy, int64_t n, int64_t row, int rows, int64
         }
 }
 
-/* Rows are taken in blocks that stay in cache while every unit passes over them. */
+/* Rows are taken in blocks that stay in cache while every unit passes over them; the AMX build's tile products
+ * share each decoded superblock among more rows (2 threads, 4096 x 4096 at 256-512 rows: Q6_K 1.3-1.5x, Q4_K
+ * 1.3x faster than blocks of 64). */
+#ifndef ROW_BLOCK
+#if defined(__AMX_INT8__)
+#define ROW_BLOCK 256
+#else
 #define ROW_BLOCK 64
+#endif
+#endif
 
 static int64_t groups_of(const struct packed_weight *w) { return w->format < FMT_Q8 ? 0 : w->k / w->group; }
 
@@ -260,7 +268,9 @@ static int64_t sums_size(const struct packed_weight *w, int64_t m) {
 static const int64_t INT8_BLOCKS[2] = {INT8_BLOCK, INT8_SUPER_BLOCK};
 
 /* Floats of x in int8 in blocks of `block`: its values, scales and sums (gemm_int8.c). */
-static int64_t int8_rows_size(int64_t m, int64_t k, int64_t block) { return m * k / 4 + m * k / block + m * k / 16; }
+static int64_t int8_rows_size(int64_t m, int64_t k, int64_t block) {
+    return m * k / 4 + m * k / block + m * k / 16 + (int8_tiles_size(m, k, block) + 3) / 4;
+}
 
 /* xsum floats gemm_body needs for m rows: each part's group sums of x, part after part, then x in int8 in
  * each block size a part takes it in. */
@@ -273,7 +283,9 @@ int64_t xsum_size(const struct packed_weight *w, int64_t m) {
 static struct int8_rows int8_rows_in(float *scratch, int64_t m, int64_t k, int64_t block) {
     int8_t *q = (int8_t *)scratch;
     float *d = scratch + m * k / 4;
-    return (struct int8_rows){q, d, (int32_t *)(d + m * k / block), k, block};
+    int32_t *sums = (int32_t *)(d + m * k / block);
+    int8_t *tiles = int8_tiles_size(m, k, block) ? (int8_t *)(sums + m * k / 16) : NULL;
+    return (struct int8_rows){q, d, sums, k, block, tiles};
 }
 
 static int64_t units_of(const struct packed_weight *w, int panels) {

@@ -25,19 +25,36 @@
  * and every row of the row block runs against them (int8_decoded_unit): the same dots and float steps, so the
  * same bits; measured 1.2-1.4x faster on a Q6_K 12288 x 4096 at 32-512 rows (Zen 4).
  */
+#if defined(__AMX_INT8__)
+#define _GNU_SOURCE /* syscall */
+#endif
 #include "panel.h"
 
 #define SUM_BLOCK 16 /* k values per sum of q */
+#define TILE_ROWS 16 /* rows of x in an AMX tile */
+#define TILE_K 64    /* and their k */
+
+/* Row r's 64 k from TILE_K * s in xq->tiles. */
+static inline int8_t *tile_row(const struct int8_rows *xq, int64_t r, int64_t s) {
+    return xq->tiles + ((r / TILE_ROWS * (xq->k / TILE_K) + s) * TILE_ROWS + r % TILE_ROWS) * TILE_K;
+}
 
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
     const int64_t k = xq->k, block = xq->block, blocks = k / block;
+    const int64_t padded = xq->tiles ? (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS : m;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < m; r++) {
+    for (int64_t r = 0; r < padded; r++) {
+        if (r >= m) { /* a tile's rows past m: zeros */
+            for (int64_t s = 0; s < k / TILE_K; s++) memset(tile_row(xq, r, s), 0, TILE_K);
+            continue;
+        }
         for (int64_t b = 0; b < blocks; b++) {
             const float *v = x + r * k + b * block;
             int8_t *q = xq->q + r * k + b * block;
-            float amax = 0.0f;
-            for (int64_t j = 0; j < block; j++) amax = fmaxf(amax, fabsf(v[j]));
+            float lanes[8] = {0}, amax = 0.0f; /* fmaxf's max (NaNs skipped), in 8 lanes: a vector's */
+            for (int64_t j = 0; j < block; j += 8)
+                for (int t = 0; t < 8; t++) lanes[t] = fabsf(v[j + t]) > lanes[t] ? fabsf(v[j + t]) : lanes[t];
+            for (int t = 0; t < 8; t++) amax = lanes[t] > amax ? lanes[t] : amax;
             const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             for (int64_t j = 0; j < block; j++) {
                 const float t = nearbyintf(v[j] * inv);
@@ -50,6 +67,8 @@ void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
             for (int j = 0; j < SUM_BLOCK; j++) sum += xq->q[r * k + h * SUM_BLOCK + j];
             xq->sums[r * (k / SUM_BLOCK) + h] = sum;
         }
+        for (int64_t s = 0; xq->tiles && s < k / TILE_K; s++)
+            memcpy(tile_row(xq, r, s), xq->q + r * k + s * TILE_K, TILE_K);
     }
 }
 
@@ -416,6 +435,14 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define DECODED_SPANS
 #endif
 
+/* A factored part's float step for a superblock of one row and panel (see the top): o = (super * d) * acc + o and,
+ * with offsets, o = (super offset * d) * offsets + o. */
+static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv offsets, int has_min) {
+    pv c = pv_fmav(pv_mul(supers[0], pv_set1(d)), iv_float(acc), pv_f32(o));
+    if (has_min) c = pv_fmav(pv_mul(supers[1], pv_set1(d)), offsets, c);
+    pv_store(o, c);
+}
+
 /* Factored parts: superblock g0 of R rows x U panels added to out (see the top). */
 #define SUPERBLOCK(R, U, HAS_MIN, KIND, LOAD8, SPANS_LOOP)                                                      \
     {                                                                                                           \
@@ -439,11 +466,8 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
                 UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)qsum[j][r], sub, offsets[r]);     \
             }                                                                                                   \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
-                const pv d = pv_set1(xq->d[(row + r) * (k / INT8_SUPER_BLOCK) + g0 / per]);                     \
-                float *o = out + (r * U + u) * PANEL;                                                           \
-                pv c = pv_fmav(pv_mul(supers[u][0], d), iv_float(acc[r][u]), pv_f32(o));                        \
-                if (HAS_MIN) c = pv_fmav(pv_mul(supers[u][1], d), offsets[r], c);                               \
-                pv_store(o, c);                                                                                 \
+                const float d = xq->d[(row + r) * (k / INT8_SUPER_BLOCK) + g0 / per];                           \
+                super_store(out + (r * U + u) * PANEL, supers[u], d, acc[r][u], offsets[r], HAS_MIN);           \
             }                                                                                                   \
         }                                                                                                       \
     }
@@ -561,6 +585,185 @@ void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, cons
  * slower, the decoding then shared by too few tiles. */
 #define DECODED_ROWS 24
 
+#if defined(__AMX_INT8__)
+/* The AMX build (Intel, from Sapphire Rapids): a K-quant's superblock as tile products, 16 rows x 64 k x 16
+ * columns an instruction. The dots of a superblock are summed with each group's sub-scale, so the sub-scale goes
+ * into the weights: W = sub * (q - zero), whose 13 bits are split into two int8 tiles, W = hi * 64 + lo (lo in
+ * 0..63), and acc = 64 * (x . hi) + x . lo: the same exact int32 as the dots' (|acc| < 2^28). With offsets, a
+ * third tile holds each k's sub-offset, and x . that is the sum of sub-offset * sum of q over the groups, the
+ * tiles' float sum of small integers, exactly. Then the same float steps (super_store): the same bits as every
+ * build. Each superblock of a unit is decoded to those tiles once (16-24 KB) for all the unit's rows. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_K TILE_K /* k of one tile product */
+#define AMX_STEPS (INT8_SUPER_BLOCK / AMX_K)
+#define AMX_ROWS TILE_ROWS /* rows of x a tile holds; of a weight tile, AMX_K / 4 */
+#define AMX_SPLIT 6 /* W = hi << AMX_SPLIT + lo */
+#if UNIT != 2
+#error "the AMX tiles are laid out for two panels a unit"
+#endif
+
+/* Linux hands out AMX's tile state only on request, per process (build.py's probe checks that it runs). */
+__attribute__((constructor)) static void amx_permit(void) {
+    syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+}
+
+/* tmm0, tmm1: panel 0's sums of x . hi and x . lo; tmm2, tmm3: panel 1's; tmm4, tmm5: the panels' x . offsets;
+ * tmm6: x; tmm7: a weight tile. All 16 rows: a tile's rows past m are zeros (quantize_rows_body). */
+static void amx_configure(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t bytes[16];
+        uint8_t rows[16];
+    } config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.bytes[t] = 64, config.rows[t] = AMX_ROWS;
+    _tile_loadconfig(&config);
+}
+
+/* A unit's superblock as weight tiles: [panel][step of 64 k][hi, lo, offsets][k / 4 of the step][16 columns][4 k]. */
+typedef int8_t amx_weights[UNIT][AMX_STEPS][3][AMX_ROWS * 64];
+
+/* Column 8 * half + t / 2's sub-scale in both 16-bit halves of lane t: the words of 8 columns' [4 k] bytes. */
+static inline __m512i amx_sub_words(iv sub, int half) {
+    const __m512i lane = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i s = _mm512_permutexvar_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(8 * half)), sub.v);
+    return _mm512_or_si512(_mm512_and_si512(s, _mm512_set1_epi32(0xFFFF)), _mm512_slli_epi32(s, 16));
+}
+
+/* 4 k of 16 columns, v ([16][4] bytes, before the zero), as their rows of the hi and lo tiles. */
+static inline void amx_split(bv v, __m512i zero, const __m512i subs[2], int8_t *hi, int8_t *lo) {
+    __m256i h[2], l[2];
+    for (int half = 0; half < 2; half++) {
+        const __m256i bytes = half ? _mm512_extracti64x4_epi64(v.v, 1) : _mm512_castsi512_si256(v.v);
+        const __m512i scaled = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_cvtepu8_epi16(bytes), zero), subs[half]);
+        h[half] = _mm512_cvtepi16_epi8(_mm512_srai_epi16(scaled, AMX_SPLIT));
+        l[half] = _mm512_cvtepi16_epi8(_mm512_and_si512(scaled, _mm512_set1_epi16((1 << AMX_SPLIT) - 1)));
+    }
+    _mm512_store_si512(hi, _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1));
+    _mm512_store_si512(lo, _mm512_inserti64x4(_mm512_castsi256_si512(l[0]), l[1], 1));
+}
+
+/* A group's sub-offsets of 16 columns, each in the 4 bytes of a column, on the tiles' rows of its k from i. */
+static inline void amx_offsets(iv subs, int64_t i, int64_t group, int8_t (*b)[3][AMX_ROWS * 64]) {
+    const __m512i row = _mm512_mullo_epi32(subs.v, _mm512_set1_epi32(0x01010101));
+    for (int64_t j = i; j < i + group; j += 4) _mm512_store_si512(b[j / AMX_K][2] + j % AMX_K / 4 * 64, row);
+}
+
+#define DEFINE_AMX_DECODE(KIND, HAS_MIN)                                                                        \
+    static void KIND##_amx_decode(const struct packed_weight *w, int64_t p, int64_t g0, amx_weights b) {        \
+        const int64_t group = KIND##_KGROUP, groups = w->k / group, per = INT8_SUPER_BLOCK / group;             \
+        const __m512i zero = _mm512_set1_epi16((int16_t)KIND##_zero(w, HAS_MIN));                               \
+        for (int u = 0; u < UNIT; u++)                                                                          \
+            for (int64_t g = 0; g < per; g++) {                                                                 \
+                const int64_t at = ((p + u) * groups + g0 + g) * PANEL;                                         \
+                const iv sub = iv_subs(w, 0, at, KIND##_FOUR_BIT);                                              \
+                const __m512i subs[2] = {amx_sub_words(sub, 0), amx_sub_words(sub, 1)};                         \
+                if (HAS_MIN) amx_offsets(iv_subs(w, 1, at, KIND##_FOUR_BIT), g * group, group, b[u]);           \
+                for (int64_t span = 0; span < group; span += KIND##_SPAN)                                       \
+                    UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) {                                           \
+                        const int64_t i = g * group + span + o; /* k into the superblock */                     \
+                        bv v[2];                                                                                \
+                        KIND##_load8(w, p + u, g0 * group + i, o, 0, v);                                        \
+                        UNROLL for (int h = 0; h < 2; h++) {                                                    \
+                            const int64_t step = (i + 4 * h) / AMX_K, row = (i + 4 * h) % AMX_K / 4 * 64;       \
+                            amx_split(v[h], zero, subs, b[u][step][0] + row, b[u][step][1] + row);              \
+                        }                                                                                       \
+                    }                                                                                           \
+            }                                                                                                   \
+    }
+DEFINE_AMX_DECODE(q2, 1)
+DEFINE_AMX_DECODE(q3, 0)
+DEFINE_AMX_DECODE(q4, 1)
+DEFINE_AMX_DECODE(q5, 1)
+DEFINE_AMX_DECODE(q6, 0)
+typedef void (*amx_decode_fn)(const struct packed_weight *, int64_t, int64_t, amx_weights);
+static const amx_decode_fn AMX_DECODE[12] = {0, 0, 0, q4_amx_decode, 0, q5_amx_decode, q6_amx_decode, 0, 0,
+                                             q2_amx_decode, q3_amx_decode, 0};
+
+/* Step s of 64 k: x into tmm6, then its products with each weight tile, loaded in turn into tmm7 (rotating the
+ * weights through more tiles, or x through two, measured no faster). */
+#define AMX_PRODUCT(C, tile)                                                                                    \
+    _tile_loadd(7, tile, 64);                                                                                   \
+    _tile_dpbssd(C, 6, 7);
+#define AMX_STEP(x, b, s)                                                                                       \
+    _tile_loadd(6, x, AMX_K);                                                                                   \
+    AMX_PRODUCT(0, (b)[0][s][0])                                                                                \
+    AMX_PRODUCT(1, (b)[0][s][1])                                                                                \
+    AMX_PRODUCT(2, (b)[1][s][0])                                                                                \
+    AMX_PRODUCT(3, (b)[1][s][1])                                                                                \
+    if (has_min) {                                                                                              \
+        AMX_PRODUCT(4, (b)[0][s][2])                                                                            \
+        AMX_PRODUCT(5, (b)[1][s][2])                                                                            \
+    }
+
+/* Superblock g0 of the tile of rows from `row` (its first `rows` kept) against the decoded unit, added to out. */
+static void amx_superblock(const struct int8_rows *xq, int64_t row, int rows, const struct packed_weight *w,
+                           int64_t p, int64_t g0, amx_weights b, float *out) {
+    const int64_t k = w->k, group = w->group, per = INT8_SUPER_BLOCK / group;
+    const int has_min = w->has_min != 0;
+    const int8_t *x = tile_row(xq, row, g0 * group / AMX_K);
+    int32_t sums[3][UNIT][AMX_ROWS][PANEL] __attribute__((aligned(64))); /* hi, lo, offsets */
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    if (has_min) {
+        _tile_zero(4);
+        _tile_zero(5);
+    }
+    for (int s = 0; s < AMX_STEPS; s++) {
+        AMX_STEP(x + s * AMX_ROWS * AMX_K, b, s)
+    }
+    _tile_stored(0, sums[0][0], 64);
+    _tile_stored(1, sums[1][0], 64);
+    _tile_stored(2, sums[0][1], 64);
+    _tile_stored(3, sums[1][1], 64);
+    if (has_min) {
+        _tile_stored(4, sums[2][0], 64);
+        _tile_stored(5, sums[2][1], 64);
+    }
+    LOAD_SUPERS(supers, UNIT, has_min, g0)
+    for (int r = 0; r < rows; r++) {
+        const float d = xq->d[(row + r) * (k / INT8_SUPER_BLOCK) + g0 / per];
+        for (int u = 0; u < UNIT; u++) {
+            const __m512i hi = _mm512_load_si512(sums[0][u][r]), lo = _mm512_load_si512(sums[1][u][r]);
+            const pv offsets = has_min ? iv_float((iv){_mm512_load_si512(sums[2][u][r])}) : pv_zero();
+            super_store(out + (r * UNIT + u) * PANEL, supers[u], d,
+                        (iv){_mm512_add_epi32(_mm512_slli_epi32(hi, AMX_SPLIT), lo)}, offsets, has_min);
+        }
+    }
+}
+
+/* From two tiles' rows up, a unit's rows all run in tiles against each superblock decoded once. */
+#define AMX_FROM_ROWS (2 * AMX_ROWS)
+
+int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block) {
+    return block == INT8_SUPER_BLOCK && m >= AMX_FROM_ROWS ? (m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * k : 0;
+}
+
+int int8_decodes(const struct packed_weight *w, int64_t rows) {
+    return rows >= AMX_FROM_ROWS && w->factored && AMX_DECODE[format_of(w)] != 0;
+}
+
+void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, const struct packed_weight *w,
+                       int64_t p, float *out) {
+    const int64_t groups = w->k / w->group, per = groups_per_super(w);
+    amx_weights b __attribute__((aligned(64)));
+    amx_configure();
+    memset(out, 0, sizeof(float) * rows * UNIT * PANEL);
+    for (int64_t g0 = 0; g0 < groups; g0 += per) {
+        AMX_DECODE[format_of(w)](w, p, g0, b);
+        for (int64_t row = row0; row < row0 + rows; row += AMX_ROWS) {
+            const int n = row0 + rows - row < AMX_ROWS ? (int)(row0 + rows - row) : AMX_ROWS;
+            amx_superblock(xq, row, n, w, p, g0, b, out + (row - row0) * UNIT * PANEL);
+        }
+    }
+    _tile_release();
+}
+#else
+int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block) { return (void)m, (void)k, (void)block, 0; }
+
 int int8_decodes(const struct packed_weight *w, int64_t rows) {
     return rows >= DECODED_ROWS && w->factored && DECODE[format_of(w)] != 0;
 }
@@ -580,3 +783,4 @@ void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, c
         }
     }
 }
+#endif

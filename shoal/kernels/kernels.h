@@ -40,7 +40,10 @@ struct int8_rows {
     float *d;      /* [m][k / block] */
     int32_t *sums; /* [m][k / 16] */
     int64_t k, block;
+    int8_t *tiles; /* the AMX build's, blocks of 256 from 32 rows: q as [m / 16, rounded up][k / 64][16][64] */
 };
+/* Bytes of `tiles` for m rows (0 where there is none). */
+int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block);
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
 /* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format; their rows. */
 int64_t int8_block(const struct packed_weight *w);

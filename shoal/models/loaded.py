@@ -118,7 +118,7 @@ def load_model(
     quantization: "auto" keeps each matrix as stored (GGUF quants stay quantized, bf16 stays bf16), or
     converts every matrix at load: float32, float16, bfloat16, q8_0, q4_0, q4_1.
     kernels: "auto" (shoal's C kernels for the widest instruction set that runs here, else torch), or
-    "avx512", "avx2", "portable", "torch" to force one.
+    "amx", "avx512", "avx2", "portable", "torch" to force one.
     precision: "float32" (quantized weights made into float32 values in registers: transformers' numbers),
     or "int8" (activations quantized per row to int8 against them, as llama.cpp: faster from a few rows up,
     logits within about 1% of float32; shoal's C kernels only).
