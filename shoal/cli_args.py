@@ -20,7 +20,7 @@ _HELP = {
     "num_threads": "torch CPU threads (default: all cores)",
     "quantization": "weight format at load: auto (as stored, default), float32, float16, bfloat16, q8_0, q4_0, q4_1",
     "kv_cache_dtype": "KV cache storage: auto (as the activations, float32 by default), float32, float16 or bfloat16 (half the memory)",
-    "kernels": "compute path: auto (default), avx512, avx2, portable (shoal's C kernels) or torch",
+    "kernels": "compute path: auto (default), amx, avx512, avx2, portable (shoal's C kernels) or torch",
     "weight_cache": "save a GGUF file's packed weights beside it and map them on later loads (default: on)",
     "precision": "products with quantized weights: float32 (default, transformers' numbers) or int8 (activations in int8 as llama.cpp: faster batches and prefill)",
 }

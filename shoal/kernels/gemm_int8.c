@@ -500,10 +500,12 @@ static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv
             UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) UNROLL for (int u = 0; u < UNIT; u++)               \
                 KIND##_load8(w, p + u, i + o, o, 0, dec[(i - i0 + o) / 8][u]);                                  \
     }
+#if !defined(__AMX_INT8__) /* which decodes to its own tiles (below) */
 DEFINE_DECODE(q2)
 DEFINE_DECODE(q3)
 DEFINE_DECODE(q5)
 DEFINE_DECODE(q6)
+#endif
 
 TILES_OF(DEFINE_I8_TILE, q8, 0, q8)
 TILES_OF(DEFINE_I8_TILE, q8m, 1, q8)
@@ -535,6 +537,7 @@ static const int8_tile_fn WIDE_INT8[2][12][3] = {INT_FORMATS(WIDE_TABLE), FACTOR
     DEFINE_I8_DECODED_TILE(NAME, 3, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 4, HAS_MIN, KIND)               \
     DEFINE_I8_DECODED_TILE(NAME, 5, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 6, HAS_MIN, KIND)               \
     DEFINE_I8_DECODED_TILE(NAME, 7, HAS_MIN, KIND) DEFINE_I8_DECODED_TILE(NAME, 8, HAS_MIN, KIND)
+#if !defined(__AMX_INT8__)
 DECODED_OF(k_q5m, 1, q5)
 DECODED_OF(k_q6, 0, q6)
 DECODED_OF(k_q2m, 1, q2)
@@ -547,6 +550,7 @@ typedef void (*decode_fn)(const struct packed_weight *, int64_t, int64_t, bv (*)
 static const decoded_tile_fn DECODED_INT8[12][8] = {{0}, {0}, {0}, {0}, {0}, DECODED_TABLE(k_q5m), DECODED_TABLE(k_q6), {0}, {0},
                                                    DECODED_TABLE(k_q2m), DECODED_TABLE(k_q3), {0}};
 static const decode_fn DECODE[12] = {0, 0, 0, 0, 0, q5_decode, q6_decode, 0, 0, q2_decode, q3_decode, 0};
+#endif
 
 static int format_of(const struct packed_weight *w) { return 2 * (w->format - FMT_Q8) + (w->has_min != 0); }
 
