@@ -5,10 +5,11 @@ import pytest
 import torch
 from test_engine import GREEDY, SEEDED, mixed_prompts, tokens
 from test_model_logits import TOL, prompt_ids, reference_logits, shoal_logits
+from test_quant_kernels import BUILDS
 from transformers import AutoModelForCausalLM
 
 import shoal
-from shoal.kernels.build import ISA_FLAGS, compiler, isa_runs, load_library
+from shoal.kernels.build import load_library
 from shoal.kernels.cpu import bind, rope_store_c
 from shoal.kernels.torch_ops import write_kv
 
@@ -17,8 +18,7 @@ KV16 = [torch.float16, torch.bfloat16]
 KV16_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.skipif(not compiler(), reason="needs a C compiler")
-@pytest.mark.parametrize("isa", [i for i in ISA_FLAGS if isa_runs(i)])
+@pytest.mark.parametrize("isa", BUILDS)
 @pytest.mark.parametrize("dtype", KV16, ids=str)
 def test_the_kernel_rounds_to_16_bits_as_torch_does(isa, dtype):
     lib = bind(load_library(isa))

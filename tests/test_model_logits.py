@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_phi3_pair
+from test_quant_kernels import BUILDS
 from tiny_models import dequantized_hf_dir, make_tiny_hf_model, write_gguf
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import shoal
 from shoal.core.block_manager import BlockManager
 from shoal.core.sequence import Sequence
-from shoal.kernels.build import candidate_isas, isa_runs
 from shoal.runner.model_runner import ModelRunner
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -199,7 +199,7 @@ def wide_family_dirs(tmp_path_factory) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("kernels", [isa for isa in candidate_isas() if isa_runs(isa)])
+@pytest.mark.parametrize("kernels", BUILDS)
 @pytest.mark.parametrize(("arch", "qtype"), [(a, q) for a in NEW_ARCHS for q in ("Q8_0", "Q4_0", "Q4_K")])
 def test_new_families_from_gguf_match_transformers_on_the_files_weights(
     family_dirs, wide_family_dirs, tmp_path, arch, qtype, kernels

@@ -231,12 +231,10 @@ static void store(float *y, int64_t ldy, int64_t n, int64_t row, int rows, int64
 /* Rows are taken in blocks that stay in cache while every unit passes over them; the AMX build's tile products
  * share each decoded superblock among more rows (2 threads, 4096 x 4096 at 256-512 rows: Q6_K 1.3-1.5x, Q4_K
  * 1.3x faster than blocks of 64). */
-#ifndef ROW_BLOCK
 #if defined(__AMX_INT8__)
 #define ROW_BLOCK 256
 #else
 #define ROW_BLOCK 64
-#endif
 #endif
 
 static int64_t groups_of(const struct packed_weight *w) { return w->format < FMT_Q8 ? 0 : w->k / w->group; }

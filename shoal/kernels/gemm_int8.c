@@ -600,9 +600,7 @@ void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, cons
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX_K TILE_K /* k of one tile product */
-#define AMX_STEPS (INT8_SUPER_BLOCK / AMX_K)
-#define AMX_ROWS TILE_ROWS /* rows of x a tile holds; of a weight tile, AMX_K / 4 */
+#define AMX_STEPS (INT8_SUPER_BLOCK / TILE_K) /* tile products a superblock (a weight tile: TILE_K / 4 rows) */
 #define AMX_SPLIT 6 /* W = hi << AMX_SPLIT + lo */
 #if UNIT != 2
 #error "the AMX tiles are laid out for two panels a unit"
@@ -621,12 +619,12 @@ static void amx_configure(void) {
         uint16_t bytes[16];
         uint8_t rows[16];
     } config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.bytes[t] = 64, config.rows[t] = AMX_ROWS;
+    for (int t = 0; t < 8; t++) config.bytes[t] = 64, config.rows[t] = TILE_ROWS;
     _tile_loadconfig(&config);
 }
 
 /* A unit's superblock as weight tiles: [panel][step of 64 k][hi, lo, offsets][k / 4 of the step][16 columns][4 k]. */
-typedef int8_t amx_weights[UNIT][AMX_STEPS][3][AMX_ROWS * 64];
+typedef int8_t amx_weights[UNIT][AMX_STEPS][3][TILE_ROWS * 64];
 
 /* Column 8 * half + t / 2's sub-scale in both 16-bit halves of lane t: the words of 8 columns' [4 k] bytes. */
 static inline __m512i amx_sub_words(iv sub, int half) {
@@ -649,9 +647,9 @@ static inline void amx_split(bv v, __m512i zero, const __m512i subs[2], int8_t *
 }
 
 /* A group's sub-offsets of 16 columns, each in the 4 bytes of a column, on the tiles' rows of its k from i. */
-static inline void amx_offsets(iv subs, int64_t i, int64_t group, int8_t (*b)[3][AMX_ROWS * 64]) {
+static inline void amx_offsets(iv subs, int64_t i, int64_t group, int8_t (*b)[3][TILE_ROWS * 64]) {
     const __m512i row = _mm512_mullo_epi32(subs.v, _mm512_set1_epi32(0x01010101));
-    for (int64_t j = i; j < i + group; j += 4) _mm512_store_si512(b[j / AMX_K][2] + j % AMX_K / 4 * 64, row);
+    for (int64_t j = i; j < i + group; j += 4) _mm512_store_si512(b[j / TILE_K][2] + j % TILE_K / 4 * 64, row);
 }
 
 #define DEFINE_AMX_DECODE(KIND, HAS_MIN)                                                                        \
@@ -670,7 +668,7 @@ static inline void amx_offsets(iv subs, int64_t i, int64_t group, int8_t (*b)[3]
                         bv v[2];                                                                                \
                         KIND##_load8(w, p + u, g0 * group + i, o, 0, v);                                        \
                         UNROLL for (int h = 0; h < 2; h++) {                                                    \
-                            const int64_t step = (i + 4 * h) / AMX_K, row = (i + 4 * h) % AMX_K / 4 * 64;       \
+                            const int64_t step = (i + 4 * h) / TILE_K, row = (i + 4 * h) % TILE_K / 4 * 64;     \
                             amx_split(v[h], zero, subs, b[u][step][0] + row, b[u][step][1] + row);              \
                         }                                                                                       \
                     }                                                                                           \
@@ -691,7 +689,7 @@ static const amx_decode_fn AMX_DECODE[12] = {0, 0, 0, q4_amx_decode, 0, q5_amx_d
     _tile_loadd(7, tile, 64);                                                                                   \
     _tile_dpbssd(C, 6, 7);
 #define AMX_STEP(x, b, s)                                                                                       \
-    _tile_loadd(6, x, AMX_K);                                                                                   \
+    _tile_loadd(6, x, TILE_K);                                                                                  \
     AMX_PRODUCT(0, (b)[0][s][0])                                                                                \
     AMX_PRODUCT(1, (b)[0][s][1])                                                                                \
     AMX_PRODUCT(2, (b)[1][s][0])                                                                                \
@@ -706,8 +704,8 @@ static void amx_superblock(const struct int8_rows *xq, int64_t row, int rows, co
                            int64_t p, int64_t g0, amx_weights b, float *out) {
     const int64_t k = w->k, group = w->group, per = INT8_SUPER_BLOCK / group;
     const int has_min = w->has_min != 0;
-    const int8_t *x = tile_row(xq, row, g0 * group / AMX_K);
-    int32_t sums[3][UNIT][AMX_ROWS][PANEL] __attribute__((aligned(64))); /* hi, lo, offsets */
+    const int8_t *x = tile_row(xq, row, g0 * group / TILE_K);
+    int32_t sums[3][UNIT][TILE_ROWS][PANEL] __attribute__((aligned(64))); /* hi, lo, offsets */
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -717,7 +715,7 @@ static void amx_superblock(const struct int8_rows *xq, int64_t row, int rows, co
         _tile_zero(5);
     }
     for (int s = 0; s < AMX_STEPS; s++) {
-        AMX_STEP(x + s * AMX_ROWS * AMX_K, b, s)
+        AMX_STEP(x + s * TILE_ROWS * TILE_K, b, s)
     }
     _tile_stored(0, sums[0][0], 64);
     _tile_stored(1, sums[1][0], 64);
@@ -740,10 +738,10 @@ static void amx_superblock(const struct int8_rows *xq, int64_t row, int rows, co
 }
 
 /* From two tiles' rows up, a unit's rows all run in tiles against each superblock decoded once. */
-#define AMX_FROM_ROWS (2 * AMX_ROWS)
+#define AMX_FROM_ROWS (2 * TILE_ROWS)
 
 int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block) {
-    return block == INT8_SUPER_BLOCK && m >= AMX_FROM_ROWS ? (m + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * k : 0;
+    return block == INT8_SUPER_BLOCK && m >= AMX_FROM_ROWS ? (m + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS * k : 0;
 }
 
 int int8_decodes(const struct packed_weight *w, int64_t rows) {
@@ -758,8 +756,8 @@ void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, c
     memset(out, 0, sizeof(float) * rows * UNIT * PANEL);
     for (int64_t g0 = 0; g0 < groups; g0 += per) {
         AMX_DECODE[format_of(w)](w, p, g0, b);
-        for (int64_t row = row0; row < row0 + rows; row += AMX_ROWS) {
-            const int n = row0 + rows - row < AMX_ROWS ? (int)(row0 + rows - row) : AMX_ROWS;
+        for (int64_t row = row0; row < row0 + rows; row += TILE_ROWS) {
+            const int n = row0 + rows - row < TILE_ROWS ? (int)(row0 + rows - row) : TILE_ROWS;
             amx_superblock(xq, row, n, w, p, g0, b, out + (row - row0) * UNIT * PANEL);
         }
     }
