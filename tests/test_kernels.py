@@ -248,3 +248,86 @@ def test_attention_gives_a_row_the_same_bits_alone_in_a_batch_and_from_any_cache
                 assert torch.equal(attend([row], wide)[0], batch[row]), (n, row)
     finally:
         torch.set_num_threads(threads)
+
+
+def prefill_case(heads: int, kv_heads: int, d: int, window: int, kv_dtype: torch.dtype):
+    """Rows of two prefill chunks (one not at a block's start), a decode row and two padding rows, each
+    sequence's KV blocks scattered over a pool; and attend(lib, rows): those rows' attention."""
+    import types
+
+    from shoal.kernels.cpu import attention_c
+
+    g = torch.Generator().manual_seed(heads * d + window)
+    block = 16
+    tables, offsets, positions = [], [], []
+    for start, n in [(50, 150), (0, 70), (300, 1)]:  # (first position, rows) per sequence
+        offsets += [len(tables)] * n
+        positions += list(range(start, start + n))
+        tables += torch.randperm(400, generator=g)[: (start + n) // block + 1].tolist()
+    offsets, positions = offsets + [0, 0], positions + [-1, -1]
+    pool = [torch.randn(400, kv_heads, block, d, generator=g).to(kv_dtype) for _ in range(2)]
+    qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * d, generator=g)
+
+    def attend(lib, rows: list[int]) -> torch.Tensor:
+        meta = types.SimpleNamespace(
+            row_table_offset=torch.tensor([offsets[r] for r in rows]),
+            tables=torch.tensor(tables),
+            row_positions=torch.tensor([positions[r] for r in rows]),
+        )
+        return attention_c(lib, qkv[rows].contiguous(), *pool, meta, heads, d**-0.5, window)
+
+    return types.SimpleNamespace(
+        positions=positions, offsets=offsets, tables=tables, pool=pool, qkv=qkv, block=block, attend=attend
+    )
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "window"),
+    [(9, 3, 64, 0), (8, 8, 32, 0), (14, 2, 64, 37), (8, 1, 128, 0), (6, 2, 48, 0)],
+)
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_a_prefills_rows_read_together_keep_each_rows_bits(kernel, heads, kv_heads, d, window, kv_dtype):
+    """A prefill's rows (one sequence's consecutive positions) are read in blocks that share each key and value:
+    every row, in such a block, next to decode and padding rows, gives the bits it gives alone (a decode row of
+    its own), with 1 or 2 threads; and all of them match a float64 reference (causal, or a sliding window)."""
+    case = prefill_case(heads, kv_heads, d, window, kv_dtype)
+    everything = list(range(len(case.positions)))
+    batch = case.attend(kernel, everything)
+    for r, p in enumerate(case.positions):  # float64 reference
+        if p < 0:
+            assert torch.equal(batch[r], torch.zeros(heads * d))
+            continue
+        keys = range(max(0, p - window + 1) if window else 0, p + 1)
+        slots = [(case.tables[case.offsets[r] + j // case.block], j % case.block) for j in keys]
+        # [keys, kv_heads, d]
+        k, v = (torch.stack([c[b, :, s] for b, s in slots]).double() for c in case.pool)
+        q = case.qkv[r, : heads * d].view(heads, d).double()
+        group = heads // kv_heads
+        scores = torch.einsum("hd,khd->hk", q, k.repeat_interleave(group, 1)) * d**-0.5
+        want = torch.einsum("hk,khd->hd", scores.softmax(-1), v.repeat_interleave(group, 1)).reshape(-1)
+        torch.testing.assert_close(batch[r].double(), want, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(case.attend(kernel, everything), batch), n
+            # ends and middles of the chunks' blocks, the decode row; then other block boundaries
+            for r in [0, 1, 7, 63, 64, 149, 150, 219, 220]:
+                assert torch.equal(case.attend(kernel, [r])[0], batch[r]), (n, r)
+            assert torch.equal(case.attend(kernel, everything[10:90]), batch[10:90]), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("d", [48, 64, 128])
+def test_every_vector_build_gives_the_same_attention_bits(d):
+    """AVX2, AVX-512 (2 queries a vector) and AMX builds: the same chains, so the same bits on any x86 machine
+    (the portable build sums each score in one chain instead of 8 lanes)."""
+    builds = [isa for isa in BUILDS if isa != "portable"]
+    if len(builds) < 2:
+        pytest.skip("fewer than two vector builds run here")
+    case = prefill_case(8, 2, d, 0, torch.float16)
+    rows = list(range(len(case.positions)))
+    first, *others = [case.attend(bind(load_library(isa)), rows) for isa in builds]
+    for isa, got in zip(builds[1:], others, strict=True):
+        assert torch.equal(got, first), isa
