@@ -251,7 +251,7 @@ def test_attention_gives_a_row_the_same_bits_alone_in_a_batch_and_from_any_cache
 
 
 def prefill_case(heads: int, kv_heads: int, d: int, window: int, kv_dtype: torch.dtype):
-    """Rows of two prefill chunks (one not at a block's start), a decode row and two padding rows, each
+    """Rows of two prefill chunks (the second not at a block's start), a decode row and two padding rows, each
     sequence's KV blocks scattered over a pool; and attend(lib, rows): those rows' attention."""
     import types
 
@@ -260,7 +260,7 @@ def prefill_case(heads: int, kv_heads: int, d: int, window: int, kv_dtype: torch
     g = torch.Generator().manual_seed(heads * d + window)
     block = 16
     tables, offsets, positions = [], [], []
-    for start, n in [(50, 150), (0, 70), (300, 1)]:  # (first position, rows) per sequence
+    for start, n in [(0, 70), (50, 150), (300, 1)]:  # (first position, rows) per sequence
         offsets += [len(tables)] * n
         positions += list(range(start, start + n))
         tables += torch.randperm(400, generator=g)[: (start + n) // block + 1].tolist()
@@ -311,10 +311,12 @@ def test_a_prefills_rows_read_together_keep_each_rows_bits(kernel, heads, kv_hea
         for n in (1, 2):
             torch.set_num_threads(n)
             assert torch.equal(case.attend(kernel, everything), batch), n
-            # ends and middles of the chunks' blocks, the decode row; then other block boundaries
-            for r in [0, 1, 7, 63, 64, 149, 150, 219, 220]:
+            # ends and middles of the chunks' blocks, the decode row; then other block boundaries, and a padding
+            # row before position 0 of the table at offset 0 (the two must not be read as one sequence)
+            for r in [0, 1, 7, 63, 64, 69, 70, 71, 219, 220]:
                 assert torch.equal(case.attend(kernel, [r])[0], batch[r]), (n, r)
             assert torch.equal(case.attend(kernel, everything[10:90]), batch[10:90]), n
+            assert torch.equal(case.attend(kernel, [221, 0, 1, 2]), batch[[221, 0, 1, 2]]), n
     finally:
         torch.set_num_threads(threads)
 

@@ -1,8 +1,10 @@
-/* Paged attention on CPU, one (query row, KV head) per task.
+/* Paged attention on CPU: a task is a KV head's query heads for one row, or for a block of a prefill's rows
+ * that read each key and value once for all of them.
  *
- * Every row attends to keys 0..position in ascending order with sequential sums, so its result depends
- * only on its own query, keys and position: the same bits whether it is a decode row, part of a prefill
- * chunk, or recomputed after preemption, whatever else is in the batch and however many threads run.
+ * Every query attends to keys 0..position in ascending order with the same chains of sums, whichever task
+ * and tile computes it, so its result depends only on its own query, keys and position: the same bits whether
+ * it is a decode row, part of a prefill chunk, or recomputed after preemption, whatever else is in the batch
+ * and however many threads run.
  */
 #include <math.h>
 #include <omp.h>
@@ -227,6 +229,11 @@ static void weighted_plain(const struct queries *t, const struct kv_head *kv) {
 SCORE_TILE(1)
 SCORE_TILE(2)
 
+#if SCORE_VECTORS > 2
+SCORE_TILE(3)
+SCORE_TILE(4)
+#endif
+
 /* One query vector x 8 keys: the same chains and tree (a decode row's heads one by one: more keys a tile). */
 static inline void score_tile_8keys(const float *qp, const void *cache, int kv_type, int64_t at, int64_t D,
                                     float scale, float *s, int64_t width, int64_t queries) {
@@ -239,10 +246,6 @@ static inline void score_tile_8keys(const float *qp, const void *cache, int kv_t
     for (int t = 0; t < 8; t += 4)
         store_scores(hadd(hadd(a[t], a[t + 1]), hadd(a[t + 2], a[t + 3])), scale, s + t, queries > 1 ? s + width + t : NULL);
 }
-#if SCORE_VECTORS > 2
-SCORE_TILE(3)
-SCORE_TILE(4)
-#endif
 
 /* Every query's scores for keys base..(its last key), 4 keys a tile, 8 for a single query vector (base a
  * multiple of 8 and B of 8: a tile never leaves its block); keys outside a query's range are computed too and
@@ -393,8 +396,8 @@ static int64_t row_blocks(const int64_t *row_table_offset, const int64_t *positi
                           int64_t *starts) {
     int64_t n = 0;
     for (int64_t r = 0; r < num_rows; r++) {
-        const int joins = n > 0 && r - starts[n - 1] < most && positions[r] >= 0 && positions[r] == positions[r - 1] + 1 &&
-                          row_table_offset[r] == row_table_offset[r - 1];
+        const int joins = n > 0 && r - starts[n - 1] < most && positions[r - 1] >= 0 &&
+                          positions[r] == positions[r - 1] + 1 && row_table_offset[r] == row_table_offset[r - 1];
         if (!joins) starts[n++] = r;
     }
     starts[n] = num_rows;
@@ -426,13 +429,14 @@ void attention_body(const float *q, int64_t q_stride, const void *k_cache, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < blocks * per_block; task++) {
         const int64_t b = task / per_block, r0 = starts[b], nr = starts[b + 1] - r0, h0 = task % per_block * heads;
-        struct queries t = {q, out, positions, q_stride, num_heads, r0, h0, heads, nr * heads, window, 0, 0, NULL};
+        struct queries t = {.q = q, .out = out, .positions = positions, .q_stride = q_stride, .num_heads = num_heads,
+                            .r0 = r0, .h0 = h0, .nh = heads, .n = nr * heads, .window = window};
         if (positions[r0] < 0) {
             memset(out_of(&t, 0, D), 0, sizeof(float) * heads * D);
             continue;
         }
-        const struct kv_head kv = {k_cache, v_cache, kv_type, tables + row_table_offset[r0], h0 / group,
-                                   num_kv_heads, block_size, D};
+        const struct kv_head kv = {.k = k_cache, .v = v_cache, .type = kv_type, .table = tables + row_table_offset[r0],
+                                   .kvh = h0 / group, .num_kv_heads = num_kv_heads, .B = block_size, .D = D};
         t.base = query_lo(&t, 0) - query_lo(&t, 0) % 8;
         t.width = (query_hi(&t, t.n - 1) - t.base + 7) / 8 * 8;
         t.s = malloc(sizeof(float) * t.n * t.width);
