@@ -219,7 +219,7 @@ def llama_server_binary() -> str | None:
     binary = BUILD_DIR / "build" / "bin" / "llama-server"
     if binary.is_file():
         return str(binary)
-    if build_llama_cpp() is None:  # the source, configured, and its other tools
+    if build_llama_cpp(None) is None:  # the source, configured, and its other tools
         return None
     print("building llama-server ...", flush=True)
     built = subprocess.run(

@@ -5,6 +5,8 @@ build this script made before), or builds them from the `llama-cpp-python` sdist
 The files: the default model and its Q8_0 copy (made with llama-quantize); or --model FILE; or, with
 --shape qwen3-8b --type q6_k (or qwen2.5-0.5b, q4_k_m, q8_0), a random-weight file of that model's exact
 shape, made once and cached (gguf_shapes.py; --layers N keeps N of its layers, for a quicker run).
+--isa avx2 limits both engines to AVX2, FMA and F16C, as an AVX2-only CPU runs them (shoal's avx2 kernel build,
+llama.cpp built without AVX-512 in a folder of its own): the figures of that code on this machine's memory.
 Both engines run each file at batch 1, 4, 16 and 64 (32-token prompts, 64 new tokens, 2 threads) and at
 batch 1 after a 2,048-token prompt; each is run twice (--runs N: N times, alternating) and its best figures
 kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its default KV layout (not -kvu,
@@ -48,22 +50,30 @@ TOOLS = ("llama-batched-bench", "llama-quantize")
 # ---- llama.cpp: find or build ----
 
 
-def find_tools(extra: Path | None) -> dict[str, str] | None:
-    for folder in [extra, BUILD_DIR / "build" / "bin"]:
+def build_folder(isa: str | None) -> Path:
+    return BUILD_DIR / ("build" if isa is None else f"build-{isa}")
+
+
+def find_tools(extra: Path | None, isa: str | None) -> dict[str, str] | None:
+    for folder in [extra, build_folder(isa) / "bin"]:
         if folder and all((folder / t).is_file() for t in TOOLS):
             return {t: str(folder / t) for t in TOOLS}
     found = {t: shutil.which(t) for t in TOOLS}
-    return found if all(found.values()) else None
+    return found if all(found.values()) and isa is None else None
 
 
-def cmake_flags() -> list[str]:
+def cmake_flags(isa: str | None) -> list[str]:
     """Explicit instruction sets where the CPU lists AMX, with llama.cpp's AMX off: built with it (natively or by
     these flags plus GGML_AMX_*=ON), llama-batched-bench dies of SIGILL on quantized files at its AMX kernel's first
-    tile instruction (seen on a 2-core Xeon KVM guest: tilezero in tinygemm_kernel_amx<block_q8_K, block_q6_K>)."""
+    tile instruction (seen on a 2-core Xeon KVM guest: tilezero in tinygemm_kernel_amx<block_q8_K, block_q6_K>).
+    isa "avx2": AVX2, FMA and F16C only."""
     flags = cpu_flags()
-    if "amx_tile" not in flags:
+    if "amx_tile" not in flags and isa is None:
         return ["-DGGML_NATIVE=ON"]
     explicit = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    if isa == "avx2":
+        off = ("AVX512", "AVX_VNNI", "AMX_TILE", "AMX_INT8")
+        return explicit + [f"-DGGML_{name}=OFF" for name in off]
     if "avx512f" in flags:
         explicit += ["-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON"]
     if "avx512_bf16" in flags:
@@ -71,7 +81,7 @@ def cmake_flags() -> list[str]:
     return explicit + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
 
 
-def build_llama_cpp() -> dict[str, str] | None:
+def build_llama_cpp(isa: str | None) -> dict[str, str] | None:
     if not (shutil.which("cmake") and (shutil.which("cc") or shutil.which("gcc"))):
         print("llama.cpp skipped: building it needs cmake and a C/C++ compiler")
         return None
@@ -94,10 +104,10 @@ def build_llama_cpp() -> dict[str, str] | None:
             vendored = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
             shutil.rmtree(source, ignore_errors=True)
             shutil.copytree(vendored, source)
-    build = BUILD_DIR / "build"
+    build = build_folder(isa)
     configure = ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                  "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", *cmake_flags()]  # fmt: skip
+                 "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", *cmake_flags(isa)]  # fmt: skip
     print("building llama.cpp (about 10 minutes on 2 cores):", " ".join(configure[6:]), flush=True)
     for command in (
         configure,
@@ -107,7 +117,7 @@ def build_llama_cpp() -> dict[str, str] | None:
         if result.returncode != 0:
             print(f"llama.cpp skipped: {' '.join(command[:3])} failed\n{result.stderr[-3000:]}")
             return None
-    return find_tools(None)
+    return find_tools(None, isa)
 
 
 # ---- running a command and taking its peak RSS ----
@@ -352,8 +362,15 @@ def main() -> None:
         default="auto",
         help="shoal's kernel build: auto (the widest that runs), amx, avx512, ...",
     )
+    parser.add_argument(
+        "--isa",
+        choices=["avx2"],
+        help="both engines limited to this instruction set (shoal's build of it, llama.cpp built for it)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isa and args.kernels == "auto":
+        args.kernels = args.isa
     if args.child:
         shoal_child(args.child, args.threads, args.kv or kv_memory(args.child), args.precision, args.kernels)
         return
@@ -362,7 +379,9 @@ def main() -> None:
 
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tools = None if args.skip_llama_cpp else (find_tools(args.llama_cpp) or build_llama_cpp())
+    tools = None
+    if not args.skip_llama_cpp:
+        tools = find_tools(args.llama_cpp, args.isa) or build_llama_cpp(args.isa)
     if args.shape and not tools:
         print("--shape needs llama.cpp's llama-quantize")
         return
@@ -382,6 +401,7 @@ def main() -> None:
     bandwidth = read_bandwidth(args.threads)
     print(
         f"CPU: {cpu_name()}; {args.threads} threads; prompt {PROMPT}, {NEW_TOKENS} new tokens; best of {args.runs}"
+        + (f"; both engines limited to {args.isa}" if args.isa else "")
     )
     results = {
         "cpu": cpu_name(),
@@ -389,6 +409,7 @@ def main() -> None:
         "prompt": PROMPT,
         "new_tokens": NEW_TOKENS,
         "long_prompt": LONG_PROMPT,
+        "isa": args.isa,
         "read_bandwidth": bandwidth,
         "files": {},
     }
