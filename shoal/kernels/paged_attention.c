@@ -228,11 +228,18 @@ static void weighted_plain(const struct queries *t, const struct kv_head *kv) {
     }
 SCORE_TILE(1)
 SCORE_TILE(2)
-
-#if SCORE_VECTORS > 2
 SCORE_TILE(3)
 SCORE_TILE(4)
-#endif
+
+/* nv (at most SCORE_VECTORS) vectors' tile; kv_type a constant in each call, so that the loads specialise. */
+__attribute__((always_inline)) static inline void score_tiles(int64_t nv, const float *qp, const void *cache,
+                                                              int kv_type, int64_t at, int64_t D, float scale,
+                                                              float *s, int64_t width, int64_t queries) {
+    if (nv == 1) score_tile_1(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else if (nv == 2) score_tile_2(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else if (nv == 3) score_tile_3(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else score_tile_4(qp, cache, kv_type, at, D, scale, s, width, queries);
+}
 
 /* One query vector x 8 keys: the same chains and tree (a decode row's heads one by one: more keys a tile). */
 static inline void score_tile_8keys(const float *qp, const void *cache, int kv_type, int64_t at, int64_t D,
@@ -277,28 +284,9 @@ static void scores_simd(const struct queries *t, const struct kv_head *kv, float
                 float *s = t->s + v * QV * t->width + j - t->base;
                 const float *q = qp + v * QV * D;
                 const int64_t left = t->n - v * QV;
-                if (kv->type == KV_F32) {
-                    if (nv == 1) score_tile_1(q, kv->k, KV_F32, at, D, scale, s, t->width, left);
-                    if (nv == 2) score_tile_2(q, kv->k, KV_F32, at, D, scale, s, t->width, left);
-#if SCORE_VECTORS > 2
-                    if (nv == 3) score_tile_3(q, kv->k, KV_F32, at, D, scale, s, t->width, left);
-                    if (nv == 4) score_tile_4(q, kv->k, KV_F32, at, D, scale, s, t->width, left);
-#endif
-                } else if (kv->type == KV_F16) {
-                    if (nv == 1) score_tile_1(q, kv->k, KV_F16, at, D, scale, s, t->width, left);
-                    if (nv == 2) score_tile_2(q, kv->k, KV_F16, at, D, scale, s, t->width, left);
-#if SCORE_VECTORS > 2
-                    if (nv == 3) score_tile_3(q, kv->k, KV_F16, at, D, scale, s, t->width, left);
-                    if (nv == 4) score_tile_4(q, kv->k, KV_F16, at, D, scale, s, t->width, left);
-#endif
-                } else {
-                    if (nv == 1) score_tile_1(q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
-                    if (nv == 2) score_tile_2(q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
-#if SCORE_VECTORS > 2
-                    if (nv == 3) score_tile_3(q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
-                    if (nv == 4) score_tile_4(q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
-#endif
-                }
+                if (kv->type == KV_F32) score_tiles(nv, q, kv->k, KV_F32, at, D, scale, s, t->width, left);
+                else if (kv->type == KV_F16) score_tiles(nv, q, kv->k, KV_F16, at, D, scale, s, t->width, left);
+                else score_tiles(nv, q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
             }
         }
     }
