@@ -66,7 +66,7 @@ static inline pv pv_q23(hv low, int j, hv h, int at, int has_high, int zero) {
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define UNIT 1
 #define FLOAT_ROWS 4
-#define QUANT_ROWS 3
+#define QUANT_ROWS 4 /* 3 read the weights twice at 4 rows; 4 measured 1.1-1.5x at 4-64 (Xeon, AVX2 build) */
 typedef struct {
     __m256 a, b;
 } pv;
