@@ -283,7 +283,7 @@ def prefill_case(heads: int, kv_heads: int, d: int, window: int, kv_dtype: torch
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "d", "window"),
-    [(9, 3, 64, 0), (8, 8, 32, 0), (14, 2, 64, 37), (8, 1, 128, 0), (6, 2, 48, 0)],
+    [(9, 3, 64, 0), (8, 8, 32, 0), (14, 2, 64, 37), (8, 1, 128, 0), (6, 2, 48, 0), (8, 8, 32, 2)],
 )
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_a_prefills_rows_read_together_keep_each_rows_bits(kernel, heads, kv_heads, d, window, kv_dtype):

@@ -368,13 +368,13 @@ static void weighted_simd(const struct queries *t, const struct kv_head *kv) {
             lo = query_lo(t, i0 + i) > lo ? query_lo(t, i0 + i) : lo;
             hi = query_hi(t, i0 + i) < hi ? query_hi(t, i0 + i) : hi;
         }
-        if (lo >= hi) lo = hi = query_hi(t, i0 + nq - 1); /* nothing in common: each alone */
+        if (lo >= hi) { /* nothing in common (a window shorter than the rows): each alone */
+            for (int64_t i = 0; i < nq; i++) weight_keys(o + i, p + i, 1, kv, query_lo(t, i0 + i), query_hi(t, i0 + i));
+            continue;
+        }
         for (int64_t i = 0; i < nq; i++) weight_keys(o + i, p + i, 1, kv, query_lo(t, i0 + i), lo);
         weight_keys(o, p, nq, kv, lo, hi);
-        for (int64_t i = 0; i < nq; i++) {
-            const int64_t from = hi > query_lo(t, i0 + i) ? hi : query_lo(t, i0 + i);
-            weight_keys(o + i, p + i, 1, kv, from, query_hi(t, i0 + i));
-        }
+        for (int64_t i = 0; i < nq; i++) weight_keys(o + i, p + i, 1, kv, hi, query_hi(t, i0 + i));
     }
 }
 #endif
