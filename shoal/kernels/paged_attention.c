@@ -231,16 +231,6 @@ SCORE_TILE(2)
 SCORE_TILE(3)
 SCORE_TILE(4)
 
-/* nv (at most SCORE_VECTORS) vectors' tile; kv_type a constant in each call, so that the loads specialise. */
-__attribute__((always_inline)) static inline void score_tiles(int64_t nv, const float *qp, const void *cache,
-                                                              int kv_type, int64_t at, int64_t D, float scale,
-                                                              float *s, int64_t width, int64_t queries) {
-    if (nv == 1) score_tile_1(qp, cache, kv_type, at, D, scale, s, width, queries);
-    else if (nv == 2) score_tile_2(qp, cache, kv_type, at, D, scale, s, width, queries);
-    else if (nv == 3) score_tile_3(qp, cache, kv_type, at, D, scale, s, width, queries);
-    else score_tile_4(qp, cache, kv_type, at, D, scale, s, width, queries);
-}
-
 /* One query vector x 8 keys: the same chains and tree (a decode row's heads one by one: more keys a tile). */
 static inline void score_tile_8keys(const float *qp, const void *cache, int kv_type, int64_t at, int64_t D,
                                     float scale, float *s, int64_t width, int64_t queries) {
@@ -252,6 +242,18 @@ static inline void score_tile_8keys(const float *qp, const void *cache, int kv_t
     }
     for (int t = 0; t < 8; t += 4)
         store_scores(hadd(hadd(a[t], a[t + 1]), hadd(a[t + 2], a[t + 3])), scale, s + t, queries > 1 ? s + width + t : NULL);
+}
+
+/* nv (at most SCORE_VECTORS) vectors' tile, the 8-key one where they are all the task's (`only`);
+ * kv_type a constant in each call, so that the loads specialise. */
+__attribute__((always_inline)) static inline void score_tiles(int only, int64_t nv, const float *qp,
+                                                              const void *cache, int kv_type, int64_t at, int64_t D,
+                                                              float scale, float *s, int64_t width, int64_t queries) {
+    if (only) score_tile_8keys(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else if (nv == 1) score_tile_1(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else if (nv == 2) score_tile_2(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else if (nv == 3) score_tile_3(qp, cache, kv_type, at, D, scale, s, width, queries);
+    else score_tile_4(qp, cache, kv_type, at, D, scale, s, width, queries);
 }
 
 /* Every query's scores for keys base..(its last key), 4 keys a tile, 8 for a single query vector (base a
@@ -270,23 +272,16 @@ static void scores_simd(const struct queries *t, const struct kv_head *kv, float
     for (int64_t b = t->base / kv->B; b * kv->B < top; b++) {
         if ((b + 1) * kv->B < top) prefetch_block(kv->k, kv->type, kv->table, b + 1, kv->kvh, kv->num_kv_heads, kv->B, D);
         const int64_t first = b * kv->B > t->base ? b * kv->B : t->base, end = (b + 1) * kv->B < top ? (b + 1) * kv->B : top;
-        for (int64_t j = first; j < end && vectors == 1; j += 8) {
-            const int64_t at = key_at(kv, j);
-            float *s = t->s + j - t->base;
-            if (kv->type == KV_F32) score_tile_8keys(qp, kv->k, KV_F32, at, D, scale, s, t->width, t->n);
-            else if (kv->type == KV_F16) score_tile_8keys(qp, kv->k, KV_F16, at, D, scale, s, t->width, t->n);
-            else score_tile_8keys(qp, kv->k, KV_BF16, at, D, scale, s, t->width, t->n);
-        }
-        for (int64_t j = first; j < end && vectors > 1; j += 4) {
+        for (int64_t j = first; j < end; j += vectors == 1 ? 8 : 4) {
             const int64_t at = key_at(kv, j);
             for (int64_t v = 0; v < vectors; v += SCORE_VECTORS) {
                 const int64_t nv = vectors - v < SCORE_VECTORS ? vectors - v : SCORE_VECTORS;
                 float *s = t->s + v * QV * t->width + j - t->base;
                 const float *q = qp + v * QV * D;
-                const int64_t left = t->n - v * QV;
-                if (kv->type == KV_F32) score_tiles(nv, q, kv->k, KV_F32, at, D, scale, s, t->width, left);
-                else if (kv->type == KV_F16) score_tiles(nv, q, kv->k, KV_F16, at, D, scale, s, t->width, left);
-                else score_tiles(nv, q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
+                const int64_t left = t->n - v * QV, only = vectors == 1;
+                if (kv->type == KV_F32) score_tiles(only, nv, q, kv->k, KV_F32, at, D, scale, s, t->width, left);
+                else if (kv->type == KV_F16) score_tiles(only, nv, q, kv->k, KV_F16, at, D, scale, s, t->width, left);
+                else score_tiles(only, nv, q, kv->k, KV_BF16, at, D, scale, s, t->width, left);
             }
         }
     }
