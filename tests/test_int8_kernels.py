@@ -8,10 +8,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 from test_quant_kernels import BUILDS, assert_each_row_keeps_its_bits, assert_float32_close, random_weight
+from test_quant_kernels import K_QUANTS as K_QUANTS_LAYOUT
 
 from shoal.kernels.build import load_library
 from shoal.kernels.cpu import bind, gemm, pack_parts, pack_weight
-from shoal.kernels.formats import kept_form
+from shoal.kernels.formats import QuantizedTensor, kept_form
 
 INT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
@@ -61,6 +62,29 @@ def test_int8_gemm_is_exact_on_the_quantized_activations_and_each_row_keeps_its_
     assert_float32_close(full, int8_activations(x, block_of(qtype)).float(), w.dequantize(), bias)
     # 24 rows and more of Q6_K, Q5_K, Q3_K and Q2_K run against superblocks decoded once, fewer in tiles
     assert_each_row_keeps_its_bits(lib, x, packed, full)
+
+
+@pytest.mark.parametrize("qtype", sorted(K_QUANTS, key=lambda t: t.name), ids=lambda t: t.name)
+@pytest.mark.parametrize("fill", [0xFF, 0x80, 0x7F])
+def test_int8_k_quants_are_exact_at_the_largest_values(lib, qtype, fill):
+    """Every quant and sub-scale byte `fill` (0xFF: Q6_K's largest value, 63, against x's 127 everywhere: the
+    sums the AVX2 build keeps in 16 bits at their largest), against float64: a sum that wrapped or saturated
+    would be off by thousands."""
+    size, scale_fields = K_QUANTS_LAYOUT[qtype]
+    n, k = 32, 512
+    blocks = np.full((n * k // 256, size), fill, dtype=np.uint8)
+    for lo, hi in scale_fields:
+        blocks[:, lo:hi] = np.full((len(blocks), 1), 0.01, dtype=np.float16).view(np.uint8)
+    w = QuantizedTensor(blocks.reshape(n, -1), qtype, (n, k))
+    x = torch.ones(48, k)
+    x[16:32] = -1  # every sign of product
+    x[32:] *= torch.where(torch.arange(k) % 512 < 256, 1.0, -2.0)
+    packed = int8_packed(w)
+    full = gemm(lib, x, packed)
+    weight = torch.from_numpy(w.dequantize()).double()
+    reference = int8_activations(x, 256) @ weight.T
+    assert ((full.double() - reference).abs() <= 1e-5 * (x.double().abs() @ weight.abs().T)).all()
+    assert torch.equal(gemm(lib, x[:5], packed), full[:5])  # the tiles of a few rows
 
 
 @pytest.mark.parametrize("qtype", INT_TYPES, ids=lambda t: t.name)

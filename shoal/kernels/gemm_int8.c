@@ -9,10 +9,11 @@
  * weights), groups in ascending order: the same float operations in every build, so a row's bits depend on
  * nothing but that row.
  * Factored parts (K-quants: each group's scale super * sub, sub a small integer) go a superblock at a time, as
- * llama.cpp's Q8_K products do: one d for its 256 k, each group's dot times its sub in int32, summed over the
- * superblock (exact), then acc = (super * d) * that + acc, and with offsets acc = (super offset * d) * (the sum
- * of sub offset * sum of q over its groups; exact in float32, the terms being small integers) + acc. That
- * saves the per-group float work, which costs as much as the dots in one-row products and Q6_K's groups of 16.
+ * llama.cpp's Q8_K products do: one d for its 256 k, each group's dot times its sub in int32 (AVX2: in the madd
+ * step, SCALED_GROUP), summed over the superblock (exact), then acc = (super * d) * that + acc, and with offsets
+ * acc = (super offset * d) * (the sum of sub offset * sum of q over its groups; exact in float32, the terms
+ * being small integers) + acc. That saves the per-group float work, which costs as much as the dots in one-row
+ * products and Q6_K's groups of 16.
  *
  * The integer dot takes 4 consecutive k of 16 columns as bytes [16][4], 8 k at a time: q4-q6 are stored in
  * that order (gemm.c's layouts), so their bytes are a mask and shifts away; q8, q2 and q3 are transposed in
@@ -296,6 +297,41 @@ static inline iv iv_subs(const struct packed_weight *w, int offsets, int64_t at,
 #endif
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* A group's 16 sub-scales (sv_subs), or (sv_zero_pairs) two groups' times the zero, as 16-bit pairs in each
+ * column's 32-bit lane, in iv's column order: (sub, sub), or (zero * sub of g, zero * sub of g + 1). */
+typedef struct {
+    __m256i a, b;
+} sv;
+static inline __m256i subs16(const struct packed_weight *w, int64_t at, int four_bit) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w->scales + at));
+    return four_bit ? _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm_set1_epi8(15))) : _mm256_cvtepi8_epi16(bytes);
+}
+static inline sv sv_subs(const struct packed_weight *w, int64_t at, int four_bit) {
+    const __m256i s = subs16(w, at, four_bit);
+    return (sv){_mm256_unpacklo_epi16(s, s), _mm256_unpackhi_epi16(s, s)};
+}
+static inline sv sv_zero_pairs(const struct packed_weight *w, int64_t at, int zero) { /* parts with a zero: int8 subs */
+    const __m256i z = _mm256_set1_epi16((int16_t)zero);
+    const __m256i s0 = _mm256_mullo_epi16(subs16(w, at, 0), z), s1 = _mm256_mullo_epi16(subs16(w, at + PANEL, 0), z);
+    return (sv){_mm256_unpacklo_epi16(s0, s1), _mm256_unpackhi_epi16(s0, s1)};
+}
+/* 8 k: acc + sub * (the sum of maddubs' pairs of both 4 k). The weights' values are below 64 in factored parts, so
+ * two pairs sum to at most 4 * 63 * 127 < 2^15: exact in 16 bits. */
+static inline __m256i scaled8(__m256i acc, __m256i w0, __m256i w1, __m256i x0, __m256i x1, __m256i sub) {
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, sub));
+}
+static inline iv scaled_dot8(iv acc, const bv w[2], const int8_t *x, sv sub) {
+    const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
+    return (iv){scaled8(acc.a, w[0].a, w[1].a, x0, x1, sub.a), scaled8(acc.b, w[0].b, w[1].b, x0, x1, sub.b)};
+}
+static inline iv less_pairs(iv acc, sv pairs, int32_t qsum0, int32_t qsum1) { /* |sum of q| <= 32 * 127 */
+    const __m256i q = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)qsum0 | (uint32_t)qsum1 << 16));
+    return (iv){_mm256_sub_epi32(acc.a, _mm256_madd_epi16(pairs.a, q)), _mm256_sub_epi32(acc.b, _mm256_madd_epi16(pairs.b, q))};
+}
+#endif
+
 /* 8 k from i of the panel's 16 columns, per layout (see gemm.c), i being `at` k into a run of SPAN (q5 and q6:
  * a block of their high bits; `at` a constant, so that the shifts are), prefetching ahead where `ahead` (panel.h);
  * and the value each layout's integers are offset by. */
@@ -435,6 +471,41 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
 #define DECODED_SPANS
 #endif
 
+/* A factored part's group g: each row's dots times the group's sub-scale, added to ACC (exact int32). Through
+ * AVX2 the sub-scale goes into the madd that sums maddubs' pairs (scaled_dot8), as llama.cpp's AVX2 K-quant dots
+ * do, and the zero's share is taken once a superblock (ZERO_SHARE); elsewhere the dots, started at
+ * -zero * sum(q), are multiplied by it (iv_mul_add). The same integers either way. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
+    {                                                                                                           \
+        sv sub[U];                                                                                              \
+        UNROLL for (int u = 0; u < U; u++) sub[u] = sv_subs(w, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT); \
+        SPANS_LOOP for (int64_t span = 0; span < (SPANS); span++) UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) { \
+            const int64_t i = g * group + span * KIND##_SPAN;                                                   \
+            bv wv[U][2];                                                                                        \
+            UNROLL for (int u = 0; u < U; u++) LOAD8(KIND, u, i + o, o, U > UNIT, wv[u]);                       \
+            UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++)                               \
+                ACC[r][u] = scaled_dot8(ACC[r][u], wv[u], x + r * k + i + o, sub[u]);                           \
+        }                                                                                                       \
+    }
+/* acc less zero * (each group's sub * sum of q), by pairs of groups: madd of (sub * zero) pairs and sum pairs. */
+#define ZERO_SHARE(ACC, R, U, QSUM)                                                                             \
+    if (zero) UNROLL for (int u = 0; u < U; u++) for (int64_t j = 0; j < per; j += 2) {                         \
+            const sv pairs = sv_zero_pairs(w, ((p + u) * groups + g0 + j) * PANEL, zero);                       \
+            UNROLL for (int r = 0; r < R; r++) ACC[r][u] = less_pairs(ACC[r][u], pairs, QSUM[j][r], QSUM[j + 1][r]); \
+        }
+#else
+#define SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
+    {                                                                                                           \
+        GROUP_DOTS(dot, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                             \
+        UNROLL for (int u = 0; u < U; u++) {                                                                    \
+            const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                      \
+            UNROLL for (int r = 0; r < R; r++) ACC[r][u] = iv_mul_add(ACC[r][u], dot[r][u], sub);               \
+        }                                                                                                       \
+    }
+#define ZERO_SHARE(ACC, R, U, QSUM)
+#endif
+
 /* A factored part's float step for a superblock of one row and panel (see the top): o = (super * d) * acc + o and,
  * with offsets, o = (super offset * d) * offsets + o. */
 static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv offsets, int has_min) {
@@ -451,12 +522,9 @@ static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) acc[r][u] = iv_set1(0);           \
         for (int64_t g = g0; g < g0 + per; g++) {                                                               \
             GROUP_QSUMS(qsum[g - g0], R)                                                                        \
-            GROUP_DOTS(dot, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)           \
-            UNROLL for (int u = 0; u < U; u++) {                                                                \
-                const iv sub = iv_subs(w, 0, ((p + u) * groups + g) * PANEL, KIND##_FOUR_BIT);                  \
-                UNROLL for (int r = 0; r < R; r++) acc[r][u] = iv_mul_add(acc[r][u], dot[r][u], sub);           \
-            }                                                                                                   \
+            SCALED_GROUP(acc, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)         \
         }                                                                                                       \
+        ZERO_SHARE(acc, R, U, qsum)                                                                             \
         LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                     \
         UNROLL for (int u = 0; u < U; u++) {                                                                    \
             pv offsets[R];                                                                                      \
@@ -567,11 +635,11 @@ int int8_tiles_for(const struct packed_weight *w) {
 
 /* The rows of a narrow tile, per layout (as the tables), measured on Zen 4 at 16-512 rows: past these the
  * dots and their sums (R x U of each) no longer fit the 32 registers and spill once a group. With AVX2's 16
- * registers, 4 rows (3 for Q6_K). */
+ * registers, 4 (AVX2 build, Xeon: Q6_K 1.05-1.16x over 3 once its sub-scales went into the madds). */
 #if defined(__AVX512F__)
 static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 6, 6, 8, 8, 8, 8, 8, 8}, {0, 0, 0, 4, 0, 6, 6, 0, 0, 8, 8, 0}};
 #elif defined(__AVX2__)
-static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4}, {0, 0, 0, 4, 0, 4, 3, 0, 0, 4, 4, 0}};
+static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4}, {0, 0, 0, 4, 0, 4, 4, 0, 0, 4, 4, 0}};
 #else
 static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4}, {0, 0, 0, 4, 0, 4, 4, 0, 0, 4, 4, 0}};
 #endif
