@@ -7,9 +7,9 @@ The files: the default model and its Q8_0 copy (made with llama-quantize); or --
 shape, made once and cached (gguf_shapes.py; --layers N keeps N of its layers, for a quicker run).
 --isa avx2 limits both engines to AVX2, FMA and F16C, as an AVX2-only CPU runs them (shoal's avx2 kernel build,
 llama.cpp built without AVX-512 in a folder of its own): the figures of that code on this machine's memory.
-Both engines run each file at batch 1, 4, 16 and 64 (32-token prompts, 64 new tokens, 2 threads) and at
-batch 1 after a 2,048-token prompt; each is run twice (--runs N: N times, alternating) and its best figures
-kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its default KV layout (not -kvu,
+Both engines run each file at batch 1, 4, 16 and 64 (--batches 1,16: those; 32-token prompts, 64 new
+tokens, 2 threads) and at batch 1 after a 2,048-token prompt; each is run twice (--runs N: N times,
+alternating) and its best figures kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its default KV layout (not -kvu,
 which is slower from 16 up). shoal's prefill is counted as llama-batched-bench counts its prompt processing:
 the batch's prompts to their first token, with no decode step in the window. Printed: decode and prefill
 tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the batch-1 bandwidth limit (this
@@ -132,10 +132,10 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float]:
     return process.returncode, usage.ru_maxrss / 1024
 
 
-def llama_cpp_run(tools: dict[str, str], model: str, threads: int, log: Path) -> dict:
+def llama_cpp_run(tools: dict[str, str], model: str, threads: int, batches: list[int], log: Path) -> dict:
     """Both runs of llama-batched-bench (the batches, then the long prompt), with its default KV layout."""
     runs = [
-        (["-c", "8192", "-npp", str(PROMPT), "-npl", ",".join(map(str, BATCHES))], "batches"),
+        (["-c", "8192", "-npp", str(PROMPT), "-npl", ",".join(map(str, batches))], "batches"),
         (["-c", str(LONG_PROMPT + NEW_TOKENS + 64), "-npp", str(LONG_PROMPT), "-npl", "1"], "long"),
     ]
     result: dict = {"rss_mib": 0.0}
@@ -159,7 +159,9 @@ def llama_cpp_run(tools: dict[str, str], model: str, threads: int, log: Path) ->
 # ---- shoal, in a child process of its own (for its peak RSS) ----
 
 
-def shoal_child(model: str, threads: int, kv_memory: int, precision: str, kernels: str) -> None:
+def shoal_child(
+    model: str, threads: int, kv_memory: int, precision: str, kernels: str, batches: list[int]
+) -> None:
     """Load time, the batches and the long prompt, printed as one SHOAL_RESULT line."""
     import random
 
@@ -215,7 +217,7 @@ def shoal_child(model: str, threads: int, kv_memory: int, precision: str, kernel
         }
 
     measure(4, seed=999)  # warm-up: kernels compiled, caches filled
-    rows = {batch: measure(batch, seed=batch) for batch in BATCHES}
+    rows = {batch: measure(batch, seed=batch) for batch in batches}
     long = measure(1, seed=2048, prompt_len=LONG_PROMPT)
     described = llm.model.describe_weights()
     print("SHOAL_RESULT " + json.dumps({"batches": rows, "long": long, "weights": described,
@@ -223,9 +225,11 @@ def shoal_child(model: str, threads: int, kv_memory: int, precision: str, kernel
                                         "bytes_per_token": llm.model.module.bytes_per_token}))  # fmt: skip
 
 
-def shoal_run(model: str, threads: int, kv_memory: int, precision: str, kernels: str, log: Path) -> dict:
+def shoal_run(
+    model: str, threads: int, kv_memory: int, precision: str, kernels: str, batches: list[int], log: Path
+) -> dict:
     command = [sys.executable, __file__, "--child", model, "--threads", str(threads), "--kv", str(kv_memory),
-               "--precision", precision, "--kernels", kernels]  # fmt: skip
+               "--precision", precision, "--kernels", kernels, "--batches", ",".join(map(str, batches))]  # fmt: skip
     status, rss = run_measured(command, log)
     text = log.read_text()
     match = re.search(r"^SHOAL_RESULT (.*)$", text, re.MULTILINE)
@@ -237,7 +241,7 @@ def shoal_run(model: str, threads: int, kv_memory: int, precision: str, kernels:
     return {"rss_mib": rss, **result}
 
 
-def best_of(runs: list[dict]) -> dict:
+def best_of(runs: list[dict], batches: list[int]) -> dict:
     """Each figure's best over the runs (the machine's noise only ever slows a run down); RSS: the largest."""
     runs = [r for r in runs if r]
     if not runs:
@@ -245,7 +249,7 @@ def best_of(runs: list[dict]) -> dict:
     best = {**runs[0], "rss_mib": max(r["rss_mib"] for r in runs)}
     best["batches"] = {
         b: {k: max(r["batches"].get(b, {}).get(k, 0) for r in runs) for k in ("decode", "prefill")}
-        for b in BATCHES
+        for b in batches
     }
     best["long"] = {k: max(r.get("long", {}).get(k, 0) for r in runs) for k in ("decode", "prefill")}
     return best
@@ -292,12 +296,14 @@ def read_bandwidth(threads: int) -> float:
 # ---- the report ----
 
 
-def report(name: str, size_mib: float, ours: dict, theirs: dict, bandwidth: float) -> None:
+def report(
+    name: str, size_mib: float, ours: dict, theirs: dict, bandwidth: float, batches: list[int]
+) -> None:
     print(f"\n{name} ({size_mib:.0f} MiB file)" + (f"; shoal keeps {ours['weights']}" if ours else ""))
     print(
         f"{'batch':>5} | {'decode shoal':>12} {'llama.cpp':>9} {'ratio':>6} | {'prefill shoal':>13} {'llama.cpp':>9} {'ratio':>6}"
     )
-    for batch in BATCHES:
+    for batch in batches:
         a, b = ours.get("batches", {}).get(batch, {}), theirs.get("batches", {}).get(batch, {})
         cells = []
         for key in ("decode", "prefill"):
@@ -349,6 +355,9 @@ def main() -> None:
     parser.add_argument("--type", choices=sorted(TYPES), default="q4_k_m", help="its quantization")
     parser.add_argument("--layers", type=int, help="keep this many of the shape's layers")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--batches", default=",".join(map(str, BATCHES)), help="batch sizes, comma-separated (1 must be one)"
+    )
     parser.add_argument("--kv", type=int, help="shoal's KV pool in bytes (default: 64 x 96 tokens' worth)")
     parser.add_argument("--skip-llama-cpp", action="store_true")
     parser.add_argument(
@@ -371,8 +380,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.isa and args.kernels == "auto":
         args.kernels = args.isa
+    batches = sorted({int(b) for b in args.batches.split(",")})
+    if 1 not in batches:
+        parser.error("--batches must include 1 (the bandwidth limit is a batch-1 figure)")
     if args.child:
-        shoal_child(args.child, args.threads, args.kv or kv_memory(args.child), args.precision, args.kernels)
+        kv = args.kv or kv_memory(args.child)
+        shoal_child(args.child, args.threads, kv, args.precision, args.kernels, batches)
         return
 
     from shoal.models.loader import default_model_path
@@ -409,6 +422,7 @@ def main() -> None:
         "prompt": PROMPT,
         "new_tokens": NEW_TOKENS,
         "long_prompt": LONG_PROMPT,
+        "batches": batches,
         "isa": args.isa,
         "read_bandwidth": bandwidth,
         "files": {},
@@ -422,15 +436,19 @@ def main() -> None:
         for _ in range(args.runs):
             for precision in precisions:
                 log = out_dir / f"{name}.shoal-{precision}.log"
-                ours[precision].append(shoal_run(model, args.threads, kv, precision, args.kernels, log))
+                ours[precision].append(
+                    shoal_run(model, args.threads, kv, precision, args.kernels, batches, log)
+                )
             if tools:
-                theirs.append(llama_cpp_run(tools, model, args.threads, out_dir / f"{name}.llama.log"))
-        theirs = best_of(theirs)
+                theirs.append(
+                    llama_cpp_run(tools, model, args.threads, batches, out_dir / f"{name}.llama.log")
+                )
+        theirs = best_of(theirs, batches)
         size = Path(model).stat().st_size / 2**20
         results["files"][name] = {"file_mib": size, "llama_cpp": theirs}
         for precision, runs in ours.items():
-            best = best_of(runs)
-            report(f"{name}, shoal precision={precision}", size, best, theirs, bandwidth)
+            best = best_of(runs, batches)
+            report(f"{name}, shoal precision={precision}", size, best, theirs, bandwidth, batches)
             results["files"][name][f"shoal_{precision}"] = best
     (out_dir / "vs_llamacpp.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out_dir / 'vs_llamacpp.json'}")
