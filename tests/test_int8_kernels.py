@@ -60,7 +60,7 @@ def test_int8_gemm_is_exact_on_the_quantized_activations_and_each_row_keeps_its_
     packed = int8_packed(w, bias)
     full = gemm(lib, x, packed)
     assert_float32_close(full, int8_activations(x, block_of(qtype)).float(), w.dequantize(), bias)
-    # 24 rows and more of Q6_K, Q5_K, Q3_K and Q2_K run against superblocks decoded once, fewer in tiles
+    # from 24 rows (AVX2: 8) Q6_K, Q5_K, Q3_K and Q2_K run against superblocks decoded once, fewer in tiles
     assert_each_row_keeps_its_bits(lib, x, packed, full)
 
 

@@ -21,7 +21,7 @@
  * zero * sum(q), the dot's starting value) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset
  * by 128 to be unsigned), AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
  * 255 * 127 * 2), or plain C.
- * In prefill (int8_decodes: 24 rows and more of Q6_K, Q5_K, Q3_K or Q2_K) a tile would unpack the same weights
+ * In prefill (int8_decodes: DECODED_ROWS and more of Q6_K, Q5_K, Q3_K or Q2_K) a tile would unpack the same weights
  * once per few rows: there each superblock of a unit is decoded to those bytes once, into 8 KB that stay in L1,
  * and every row of the row block runs against them (int8_decoded_unit): the same dots and float steps, so the
  * same bits; measured 1.2-1.4x faster on a Q6_K 12288 x 4096 at 32-512 rows (Zen 4).
@@ -654,8 +654,13 @@ void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, cons
 
 /* Rows from which a unit's rows take the decoded tiles, measured on Zen 4 (2 threads, 12288 x 4096): at 24
  * rows and up Q6_K 1.06-1.37x, Q5_K 1.08-1.28x, Q3_K and Q2_K 1.1-1.5x faster; at 16 and fewer level or
- * slower, the decoding then shared by too few tiles. */
+ * slower, the decoding then shared by too few tiles. The AVX2 build's tiles of 4 rows share it from 2 tiles:
+ * at 8-20 rows Q6_K 1.03-1.20x, Q5_K 1.04-1.17x, Q3_K 1.3-1.7x (Xeon, 4096 x 4096), level at 4-6. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define DECODED_ROWS 8
+#else
 #define DECODED_ROWS 24
+#endif
 
 #if defined(__AMX_INT8__)
 /* The AMX build (Intel, from Sapphire Rapids): a K-quant's superblock as tile products, 16 rows x 64 k x 16
