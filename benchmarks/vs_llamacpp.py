@@ -9,9 +9,9 @@ shape, made once and cached (gguf_shapes.py; --layers N keeps N of its layers, f
 llama.cpp built without AVX-512 in a folder of its own): the figures of that code on this machine's memory.
 Both engines run each file at batch 1, 4, 16 and 64 (--batches 1,16: those; 32-token prompts, 64 new
 tokens, 2 threads) and at batch 1 after a 2,048-token prompt; each is run twice (--runs N: N times,
-alternating) and its best figures kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with its default KV layout (not -kvu,
-which is slower from 16 up). shoal's prefill is counted as llama-batched-bench counts its prompt processing:
-the batch's prompts to their first token, with no decode step in the window. Printed: decode and prefill
+alternating) and its best figures kept (llama.cpp's batch-1 speed varies between runs). llama.cpp runs with
+its default KV layout (not -kvu, which is slower from 16 up). shoal's prefill is counted as llama-batched-bench
+counts its prompt processing: the batch's prompts to their first token, with no decode step in the window. Printed: decode and prefill
 tokens/s with the ratio shoal / llama.cpp, both engines' peak RSS, and the batch-1 bandwidth limit (this
 machine's read bandwidth over the bytes each token reads). shoal runs once per --precision (default both:
 float32, its default and transformers' numbers, and int8, activations in int8 as llama.cpp computes).

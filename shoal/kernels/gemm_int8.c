@@ -297,41 +297,6 @@ static inline iv iv_subs(const struct packed_weight *w, int offsets, int64_t at,
 #endif
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-/* A group's 16 sub-scales (sv_subs), or (sv_zero_pairs) two groups' times the zero, as 16-bit pairs in each
- * column's 32-bit lane, in iv's column order: (sub, sub), or (zero * sub of g, zero * sub of g + 1). */
-typedef struct {
-    __m256i a, b;
-} sv;
-static inline __m256i subs16(const struct packed_weight *w, int64_t at, int four_bit) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w->scales + at));
-    return four_bit ? _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm_set1_epi8(15))) : _mm256_cvtepi8_epi16(bytes);
-}
-static inline sv sv_subs(const struct packed_weight *w, int64_t at, int four_bit) {
-    const __m256i s = subs16(w, at, four_bit);
-    return (sv){_mm256_unpacklo_epi16(s, s), _mm256_unpackhi_epi16(s, s)};
-}
-static inline sv sv_zero_pairs(const struct packed_weight *w, int64_t at, int zero) { /* parts with a zero: int8 subs */
-    const __m256i z = _mm256_set1_epi16((int16_t)zero);
-    const __m256i s0 = _mm256_mullo_epi16(subs16(w, at, 0), z), s1 = _mm256_mullo_epi16(subs16(w, at + PANEL, 0), z);
-    return (sv){_mm256_unpacklo_epi16(s0, s1), _mm256_unpackhi_epi16(s0, s1)};
-}
-/* 8 k: acc + sub * (the sum of maddubs' pairs of both 4 k). The weights' values are below 64 in factored parts, so
- * two pairs sum to at most 4 * 63 * 127 < 2^15: exact in 16 bits. */
-static inline __m256i scaled8(__m256i acc, __m256i w0, __m256i w1, __m256i x0, __m256i x1, __m256i sub) {
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, sub));
-}
-static inline iv scaled_dot8(iv acc, const bv w[2], const int8_t *x, sv sub) {
-    const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
-    return (iv){scaled8(acc.a, w[0].a, w[1].a, x0, x1, sub.a), scaled8(acc.b, w[0].b, w[1].b, x0, x1, sub.b)};
-}
-static inline iv less_pairs(iv acc, sv pairs, int32_t qsum0, int32_t qsum1) { /* |sum of q| <= 32 * 127 */
-    const __m256i q = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)qsum0 | (uint32_t)qsum1 << 16));
-    return (iv){_mm256_sub_epi32(acc.a, _mm256_madd_epi16(pairs.a, q)), _mm256_sub_epi32(acc.b, _mm256_madd_epi16(pairs.b, q))};
-}
-#endif
-
 /* 8 k from i of the panel's 16 columns, per layout (see gemm.c), i being `at` k into a run of SPAN (q5 and q6:
  * a block of their high bits; `at` a constant, so that the shifts are), prefetching ahead where `ahead` (panel.h);
  * and the value each layout's integers are offset by. */
@@ -476,6 +441,38 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
  * do, and the zero's share is taken once a superblock (ZERO_SHARE); elsewhere the dots, started at
  * -zero * sum(q), are multiplied by it (iv_mul_add). The same integers either way. */
 #if defined(__AVX2__) && !defined(__AVX512F__)
+/* A group's 16 sub-scales (sv_subs), or (sv_zero_pairs) two groups' times the zero, as 16-bit pairs in each
+ * column's 32-bit lane, in iv's column order: (sub, sub), or (zero * sub of g, zero * sub of g + 1). */
+typedef struct {
+    __m256i a, b;
+} sv;
+static inline __m256i subs16(const struct packed_weight *w, int64_t at, int four_bit) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w->scales + at));
+    return four_bit ? _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm_set1_epi8(15))) : _mm256_cvtepi8_epi16(bytes);
+}
+static inline sv sv_subs(const struct packed_weight *w, int64_t at, int four_bit) {
+    const __m256i s = subs16(w, at, four_bit);
+    return (sv){_mm256_unpacklo_epi16(s, s), _mm256_unpackhi_epi16(s, s)};
+}
+static inline sv sv_zero_pairs(const struct packed_weight *w, int64_t at, int zero) { /* parts with a zero: int8 subs */
+    const __m256i z = _mm256_set1_epi16((int16_t)zero);
+    const __m256i s0 = _mm256_mullo_epi16(subs16(w, at, 0), z), s1 = _mm256_mullo_epi16(subs16(w, at + PANEL, 0), z);
+    return (sv){_mm256_unpacklo_epi16(s0, s1), _mm256_unpackhi_epi16(s0, s1)};
+}
+/* 8 k: acc + sub * (the sum of maddubs' pairs of both 4 k). The weights' values are below 64 in factored parts, so
+ * two pairs sum to at most 4 * 63 * 127 < 2^15: exact in 16 bits. */
+static inline __m256i scaled8(__m256i acc, __m256i w0, __m256i w1, __m256i x0, __m256i x1, __m256i sub) {
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, sub));
+}
+static inline iv scaled_dot8(iv acc, const bv w[2], const int8_t *x, sv sub) {
+    const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
+    return (iv){scaled8(acc.a, w[0].a, w[1].a, x0, x1, sub.a), scaled8(acc.b, w[0].b, w[1].b, x0, x1, sub.b)};
+}
+static inline iv less_pairs(iv acc, sv pairs, int32_t qsum0, int32_t qsum1) { /* |sum of q| <= 32 * 127 */
+    const __m256i q = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)qsum0 | (uint32_t)qsum1 << 16));
+    return (iv){_mm256_sub_epi32(acc.a, _mm256_madd_epi16(pairs.a, q)), _mm256_sub_epi32(acc.b, _mm256_madd_epi16(pairs.b, q))};
+}
 #define SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
     {                                                                                                           \
         sv sub[U];                                                                                              \
