@@ -24,7 +24,8 @@
  * In prefill (int8_decodes: DECODED_ROWS and more of Q6_K, Q5_K, Q3_K or Q2_K) a tile would unpack the same weights
  * once per few rows: there each superblock of a unit is decoded to those bytes once, into 8 KB that stay in L1,
  * and every row of the row block runs against them (int8_decoded_unit): the same dots and float steps, so the
- * same bits; measured 1.2-1.4x faster on a Q6_K 12288 x 4096 at 32-512 rows (Zen 4).
+ * same bits; measured 1.2-1.4x faster on a Q6_K 12288 x 4096 at 32-512 rows (Zen 4). The AVX2 build's decoded
+ * tiles take the weights less their zero against x + 128 instead (DECODED_HALF): the same int32.
  */
 #if defined(__AMX_INT8__)
 #define _GNU_SOURCE /* syscall */
@@ -485,6 +486,48 @@ static inline iv less_pairs(iv acc, sv pairs, int32_t qsum0, int32_t qsum1) { /*
                 ACC[r][u] = scaled_dot8(ACC[r][u], wv[u], x + r * k + i + o, sub[u]);                           \
         }                                                                                                       \
     }
+/* Q4_K's group of 32 k, each half of the panel (8 columns) in turn: its values are below 16, so a 16-bit word
+ * holds all 8 maddubs pairs of a column (at most 16 * 15 * 127 < 2^15), and one madd by the sub-scale takes them:
+ * a quarter of SCALED_GROUP's madds and 32-bit adds. The steps of 8 k go in a loop, which keeps the rows' words in
+ * registers (unrolled, gcc reorders them into spills: 0.75x). */
+static inline void q4_half(const uint8_t *p, int half, __m256i *low, __m256i *high) { /* columns 0-3, 8-11 (4-7, 12-15) */
+    const __m128i *q = (const __m128i *)p + half;
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(q)), _mm_loadu_si128(q + 2), 1);
+    *low = _mm256_and_si256(v, _mm256_set1_epi8(15));
+    *high = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
+}
+static inline __m256i q4_pairs(__m256i low, __m256i high, const int8_t *x) { /* 8 k: 4 + 4 pairs a word */
+    return _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(four_bytes(x))),
+                            _mm256_maddubs_epi16(high, _mm256_set1_epi32(four_bytes(x + 4))));
+}
+#define Q4_STEP(R, U, HALF, j, WORDS_OF)                                                                        \
+    {                                                                                                           \
+        const int64_t i = g * group + 8 * (j);                                                                  \
+        const uint8_t *quants = (const uint8_t *)w->quants + ((p + u) * (k / 2) + i / 2) * PANEL;               \
+        if (U > UNIT && HALF == 0) PREFETCH(quants);                                                            \
+        __m256i low, high;                                                                                      \
+        q4_half(quants, HALF, &low, &high);                                                                     \
+        UNROLL for (int r = 0; r < R; r++) words[r] = WORDS_OF(r, q4_pairs(low, high, x + r * k + i));          \
+    }
+#define FIRST_WORDS(r, pairs) (pairs)
+#define MORE_WORDS(r, pairs) _mm256_add_epi16(words[r], pairs)
+#define Q4_HALF(ACC, R, U, HALF, FIELD, SUB)                                                                    \
+    UNROLL for (int u = 0; u < U; u++) {                                                                        \
+        __m256i words[R];                                                                                       \
+        Q4_STEP(R, U, HALF, 0, FIRST_WORDS)                                                                     \
+        _Pragma("GCC unroll 1") for (int j = 1; j < 4; j++) Q4_STEP(R, U, HALF, j, MORE_WORDS)                  \
+        UNROLL for (int r = 0; r < R; r++)                                                                      \
+            ACC[r][u].FIELD = _mm256_add_epi32(ACC[r][u].FIELD, _mm256_madd_epi16(words[r], SUB[u].FIELD));     \
+    }
+/* One row keeps SCALED_GROUP: bound by reading the weights, it measured 0.97x this way. */
+#define q4_SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                         \
+    if (R == 1) SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                   \
+    else {                                                                                                      \
+        sv sub[U];                                                                                              \
+        UNROLL for (int u = 0; u < U; u++) sub[u] = sv_subs(w, ((p + u) * groups + g) * PANEL, 0);              \
+        Q4_HALF(ACC, R, U, 0, a, sub)                                                                           \
+        Q4_HALF(ACC, R, U, 1, b, sub)                                                                           \
+    }
 /* acc less zero * (each group's sub * sum of q), by pairs of groups: madd of (sub * zero) pairs and sum pairs. */
 #define ZERO_SHARE(ACC, R, U, QSUM)                                                                             \
     if (zero) UNROLL for (int u = 0; u < U; u++) for (int64_t j = 0; j < per; j += 2) {                         \
@@ -501,7 +544,12 @@ static inline iv less_pairs(iv acc, sv pairs, int32_t qsum0, int32_t qsum1) { /*
         }                                                                                                       \
     }
 #define ZERO_SHARE(ACC, R, U, QSUM)
+#define q4_SCALED_GROUP SCALED_GROUP
 #endif
+#define q2_SCALED_GROUP SCALED_GROUP
+#define q3_SCALED_GROUP SCALED_GROUP
+#define q5_SCALED_GROUP SCALED_GROUP
+#define q6_SCALED_GROUP SCALED_GROUP
 
 /* A factored part's float step for a superblock of one row and panel (see the top): o = (super * d) * acc + o and,
  * with offsets, o = (super offset * d) * offsets + o. */
@@ -519,20 +567,26 @@ static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) acc[r][u] = iv_set1(0);           \
         for (int64_t g = g0; g < g0 + per; g++) {                                                               \
             GROUP_QSUMS(qsum[g - g0], R)                                                                        \
-            SCALED_GROUP(acc, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)         \
+            KIND##_SCALED_GROUP(acc, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)  \
         }                                                                                                       \
         ZERO_SHARE(acc, R, U, qsum)                                                                             \
+        SUPER_STORE(acc, R, U, HAS_MIN, KIND, qsum)                                                             \
+    }
+/* The float steps of superblock g0 (super_store) for R rows x U panels of exact sums ACC; QSUM: each group's
+ * sums of q (for the offsets). */
+#define SUPER_STORE(ACC, R, U, HAS_MIN, KIND, QSUM)                                                             \
+    {                                                                                                           \
         LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                     \
         UNROLL for (int u = 0; u < U; u++) {                                                                    \
             pv offsets[R];                                                                                      \
             UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_zero();                                          \
             for (int64_t j = 0; HAS_MIN && j < per; j++) {                                                      \
                 const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));   \
-                UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)qsum[j][r], sub, offsets[r]);     \
+                UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)QSUM[j][r], sub, offsets[r]);     \
             }                                                                                                   \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
                 const float d = xq->d[(row + r) * (k / INT8_SUPER_BLOCK) + g0 / per];                           \
-                super_store(out + (r * U + u) * PANEL, supers[u], d, acc[r][u], offsets[r], HAS_MIN);           \
+                super_store(out + (r * U + u) * PANEL, supers[u], d, ACC[r][u], offsets[r], HAS_MIN);           \
             }                                                                                                   \
         }                                                                                                       \
     }
@@ -548,22 +602,113 @@ static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv
         for (int64_t g0 = 0; g0 < groups; g0 += per) SUPERBLOCK(R, U, HAS_MIN, KIND, FROM_PACKED, )             \
     }
 
-/* The same for one superblock from the unit's decoded bytes. */
+/* A unit's superblock decoded once for all its rows (int8_decoded_unit): its bytes as the dots take them
+ * (DECODE), and for the AVX2 build's tiles what they take besides (decoded_begin, decoded_step). */
+typedef struct {
+    bv w[INT8_SUPER_BLOCK / 8][UNIT][2];
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    sv subs[INT8_SUPER_BLOCK / 16]; /* each group's sub-scales */
+    iv start;                       /* each column's dots of 128 everywhere, negated */
+#endif
+} decoded;
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* The AVX2 build's decoded tiles: each half of the panel in turn, its rows' sums in registers, up to
+ * DECODED_TILE_ROWS rows (the measured best on the Xeon), the sub-scales in the madd as in SCALED_GROUP. Parts with
+ * a zero (Q6_K, Q3_K) take the weights less it (q - zero: -32..31 at most) as maddubs' signed operand, against
+ * x + 128 (unsigned, 1..255), each row's dots starting from start = -(the dots of 128 everywhere):
+ * (x + 128) . w - 128 . w = x . w, the same exact int32 with no share of the zero per row (ZERO_SHARE); two pairs
+ * sum to at most 4 * 255 * 32 < 2^15 in 16 bits. Parts with offsets take them as the packed tiles do. UNIT is 1.
+ * Xeon, 4096 x 4096, 64-512 rows: Q6_K 1.17-1.22x, Q3_K 1.15-1.25x, Q5_K 1.04-1.07x faster than the packed tiles'
+ * form (SUPERBLOCK from the decoded bytes, 4 rows); at 8 rows 0.95-1.04x. */
+#define DECODED_TILE_ROWS 6
+static inline __m256i decoded8(__m256i acc, const int8_t *x, __m256i w0, __m256i w1, __m256i sub, int biased) {
+    const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
+    const __m256i pairs = biased ? _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0), _mm256_maddubs_epi16(x1, w1))
+                                 : _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, sub));
+}
+/* Half FIELD (a or b) of the R rows from XS[r] against the unit, added to ACC. */
+#define DECODED_HALF(ACC, R, FIELD, XS, BIASED)                                                                \
+    {                                                                                                           \
+        __m256i sums[R];                                                                                        \
+        UNROLL for (int r = 0; r < R; r++) sums[r] = ACC[r][0].FIELD;                                           \
+        for (int64_t s = 0; s < INT8_SUPER_BLOCK / 8; s++) {                                                    \
+            const bv *wv = dec->w[s][0];                                                                        \
+            const __m256i sub = dec->subs[s * 8 / group].FIELD;                                                 \
+            UNROLL for (int r = 0; r < R; r++) sums[r] = decoded8(sums[r], XS[r] + 8 * s, wv[0].FIELD, wv[1].FIELD, sub, BIASED); \
+        }                                                                                                       \
+        UNROLL for (int r = 0; r < R; r++) ACC[r][0].FIELD = sums[r];                                           \
+    }
+/* As DECODE decodes a unit's superblock: each group's sub-scales and start first, then with a zero each step's
+ * weights less it and their share of start. */
+static inline void decoded_begin(decoded *dec, const struct packed_weight *w, int64_t p, int64_t g0, int64_t group, int four_bit) {
+    for (int64_t g = 0; g < INT8_SUPER_BLOCK / group; g++) dec->subs[g] = sv_subs(w, (p * (w->k / group) + g0 + g) * PANEL, four_bit);
+    dec->start = iv_set1(0);
+}
+static inline void decoded_step(decoded *dec, int64_t s, int64_t group, int zero) {
+    if (!zero) return;
+    const __m256i z = _mm256_set1_epi8((char)zero), bias = _mm256_set1_epi8((char)0x80); /* 128, unsigned */
+    bv *v = dec->w[s][0];
+    const sv *sub = &dec->subs[s * 8 / group];
+    v[0] = (bv){_mm256_sub_epi8(v[0].a, z), _mm256_sub_epi8(v[0].b, z)};
+    v[1] = (bv){_mm256_sub_epi8(v[1].a, z), _mm256_sub_epi8(v[1].b, z)};
+    const __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(bias, v[0].a), _mm256_maddubs_epi16(bias, v[1].a));
+    const __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(bias, v[0].b), _mm256_maddubs_epi16(bias, v[1].b));
+    dec->start = (iv){_mm256_sub_epi32(dec->start.a, _mm256_madd_epi16(a, sub->a)), _mm256_sub_epi32(dec->start.b, _mm256_madd_epi16(b, sub->b))};
+}
 #define DEFINE_I8_DECODED_TILE(NAME, R, HAS_MIN, KIND)                                                          \
     static void NAME##_##R##d(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,   \
-                              int64_t g0, const bv (*dec)[UNIT][2], float *out) {                               \
+                              int64_t g0, const decoded *dec, float *out) {                                     \
+        const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;      \
+        int8_t biased[HAS_MIN ? 1 : R][INT8_SUPER_BLOCK] __attribute__((aligned(32))); /* x + 128 */            \
+        const int8_t *xs[R];                                                                                    \
+        UNROLL for (int r = 0; r < R; r++) {                                                                    \
+            xs[r] = xq->q + (row + r) * k + g0 * group;                                                         \
+            for (int j = 0; !HAS_MIN && j < INT8_SUPER_BLOCK; j += 32) {                                        \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(xs[r] + j));                             \
+                _mm256_store_si256((__m256i *)(biased[r] + j), _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80))); \
+            }                                                                                                   \
+            if (!HAS_MIN) xs[r] = biased[r];                                                                    \
+        }                                                                                                       \
+        iv acc[R][1];                                                                                           \
+        UNROLL for (int r = 0; r < R; r++) acc[r][0] = dec->start;                                              \
+        DECODED_HALF(acc, R, a, xs, !HAS_MIN)                                                                   \
+        DECODED_HALF(acc, R, b, xs, !HAS_MIN)                                                                   \
+        int32_t qsum[HAS_MIN ? INT8_SUPER_BLOCK / 16 : 1][R];                                                   \
+        for (int64_t g = g0; HAS_MIN && g < g0 + per; g++) {                                                    \
+            GROUP_QSUMS(qsum[g - g0], R)                                                                        \
+        }                                                                                                       \
+        SUPER_STORE(acc, R, 1, HAS_MIN, KIND, qsum)                                                             \
+    }
+#else
+/* The same as the packed tiles for one superblock from the unit's decoded bytes. */
+#define DECODED_TILE_ROWS int8_rows_for(w)
+static inline void decoded_begin(decoded *dec, const struct packed_weight *w, int64_t p, int64_t g0, int64_t group, int four_bit) {
+    (void)dec, (void)w, (void)p, (void)g0, (void)group, (void)four_bit;
+}
+static inline void decoded_step(decoded *dec, int64_t s, int64_t group, int zero) { (void)dec, (void)s, (void)group, (void)zero; }
+#define DEFINE_I8_DECODED_TILE(NAME, R, HAS_MIN, KIND)                                                          \
+    static void NAME##_##R##d(const struct int8_rows *xq, int64_t row, const struct packed_weight *w, int64_t p,   \
+                              int64_t g0, const decoded *decoded_unit, float *out) {                            \
         const int64_t k = w->k, group = KIND##_KGROUP, groups = k / group, per = INT8_SUPER_BLOCK / group;      \
         const int zero = KIND##_zero(w, HAS_MIN);                                                               \
         const int8_t *x = xq->q + row * k;                                                                      \
+        const bv(*dec)[UNIT][2] = decoded_unit->w;                                                              \
         SUPERBLOCK(R, UNIT, HAS_MIN, KIND, FROM_DECODED, DECODED_SPANS)                                         \
     }
+#endif
 
-/* A unit's UNIT panels of superblock from k = i0, decoded to bytes as the dots take them. */
+/* A unit's UNIT panels of superblock g0, decoded to bytes as the dots take them (and decoded_begin, decoded_step). */
 #define DEFINE_DECODE(KIND)                                                                                     \
-    static void KIND##_decode(const struct packed_weight *w, int64_t p, int64_t i0, bv (*dec)[UNIT][2]) {       \
+    static void KIND##_decode(const struct packed_weight *w, int64_t p, int64_t g0, decoded *dec) {             \
+        const int64_t i0 = g0 * KIND##_KGROUP;                                                                  \
+        decoded_begin(dec, w, p, g0, KIND##_KGROUP, KIND##_FOUR_BIT);                                           \
         for (int64_t i = i0; i < i0 + INT8_SUPER_BLOCK; i += KIND##_SPAN)                                       \
-            UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) UNROLL for (int u = 0; u < UNIT; u++)               \
-                KIND##_load8(w, p + u, i + o, o, 0, dec[(i - i0 + o) / 8][u]);                                  \
+            UNROLL for (int o = 0; o < KIND##_SPAN; o += 8) UNROLL for (int u = 0; u < UNIT; u++) {             \
+                KIND##_load8(w, p + u, i + o, o, 0, dec->w[(i - i0 + o) / 8][u]);                               \
+                decoded_step(dec, (i - i0 + o) / 8, KIND##_KGROUP, w->has_min ? 0 : w->zero);                   \
+            }                                                                                                   \
     }
 #if !defined(__AMX_INT8__) /* which decodes to its own tiles (below) */
 DEFINE_DECODE(q2)
@@ -608,8 +753,8 @@ DECODED_OF(k_q6, 0, q6)
 DECODED_OF(k_q2m, 1, q2)
 DECODED_OF(k_q3, 0, q3)
 typedef void (*decoded_tile_fn)(const struct int8_rows *, int64_t, const struct packed_weight *, int64_t, int64_t,
-                                const bv (*)[UNIT][2], float *);
-typedef void (*decode_fn)(const struct packed_weight *, int64_t, int64_t, bv (*)[UNIT][2]);
+                                const decoded *, float *);
+typedef void (*decode_fn)(const struct packed_weight *, int64_t, int64_t, decoded *);
 #define DECODED_TABLE(N) {N##_1d, N##_2d, N##_3d, N##_4d, N##_5d, N##_6d, N##_7d, N##_8d}
 /* Q4_K takes none: its bytes are a mask and a shift away, and decoding them ahead measured no faster. */
 static const decoded_tile_fn DECODED_INT8[12][8] = {{0}, {0}, {0}, {0}, {0}, DECODED_TABLE(k_q5m), DECODED_TABLE(k_q6), {0}, {0},
@@ -632,11 +777,12 @@ int int8_tiles_for(const struct packed_weight *w) {
 
 /* The rows of a narrow tile, per layout (as the tables), measured on Zen 4 at 16-512 rows: past these the
  * dots and their sums (R x U of each) no longer fit the 32 registers and spill once a group. With AVX2's 16
- * registers, 4 (AVX2 build, Xeon: Q6_K 1.05-1.16x over 3 once its sub-scales went into the madds). */
+ * registers, 4 (AVX2 build, Xeon: Q6_K 1.05-1.16x over 3 once its sub-scales went into the madds), and Q4_K 6,
+ * whose groups go half a panel at a time with only the rows' 16-bit sums in registers (1.02-1.09x over 4). */
 #if defined(__AVX512F__)
 static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 6, 6, 8, 8, 8, 8, 8, 8}, {0, 0, 0, 4, 0, 6, 6, 0, 0, 8, 8, 0}};
 #elif defined(__AVX2__)
-static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4}, {0, 0, 0, 4, 0, 4, 4, 0, 0, 4, 4, 0}};
+static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4}, {0, 0, 0, 6, 0, 4, 4, 0, 0, 4, 4, 0}};
 #else
 static const int8_t INT8_ROWS[2][12] = {{4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4}, {0, 0, 0, 4, 0, 4, 4, 0, 0, 4, 4, 0}};
 #endif
@@ -651,8 +797,8 @@ void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, cons
 
 /* Rows from which a unit's rows take the decoded tiles, measured on Zen 4 (2 threads, 12288 x 4096): at 24
  * rows and up Q6_K 1.06-1.37x, Q5_K 1.08-1.28x, Q3_K and Q2_K 1.1-1.5x faster; at 16 and fewer level or
- * slower, the decoding then shared by too few tiles. The AVX2 build's tiles of 4 rows share it from 2 tiles:
- * at 8-20 rows Q6_K 1.03-1.20x, Q5_K 1.04-1.17x, Q3_K 1.3-1.7x (Xeon, 4096 x 4096), level at 4-6. */
+ * slower, the decoding then shared by too few tiles. The AVX2 build shares it from 2 tiles of 4 rows: at 8-20
+ * rows Q6_K 1.03-1.20x, Q5_K 1.04-1.17x, Q3_K 1.3-1.7x (Xeon, 4096 x 4096), level at 4-6. */
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #define DECODED_ROWS 8
 #else
@@ -842,15 +988,16 @@ int int8_decodes(const struct packed_weight *w, int64_t rows) {
 
 void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, const struct packed_weight *w,
                        int64_t p, float *out) {
-    const int f = format_of(w), max_rows = int8_rows_for(w);
+    const int f = format_of(w), max_rows = DECODED_TILE_ROWS;
     const int64_t groups = w->k / w->group, per = groups_per_super(w);
-    bv dec[INT8_SUPER_BLOCK / 8][UNIT][2];
+    decoded dec __attribute__((aligned(64)));
     memset(out, 0, sizeof(float) * rows * UNIT * PANEL);
     for (int64_t g0 = 0; g0 < groups; g0 += per) {
-        DECODE[f](w, p, g0 * w->group, dec);
-        for (int64_t row = row0; row < row0 + rows;) {
-            const int n = row0 + rows - row < max_rows ? (int)(row0 + rows - row) : max_rows;
-            DECODED_INT8[f][n - 1](xq, row, w, p, g0, (const bv(*)[UNIT][2])dec, out + (row - row0) * UNIT * PANEL);
+        DECODE[f](w, p, g0, &dec);
+        for (int64_t row = row0; row < row0 + rows;) { /* tiles of even rows: 8 as 4 + 4, not 6 + 2 */
+            const int64_t left = row0 + rows - row, tiles = (left + max_rows - 1) / max_rows;
+            const int n = (int)((left + tiles - 1) / tiles);
+            DECODED_INT8[f][n - 1](xq, row, w, p, g0, &dec, out + (row - row0) * UNIT * PANEL);
             row += n;
         }
     }
