@@ -460,11 +460,14 @@ static inline sv sv_zero_pairs(const struct packed_weight *w, int64_t at, int ze
     const __m256i s0 = _mm256_mullo_epi16(subs16(w, at, 0), z), s1 = _mm256_mullo_epi16(subs16(w, at + PANEL, 0), z);
     return (sv){_mm256_unpacklo_epi16(s0, s1), _mm256_unpackhi_epi16(s0, s1)};
 }
-/* 8 k: acc + sub * (the sum of maddubs' pairs of both 4 k). The weights' values are below 64 in factored parts, so
- * two pairs sum to at most 4 * 63 * 127 < 2^15: exact in 16 bits. */
+/* 8 k: maddubs' pairs of both 4 k (unsigned u against signed s) summed in 16 bits. */
+static inline __m256i pairs8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+    return _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+}
+/* 8 k: acc + sub * pairs8. The weights' values are below 64 in factored parts, so two pairs sum to at most
+ * 4 * 63 * 127 < 2^15: exact in 16 bits. */
 static inline __m256i scaled8(__m256i acc, __m256i w0, __m256i w1, __m256i x0, __m256i x1, __m256i sub) {
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, sub));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs8(w0, x0, w1, x1), sub));
 }
 static inline iv scaled_dot8(iv acc, const bv w[2], const int8_t *x, sv sub) {
     const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
@@ -497,8 +500,7 @@ static inline void q4_half(const uint8_t *p, int half, __m256i *low, __m256i *hi
     *high = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
 }
 static inline __m256i q4_pairs(__m256i low, __m256i high, const int8_t *x) { /* 8 k: 4 + 4 pairs a word */
-    return _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_set1_epi32(four_bytes(x))),
-                            _mm256_maddubs_epi16(high, _mm256_set1_epi32(four_bytes(x + 4))));
+    return pairs8(low, _mm256_set1_epi32(four_bytes(x)), high, _mm256_set1_epi32(four_bytes(x + 4)));
 }
 #define Q4_STEP(R, U, HALF, j, WORDS_OF)                                                                        \
     {                                                                                                           \
@@ -624,9 +626,7 @@ typedef struct {
 #define DECODED_TILE_ROWS 6
 static inline __m256i decoded8(__m256i acc, const int8_t *x, __m256i w0, __m256i w1, __m256i sub, int biased) {
     const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
-    const __m256i pairs = biased ? _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0), _mm256_maddubs_epi16(x1, w1))
-                                 : _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, sub));
+    return biased ? scaled8(acc, x0, x1, w0, w1, sub) : scaled8(acc, w0, w1, x0, x1, sub);
 }
 /* Half FIELD (a or b) of the R rows from XS[r] against the unit, added to ACC. */
 #define DECODED_HALF(ACC, R, FIELD, XS, BIASED)                                                                \
@@ -653,8 +653,7 @@ static inline void decoded_step(decoded *dec, int64_t s, int64_t group, int zero
     const sv *sub = &dec->subs[s * 8 / group];
     v[0] = (bv){_mm256_sub_epi8(v[0].a, z), _mm256_sub_epi8(v[0].b, z)};
     v[1] = (bv){_mm256_sub_epi8(v[1].a, z), _mm256_sub_epi8(v[1].b, z)};
-    const __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(bias, v[0].a), _mm256_maddubs_epi16(bias, v[1].a));
-    const __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(bias, v[0].b), _mm256_maddubs_epi16(bias, v[1].b));
+    const __m256i a = pairs8(bias, v[0].a, bias, v[1].a), b = pairs8(bias, v[0].b, bias, v[1].b);
     dec->start = (iv){_mm256_sub_epi32(dec->start.a, _mm256_madd_epi16(a, sub->a)), _mm256_sub_epi32(dec->start.b, _mm256_madd_epi16(b, sub->b))};
 }
 #define DEFINE_I8_DECODED_TILE(NAME, R, HAS_MIN, KIND)                                                          \
