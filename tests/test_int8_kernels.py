@@ -60,7 +60,8 @@ def test_int8_gemm_is_exact_on_the_quantized_activations_and_each_row_keeps_its_
     packed = int8_packed(w, bias)
     full = gemm(lib, x, packed)
     assert_float32_close(full, int8_activations(x, block_of(qtype)).float(), w.dequantize(), bias)
-    # from 24 rows (AVX2: 8) Q6_K, Q5_K, Q3_K and Q2_K run against superblocks decoded once, fewer in tiles
+    # from 24 rows (AVX2: 8) Q6_K, Q5_K, Q3_K and Q2_K (AVX2: and Q4_K from 16) run against superblocks decoded
+    # once, fewer in tiles
     assert_each_row_keeps_its_bits(lib, x, packed, full)
 
 
@@ -91,7 +92,7 @@ def test_int8_k_quants_are_exact_at_the_largest_values(lib, qtype, fill):
 @pytest.mark.parametrize("rows", [9, 40, 270, 300])
 def test_every_build_gives_the_same_int8_bits(qtype, rows):
     """Integer sums are exact in any order, and the float steps after them are the same in every build: in
-    tiles of a few rows, and (40 rows of a K-quant but Q4_K; on the AMX build, any K-quant) with each
+    tiles of a few rows, and (40 rows of a K-quant but Q4_K; on the AVX2 and AMX builds, any) with each
     superblock decoded once for all rows. The AMX build takes rows in blocks of 256: 270 leaves a block of
     14, which takes the tiles, 300 one of 44, whose last tile product runs 12 rows past the end."""
     libs = [bind(load_library(isa)) for isa in BUILDS]

@@ -21,11 +21,11 @@
  * zero * sum(q), the dot's starting value) against 4 bytes of q broadcast: AVX-512 VNNI's dpbusd (q8 offset
  * by 128 to be unsigned), AVX2's maddubs + madd (q8 through the sign of q instead: maddubs' 16-bit pair sums would overflow on
  * 255 * 127 * 2), or plain C.
- * In prefill (int8_decodes: DECODED_ROWS and more of Q6_K, Q5_K, Q3_K or Q2_K) a tile would unpack the same weights
- * once per few rows: there each superblock of a unit is decoded to those bytes once, into 8 KB that stay in L1,
- * and every row of the row block runs against them (int8_decoded_unit): the same dots and float steps, so the
- * same bits; measured 1.2-1.4x faster on a Q6_K 12288 x 4096 at 32-512 rows (Zen 4). The AVX2 build's decoded
- * tiles take the weights less their zero against x + 128 instead (DECODED_HALF): the same int32.
+ * In prefill (int8_decodes: DECODED_ROWS and more of Q6_K, Q5_K, Q3_K or Q2_K, and on AVX2 Q4_K) a tile would
+ * unpack the same weights once per few rows: there each superblock of a unit is decoded to those bytes once, into
+ * 8 KB that stay in L1, and every row of the row block runs against them (int8_decoded_unit): the same dots and
+ * float steps, so the same bits; measured 1.2-1.4x faster on a Q6_K 12288 x 4096 at 32-512 rows (Zen 4). The AVX2
+ * build's decoded tiles take the weights less their zero against x + 128 instead (DECODED_HALF): the same int32.
  */
 #if defined(__AMX_INT8__)
 #define _GNU_SOURCE /* syscall */
@@ -40,6 +40,9 @@
 static inline int8_t *tile_row(const struct int8_rows *xq, int64_t r, int64_t s) {
     return xq->tiles + ((r / TILE_ROWS * (xq->k / TILE_K) + s) * TILE_ROWS + r % TILE_ROWS) * TILE_K;
 }
+
+/* int8_rows' pairs: two sums of q (|sum| <= 32 * 127) as the low and high int16 of a word. */
+static inline int32_t int16_pair(int32_t low, int32_t high) { return (int32_t)((uint32_t)(uint16_t)low | (uint32_t)high << 16); }
 
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
     const int64_t k = xq->k, block = xq->block, blocks = k / block;
@@ -69,6 +72,10 @@ void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
             for (int j = 0; j < SUM_BLOCK; j++) sum += xq->q[r * k + h * SUM_BLOCK + j];
             xq->sums[r * (k / SUM_BLOCK) + h] = sum;
         }
+        const int32_t *sums = xq->sums + r * (k / SUM_BLOCK);
+        for (int64_t h = 0; h < k / 32; h++) xq->pairs[0][r * (k / 32) + h] = int16_pair(sums[2 * h], sums[2 * h + 1]);
+        for (int64_t h = 0; h < k / 64; h++)
+            xq->pairs[1][r * (k / 64) + h] = int16_pair(sums[4 * h] + sums[4 * h + 1], sums[4 * h + 2] + sums[4 * h + 3]);
         for (int64_t s = 0; xq->tiles && s < k / TILE_K; s++)
             memcpy(tile_row(xq, r, s), xq->q + r * k + s * TILE_K, TILE_K);
     }
@@ -442,23 +449,28 @@ static inline int q4_zero(const struct packed_weight *w, int has_min) { return h
  * do, and the zero's share is taken once a superblock (ZERO_SHARE); elsewhere the dots, started at
  * -zero * sum(q), are multiplied by it (iv_mul_add). The same integers either way. */
 #if defined(__AVX2__) && !defined(__AVX512F__)
-/* A group's 16 sub-scales (sv_subs), or (sv_zero_pairs) two groups' times the zero, as 16-bit pairs in each
- * column's 32-bit lane, in iv's column order: (sub, sub), or (zero * sub of g, zero * sub of g + 1). */
+/* A group's 16 sub-scales (sv_subs), or two groups' sub-scales times the zero (sv_zero_pairs) or sub-offsets
+ * (sv_offset_pairs), as 16-bit pairs in each column's 32-bit lane, in iv's column order: (sub, sub), or
+ * (v of g, v of g + 1). */
 typedef struct {
     __m256i a, b;
 } sv;
-static inline __m256i subs16(const struct packed_weight *w, int64_t at, int four_bit) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)w->scales + at));
-    return four_bit ? _mm256_cvtepu8_epi16(_mm_and_si128(bytes, _mm_set1_epi8(15))) : _mm256_cvtepi8_epi16(bytes);
+static inline __m256i subs16(const struct packed_weight *w, int offsets, int64_t at, int four_bit) { /* as iv_subs */
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)((const int8_t *)(offsets && !four_bit ? w->mins : w->scales) + at));
+    if (!four_bit) return _mm256_cvtepi8_epi16(bytes);
+    return _mm256_cvtepu8_epi16(_mm_and_si128(offsets ? _mm_srli_epi16(bytes, 4) : bytes, _mm_set1_epi8(15)));
 }
 static inline sv sv_subs(const struct packed_weight *w, int64_t at, int four_bit) {
-    const __m256i s = subs16(w, at, four_bit);
+    const __m256i s = subs16(w, 0, at, four_bit);
     return (sv){_mm256_unpacklo_epi16(s, s), _mm256_unpackhi_epi16(s, s)};
 }
+static inline sv sv_pairs(__m256i s0, __m256i s1) { return (sv){_mm256_unpacklo_epi16(s0, s1), _mm256_unpackhi_epi16(s0, s1)}; }
 static inline sv sv_zero_pairs(const struct packed_weight *w, int64_t at, int zero) { /* parts with a zero: int8 subs */
     const __m256i z = _mm256_set1_epi16((int16_t)zero);
-    const __m256i s0 = _mm256_mullo_epi16(subs16(w, at, 0), z), s1 = _mm256_mullo_epi16(subs16(w, at + PANEL, 0), z);
-    return (sv){_mm256_unpacklo_epi16(s0, s1), _mm256_unpackhi_epi16(s0, s1)};
+    return sv_pairs(_mm256_mullo_epi16(subs16(w, 0, at, 0), z), _mm256_mullo_epi16(subs16(w, 0, at + PANEL, 0), z));
+}
+static inline sv sv_offset_pairs(const struct packed_weight *w, int64_t at, int four_bit) {
+    return sv_pairs(subs16(w, 1, at, four_bit), subs16(w, 1, at + PANEL, four_bit));
 }
 /* 8 k: maddubs' pairs of both 4 k (unsigned u against signed s) summed in 16 bits. */
 static inline __m256i pairs8(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
@@ -473,9 +485,12 @@ static inline iv scaled_dot8(iv acc, const bv w[2], const int8_t *x, sv sub) {
     const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
     return (iv){scaled8(acc.a, w[0].a, w[1].a, x0, x1, sub.a), scaled8(acc.b, w[0].b, w[1].b, x0, x1, sub.b)};
 }
-static inline iv less_pairs(iv acc, sv pairs, int32_t qsum0, int32_t qsum1) { /* |sum of q| <= 32 * 127 */
-    const __m256i q = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)qsum0 | (uint32_t)qsum1 << 16));
-    return (iv){_mm256_sub_epi32(acc.a, _mm256_madd_epi16(pairs.a, q)), _mm256_sub_epi32(acc.b, _mm256_madd_epi16(pairs.b, q))};
+/* Row r's sums of q of the groups g and g + 1 (g even) as one word of int16s (int8_rows' pairs). */
+#define SUM_PAIR(r, g) xq->pairs[group == 32][(row + (r)) * (k / (2 * group)) + (g) / 2]
+/* Each column's pairs . (sum of q of g, of g + 1). */
+static inline iv pair_dots(sv pairs, int32_t sum_pair) {
+    const __m256i q = _mm256_set1_epi32(sum_pair);
+    return (iv){_mm256_madd_epi16(pairs.a, q), _mm256_madd_epi16(pairs.b, q)};
 }
 #define SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
     {                                                                                                           \
@@ -534,8 +549,28 @@ static inline __m256i q4_pairs(__m256i low, __m256i high, const int8_t *x) { /* 
 #define ZERO_SHARE(ACC, R, U, QSUM)                                                                             \
     if (zero) UNROLL for (int u = 0; u < U; u++) for (int64_t j = 0; j < per; j += 2) {                         \
             const sv pairs = sv_zero_pairs(w, ((p + u) * groups + g0 + j) * PANEL, zero);                       \
-            UNROLL for (int r = 0; r < R; r++) ACC[r][u] = less_pairs(ACC[r][u], pairs, QSUM[j][r], QSUM[j + 1][r]); \
+            UNROLL for (int r = 0; r < R; r++) {                                                                \
+                const iv d = pair_dots(pairs, SUM_PAIR(r, g0 + j));                                             \
+                ACC[r][u] = (iv){_mm256_sub_epi32(ACC[r][u].a, d.a), _mm256_sub_epi32(ACC[r][u].b, d.b)};       \
+            }                                                                                                   \
         }
+/* The superblocks' zeros and offsets take int8_rows' pairs of sums of q, not each group's (SUPER_QSUMS). */
+#define SUPER_QSUMS(QSUM, R) (void)QSUM;
+/* Each row's sum over the superblock's groups of sub-offset * sum of q, by pairs of groups: exact in int32
+ * (|sum| <= 8 * 32 * 127 * 63 < 2^24), so its float is the float path's exact sum too. */
+#define OFFSET_SUMS(OFFSETS, R, u, KIND, QSUM)                                                                  \
+    {                                                                                                           \
+        iv sums[R];                                                                                             \
+        UNROLL for (int r = 0; r < R; r++) sums[r] = iv_set1(0);                                                \
+        for (int64_t j = 0; j < per; j += 2) {                                                                  \
+            const sv pairs = sv_offset_pairs(w, ((p + (u)) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT);        \
+            UNROLL for (int r = 0; r < R; r++) {                                                                \
+                const iv d = pair_dots(pairs, SUM_PAIR(r, g0 + j));                                             \
+                sums[r] = (iv){_mm256_add_epi32(sums[r].a, d.a), _mm256_add_epi32(sums[r].b, d.b)};             \
+            }                                                                                                   \
+        }                                                                                                       \
+        UNROLL for (int r = 0; r < R; r++) OFFSETS[r] = iv_float(sums[r]);                                      \
+    }
 #else
 #define SCALED_GROUP(ACC, R, U, KIND, QSUM, LOAD8, SPANS, SPANS_LOOP)                                            \
     {                                                                                                           \
@@ -547,6 +582,15 @@ static inline __m256i q4_pairs(__m256i low, __m256i high, const int8_t *x) { /* 
     }
 #define ZERO_SHARE(ACC, R, U, QSUM)
 #define q4_SCALED_GROUP SCALED_GROUP
+#define SUPER_QSUMS GROUP_QSUMS
+#define OFFSET_SUMS(OFFSETS, R, u, KIND, QSUM)                                                                  \
+    {                                                                                                           \
+        UNROLL for (int r = 0; r < R; r++) OFFSETS[r] = pv_zero();                                              \
+        for (int64_t j = 0; j < per; j++) {                                                                     \
+            const pv sub = iv_float(iv_subs(w, 1, ((p + (u)) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));     \
+            UNROLL for (int r = 0; r < R; r++) OFFSETS[r] = pv_fma((float)QSUM[j][r], sub, OFFSETS[r]);         \
+        }                                                                                                       \
+    }
 #endif
 #define q2_SCALED_GROUP SCALED_GROUP
 #define q3_SCALED_GROUP SCALED_GROUP
@@ -568,7 +612,7 @@ static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv
         iv acc[R][U];                                                                                           \
         UNROLL for (int r = 0; r < R; r++) UNROLL for (int u = 0; u < U; u++) acc[r][u] = iv_set1(0);           \
         for (int64_t g = g0; g < g0 + per; g++) {                                                               \
-            GROUP_QSUMS(qsum[g - g0], R)                                                                        \
+            SUPER_QSUMS(qsum[g - g0], R)                                                                        \
             KIND##_SCALED_GROUP(acc, R, U, KIND, qsum[g - g0], LOAD8, KIND##_KGROUP / KIND##_SPAN, SPANS_LOOP)  \
         }                                                                                                       \
         ZERO_SHARE(acc, R, U, qsum)                                                                             \
@@ -581,11 +625,8 @@ static inline void super_store(float *o, const pv supers[2], float d, iv acc, pv
         LOAD_SUPERS(supers, U, HAS_MIN, g0)                                                                     \
         UNROLL for (int u = 0; u < U; u++) {                                                                    \
             pv offsets[R];                                                                                      \
-            UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_zero();                                          \
-            for (int64_t j = 0; HAS_MIN && j < per; j++) {                                                      \
-                const pv sub = iv_float(iv_subs(w, 1, ((p + u) * groups + g0 + j) * PANEL, KIND##_FOUR_BIT));   \
-                UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_fma((float)QSUM[j][r], sub, offsets[r]);     \
-            }                                                                                                   \
+            if (HAS_MIN) OFFSET_SUMS(offsets, R, u, KIND, QSUM)                                                 \
+            else UNROLL for (int r = 0; r < R; r++) offsets[r] = pv_zero();                                     \
             UNROLL for (int r = 0; r < R; r++) {                                                                \
                 const float d = xq->d[(row + r) * (k / INT8_SUPER_BLOCK) + g0 / per];                           \
                 super_store(out + (r * U + u) * PANEL, supers[u], d, ACC[r][u], offsets[r], HAS_MIN);           \
@@ -622,23 +663,43 @@ typedef struct {
  * (x + 128) . w - 128 . w = x . w, the same exact int32 with no share of the zero per row (ZERO_SHARE); two pairs
  * sum to at most 4 * 255 * 32 < 2^15 in 16 bits. Parts with offsets take them as the packed tiles do. UNIT is 1.
  * Xeon, 4096 x 4096, 64-512 rows: Q6_K 1.17-1.22x, Q3_K 1.15-1.25x, Q5_K 1.04-1.07x faster than the packed tiles'
- * form (SUPERBLOCK from the decoded bytes, 4 rows); at 8 rows 0.95-1.04x. */
+ * form (SUPERBLOCK from the decoded bytes, 4 rows); at 8 rows 0.95-1.04x. Q4_K's words sum a group's 4 steps
+ * (WORD_STEPS): 1.06-1.10x its packed tiles from 20 rows. */
 #define DECODED_TILE_ROWS 6
-static inline __m256i decoded8(__m256i acc, const int8_t *x, __m256i w0, __m256i w1, __m256i sub, int biased) {
+static inline __m256i decoded_pairs(const int8_t *x, const bv w[2], int half, int biased) {
     const __m256i x0 = _mm256_set1_epi32(four_bytes(x)), x1 = _mm256_set1_epi32(four_bytes(x + 4));
-    return biased ? scaled8(acc, x0, x1, w0, w1, sub) : scaled8(acc, w0, w1, x0, x1, sub);
+    const __m256i w0 = half ? w[0].b : w[0].a, w1 = half ? w[1].b : w[1].a;
+    return biased ? pairs8(x0, w0, x1, w1) : pairs8(w0, x0, w1, x1);
 }
-/* Half FIELD (a or b) of the R rows from XS[r] against the unit, added to ACC. */
-#define DECODED_HALF(ACC, R, FIELD, XS, BIASED)                                                                \
+/* The 8-k steps whose pairs a 16-bit word sums before the madd by the sub-scale: Q4_K's 4 (a group; its values
+ * are below 16: 16 * 15 * 127 < 2^15), the others' one (their 2 steps measured 0.85-0.93x). */
+#define q2_WORD_STEPS 1
+#define q3_WORD_STEPS 1
+#define q4_WORD_STEPS 4
+#define q5_WORD_STEPS 1
+#define q6_WORD_STEPS 1
+/* Half HALF (0: a, 1: b) of the R rows from XS[r] against the unit, added to ACC. */
+#define DECODED_HALF(ACC, R, HALF, XS, BIASED, STEPS)                                                          \
     {                                                                                                           \
         __m256i sums[R];                                                                                        \
-        UNROLL for (int r = 0; r < R; r++) sums[r] = ACC[r][0].FIELD;                                           \
-        for (int64_t s = 0; s < INT8_SUPER_BLOCK / 8; s++) {                                                    \
-            const bv *wv = dec->w[s][0];                                                                        \
-            const __m256i sub = dec->subs[s * 8 / group].FIELD;                                                 \
-            UNROLL for (int r = 0; r < R; r++) sums[r] = decoded8(sums[r], XS[r] + 8 * s, wv[0].FIELD, wv[1].FIELD, sub, BIASED); \
+        UNROLL for (int r = 0; r < R; r++) sums[r] = HALF ? ACC[r][0].b : ACC[r][0].a;                          \
+        for (int64_t s = 0; s < INT8_SUPER_BLOCK / 8; s += STEPS) {                                             \
+            const __m256i sub = HALF ? dec->subs[s * 8 / group].b : dec->subs[s * 8 / group].a;                 \
+            __m256i words[R];                                                                                   \
+            UNROLL for (int r = 0; r < R; r++) {                                                                \
+                words[r] = decoded_pairs(XS[r] + 8 * s, dec->w[s][0], HALF, BIASED);                            \
+                if (STEPS == 1) sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(words[r], sub));          \
+            }                                                                                                   \
+            if (STEPS > 1) {                                                                                    \
+                _Pragma("GCC unroll 1") for (int64_t t = s + 1; t < s + STEPS; t++) UNROLL for (int r = 0; r < R; r++) \
+                    words[r] = _mm256_add_epi16(words[r], decoded_pairs(XS[r] + 8 * t, dec->w[t][0], HALF, BIASED)); \
+                UNROLL for (int r = 0; r < R; r++) sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(words[r], sub)); \
+            }                                                                                                   \
         }                                                                                                       \
-        UNROLL for (int r = 0; r < R; r++) ACC[r][0].FIELD = sums[r];                                           \
+        UNROLL for (int r = 0; r < R; r++) {                                                                    \
+            if (HALF) ACC[r][0].b = sums[r];                                                                    \
+            else ACC[r][0].a = sums[r];                                                                         \
+        }                                                                                                       \
     }
 /* As DECODE decodes a unit's superblock: each group's sub-scales and start first, then with a zero each step's
  * weights less it and their share of start. */
@@ -672,13 +733,9 @@ static inline void decoded_step(decoded *dec, int64_t s, int64_t group, int zero
         }                                                                                                       \
         iv acc[R][1];                                                                                           \
         UNROLL for (int r = 0; r < R; r++) acc[r][0] = dec->start;                                              \
-        DECODED_HALF(acc, R, a, xs, !HAS_MIN)                                                                   \
-        DECODED_HALF(acc, R, b, xs, !HAS_MIN)                                                                   \
-        int32_t qsum[HAS_MIN ? INT8_SUPER_BLOCK / 16 : 1][R];                                                   \
-        for (int64_t g = g0; HAS_MIN && g < g0 + per; g++) {                                                    \
-            GROUP_QSUMS(qsum[g - g0], R)                                                                        \
-        }                                                                                                       \
-        SUPER_STORE(acc, R, 1, HAS_MIN, KIND, qsum)                                                             \
+        DECODED_HALF(acc, R, 0, xs, !HAS_MIN, KIND##_WORD_STEPS)                                                \
+        DECODED_HALF(acc, R, 1, xs, !HAS_MIN, KIND##_WORD_STEPS)                                                \
+        SUPER_STORE(acc, R, 1, HAS_MIN, KIND, )                                                                 \
     }
 #else
 /* The same as the packed tiles for one superblock from the unit's decoded bytes. */
@@ -751,14 +808,23 @@ DECODED_OF(k_q5m, 1, q5)
 DECODED_OF(k_q6, 0, q6)
 DECODED_OF(k_q2m, 1, q2)
 DECODED_OF(k_q3, 0, q3)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+DEFINE_DECODE(q4)
+DECODED_OF(k_q4m, 1, q4)
+#define Q4_DECODED DECODED_TABLE(k_q4m)
+#define Q4_DECODE q4_decode
+#else /* the AVX-512 and portable builds: its bytes are a mask and a shift away, and decoding them ahead measured no
+       * faster (Zen 4) */
+#define Q4_DECODED {0}
+#define Q4_DECODE 0
+#endif
 typedef void (*decoded_tile_fn)(const struct int8_rows *, int64_t, const struct packed_weight *, int64_t, int64_t,
                                 const decoded *, float *);
 typedef void (*decode_fn)(const struct packed_weight *, int64_t, int64_t, decoded *);
 #define DECODED_TABLE(N) {N##_1d, N##_2d, N##_3d, N##_4d, N##_5d, N##_6d, N##_7d, N##_8d}
-/* Q4_K takes none: its bytes are a mask and a shift away, and decoding them ahead measured no faster. */
-static const decoded_tile_fn DECODED_INT8[12][8] = {{0}, {0}, {0}, {0}, {0}, DECODED_TABLE(k_q5m), DECODED_TABLE(k_q6), {0}, {0},
+static const decoded_tile_fn DECODED_INT8[12][8] = {{0}, {0}, {0}, Q4_DECODED, {0}, DECODED_TABLE(k_q5m), DECODED_TABLE(k_q6), {0}, {0},
                                                    DECODED_TABLE(k_q2m), DECODED_TABLE(k_q3), {0}};
-static const decode_fn DECODE[12] = {0, 0, 0, 0, 0, q5_decode, q6_decode, 0, 0, q2_decode, q3_decode, 0};
+static const decode_fn DECODE[12] = {0, 0, 0, Q4_DECODE, 0, q5_decode, q6_decode, 0, 0, q2_decode, q3_decode, 0};
 #endif
 
 static int format_of(const struct packed_weight *w) { return 2 * (w->format - FMT_Q8) + (w->has_min != 0); }
@@ -793,16 +859,6 @@ void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, cons
     const int f = format_of(w), superblocks = w->factored != 0;
     (wide ? WIDE_INT8[superblocks][f] : NARROW_INT8[superblocks][f])[rows - 1](xq, row, w, p, out);
 }
-
-/* Rows from which a unit's rows take the decoded tiles, measured on Zen 4 (2 threads, 12288 x 4096): at 24
- * rows and up Q6_K 1.06-1.37x, Q5_K 1.08-1.28x, Q3_K and Q2_K 1.1-1.5x faster; at 16 and fewer level or
- * slower, the decoding then shared by too few tiles. The AVX2 build shares it from 2 tiles of 4 rows: at 8-20
- * rows Q6_K 1.03-1.20x, Q5_K 1.04-1.17x, Q3_K 1.3-1.7x (Xeon, 4096 x 4096), level at 4-6. */
-#if defined(__AVX2__) && !defined(__AVX512F__)
-#define DECODED_ROWS 8
-#else
-#define DECODED_ROWS 24
-#endif
 
 #if defined(__AMX_INT8__)
 /* The AMX build (Intel, from Sapphire Rapids): a K-quant's superblock as tile products, 16 rows x 64 k x 16
@@ -981,8 +1037,19 @@ void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, c
 #else
 int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block) { return (void)m, (void)k, (void)block, 0; }
 
+/* Rows from which a unit's rows take the decoded tiles, measured on Zen 4 (2 threads, 12288 x 4096): at 24
+ * rows and up Q6_K 1.06-1.37x, Q5_K 1.08-1.28x, Q3_K and Q2_K 1.1-1.5x faster; at 16 and fewer level or
+ * slower, the decoding then shared by too few tiles. The AVX2 build shares it from 2 tiles of 4 rows: at 8-20
+ * rows Q6_K 1.03-1.20x, Q5_K 1.04-1.17x, Q3_K 1.3-1.7x (Xeon, 4096 x 4096), level at 4-6; and Q4_K (that build
+ * only) from 16: 1.01-1.04x at 16, 1.06-1.10x from 20 (4096 x 4096 and 12288), 0.88-0.98x at 8-12. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static const int8_t DECODED_ROWS[12] = {0, 0, 0, 16, 0, 8, 8, 0, 0, 8, 8, 0};
+#else
+static const int8_t DECODED_ROWS[12] = {0, 0, 0, 24, 0, 24, 24, 0, 0, 24, 24, 0};
+#endif
 int int8_decodes(const struct packed_weight *w, int64_t rows) {
-    return rows >= DECODED_ROWS && w->factored && DECODE[format_of(w)] != 0;
+    const int f = format_of(w);
+    return w->factored && DECODE[f] != 0 && rows >= DECODED_ROWS[f];
 }
 
 void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, const struct packed_weight *w,

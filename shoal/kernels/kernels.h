@@ -39,6 +39,8 @@ struct int8_rows {
     int8_t *q;     /* [m][k] */
     float *d;      /* [m][k / block] */
     int32_t *sums; /* [m][k / 16] */
+    int32_t *pairs[2]; /* [m][k / 32], [m][k / 64]: the sums of q of groups g and g + 1 of 16 (32) k, from even g,
+                        * as the low and high int16 of a word (AVX2 builds: the madd operand of offsets and zeros) */
     int64_t k, block;
     int8_t *tiles; /* the AMX build's, blocks of 256 from 32 rows: q as [m / 16, rounded up][k / 64][16][64] */
 };
