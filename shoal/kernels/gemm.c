@@ -275,7 +275,7 @@ static const int64_t INT8_BLOCKS[2] = {INT8_BLOCK, INT8_SUPER_BLOCK};
 
 /* Floats of x in int8 in blocks of `block`: its values, scales, sums and their pairs (gemm_int8.c). */
 static int64_t int8_rows_size(int64_t m, int64_t k, int64_t block) {
-    return m * k / 4 + m * k / block + m * k / 16 + m * k / 32 + m * k / 64 + (int8_tiles_size(m, k, block) + 3) / 4;
+    return m * k / 4 + m * k / block + m * k / 16 + int8_pairs_size(m, k) + (int8_tiles_size(m, k, block) + 3) / 4;
 }
 
 /* xsum floats gemm_body needs for m rows: each part's group sums of x, part after part, then x in int8 in
@@ -289,9 +289,9 @@ int64_t xsum_size(const struct packed_weight *w, int64_t m) {
 static struct int8_rows int8_rows_in(float *scratch, int64_t m, int64_t k, int64_t block) {
     int8_t *q = (int8_t *)scratch;
     float *d = scratch + m * k / 4;
-    int32_t *sums = (int32_t *)(d + m * k / block), *pairs16 = sums + m * k / 16, *pairs32 = pairs16 + m * k / 32;
-    int8_t *tiles = int8_tiles_size(m, k, block) ? (int8_t *)(pairs32 + m * k / 64) : NULL;
-    return (struct int8_rows){q, d, sums, {pairs16, pairs32}, k, block, tiles};
+    int32_t *sums = (int32_t *)(d + m * k / block), *pairs = int8_pairs_size(m, k) ? sums + m * k / 16 : NULL;
+    int8_t *tiles = int8_tiles_size(m, k, block) ? (int8_t *)(sums + m * k / 16 + int8_pairs_size(m, k)) : NULL;
+    return (struct int8_rows){q, d, sums, {pairs, pairs ? pairs + m * k / 32 : NULL}, k, block, tiles};
 }
 
 static int64_t units_of(const struct packed_weight *w, int panels) {

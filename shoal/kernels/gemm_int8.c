@@ -41,7 +41,14 @@ static inline int8_t *tile_row(const struct int8_rows *xq, int64_t r, int64_t s)
     return xq->tiles + ((r / TILE_ROWS * (xq->k / TILE_K) + s) * TILE_ROWS + r % TILE_ROWS) * TILE_K;
 }
 
-/* int8_rows' pairs: two sums of q (|sum| <= 32 * 127) as the low and high int16 of a word. */
+/* int8_rows' pairs: two sums of q (|sum| <= 32 * 127) as the low and high int16 of a word; the AVX2 build's. */
+int64_t int8_pairs_size(int64_t m, int64_t k) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    return m * k / 32 + m * k / 64;
+#else
+    return (void)m, (void)k, 0;
+#endif
+}
 static inline int32_t int16_pair(int32_t low, int32_t high) { return (int32_t)((uint32_t)(uint16_t)low | (uint32_t)high << 16); }
 
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
@@ -73,8 +80,8 @@ void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq) {
             xq->sums[r * (k / SUM_BLOCK) + h] = sum;
         }
         const int32_t *sums = xq->sums + r * (k / SUM_BLOCK);
-        for (int64_t h = 0; h < k / 32; h++) xq->pairs[0][r * (k / 32) + h] = int16_pair(sums[2 * h], sums[2 * h + 1]);
-        for (int64_t h = 0; h < k / 64; h++)
+        for (int64_t h = 0; xq->pairs[0] && h < k / 32; h++) xq->pairs[0][r * (k / 32) + h] = int16_pair(sums[2 * h], sums[2 * h + 1]);
+        for (int64_t h = 0; xq->pairs[1] && h < k / 64; h++)
             xq->pairs[1][r * (k / 64) + h] = int16_pair(sums[4 * h] + sums[4 * h + 1], sums[4 * h + 2] + sums[4 * h + 3]);
         for (int64_t s = 0; xq->tiles && s < k / TILE_K; s++)
             memcpy(tile_row(xq, r, s), xq->q + r * k + s * TILE_K, TILE_K);

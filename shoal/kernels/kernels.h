@@ -40,12 +40,14 @@ struct int8_rows {
     float *d;      /* [m][k / block] */
     int32_t *sums; /* [m][k / 16] */
     int32_t *pairs[2]; /* [m][k / 32], [m][k / 64]: the sums of q of groups g and g + 1 of 16 (32) k, from even g,
-                        * as the low and high int16 of a word (AVX2 builds: the madd operand of offsets and zeros) */
+                        * as the low and high int16 of a word; the AVX2 build's (the madd operand of offsets and
+                        * zeros), NULL in the others */
     int64_t k, block;
     int8_t *tiles; /* the AMX build's, blocks of 256 from 32 rows: q as [m / 16, rounded up][k / 64][16][64] */
 };
-/* Bytes of `tiles` for m rows (0 where there is none). */
+/* Bytes of `tiles` for m rows (0 where there is none); int32s of `pairs` (0 where the build has none). */
 int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block);
+int64_t int8_pairs_size(int64_t m, int64_t k);
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
 /* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format; their rows. */
 int64_t int8_block(const struct packed_weight *w);
