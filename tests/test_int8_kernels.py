@@ -133,3 +133,15 @@ def test_float_parts_and_other_groups_keep_float32_arithmetic(lib):
     assert_float32_close(b[:, 224:], int8_activations(x, 32).float(), parts[3].dequantize())
     for m in (1, 2, 3, 4, 7, 10):
         assert torch.equal(gemm(lib, x[:m], int8), b[:m]), m
+
+
+@pytest.mark.parametrize("rows", [9, 40])
+def test_k_quant_parts_stacked_keep_each_parts_bits(lib, rows):
+    """Q4_K (offsets), Q6_K and Q3_K (zeros; the AVX2 build's decoded tiles take x + 128, made once a product
+    where a part takes it) stacked in one matrix, as q/k/v are: each part's columns are its own product's bits."""
+    parts = [random_weight(t, 32, 512, seed=i) for i, t in enumerate([T.Q4_K, T.Q6_K, T.Q3_K])]
+    stacked = pack_parts([kept_form(p) for p in parts])
+    stacked.take_int8_activations()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    alone = torch.cat([gemm(lib, x, int8_packed(p)) for p in parts], dim=1)
+    assert torch.equal(gemm(lib, x, stacked), alone)

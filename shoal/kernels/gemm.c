@@ -265,6 +265,13 @@ static int any_int8(const struct packed_weight *w, int64_t block) {
     return 0;
 }
 
+/* Whether a part of w in blocks of `block` takes x + 128 at m rows (int8_takes_biased). */
+static int any_biased(const struct packed_weight *w, int64_t block, int64_t m) {
+    for (; w; w = w->next)
+        if (uses_int8(w) && int8_block(w) == block && int8_takes_biased(w, m)) return 1;
+    return 0;
+}
+
 static int64_t sums_size(const struct packed_weight *w, int64_t m) {
     int64_t size = 0;
     for (; w; w = w->next) size += w->has_min ? m * groups_of(w) : 0;
@@ -275,7 +282,8 @@ static const int64_t INT8_BLOCKS[2] = {INT8_BLOCK, INT8_SUPER_BLOCK};
 
 /* Floats of x in int8 in blocks of `block`: its values, scales, sums and their pairs (gemm_int8.c). */
 static int64_t int8_rows_size(int64_t m, int64_t k, int64_t block) {
-    return m * k / 4 + m * k / block + m * k / 16 + int8_pairs_size(m, k) + (int8_tiles_size(m, k, block) + 3) / 4;
+    return m * k / 4 + m * k / block + m * k / 16 + int8_pairs_size(m, k) + (int8_tiles_size(m, k, block) + 3) / 4 +
+           (int8_biased_size(m, k, block) + 3) / 4;
 }
 
 /* xsum floats gemm_body needs for m rows: each part's group sums of x, part after part, then x in int8 in
@@ -290,8 +298,10 @@ static struct int8_rows int8_rows_in(float *scratch, int64_t m, int64_t k, int64
     int8_t *q = (int8_t *)scratch;
     float *d = scratch + m * k / 4;
     int32_t *sums = (int32_t *)(d + m * k / block), *pairs = int8_pairs_size(m, k) ? sums + m * k / 16 : NULL;
-    int8_t *tiles = int8_tiles_size(m, k, block) ? (int8_t *)(sums + m * k / 16 + int8_pairs_size(m, k)) : NULL;
-    return (struct int8_rows){q, d, sums, {pairs, pairs ? pairs + m * k / 32 : NULL}, k, block, tiles};
+    float *after_pairs = (float *)(sums + m * k / 16 + int8_pairs_size(m, k));
+    int8_t *tiles = int8_tiles_size(m, k, block) ? (int8_t *)after_pairs : NULL;
+    int8_t *biased = int8_biased_size(m, k, block) ? (int8_t *)(after_pairs + (int8_tiles_size(m, k, block) + 3) / 4) : NULL;
+    return (struct int8_rows){q, d, sums, {pairs, pairs ? pairs + m * k / 32 : NULL}, k, block, tiles, biased};
 }
 
 static int64_t units_of(const struct packed_weight *w, int panels) {
@@ -325,6 +335,7 @@ void gemm_body(const float *x, int64_t m, const struct packed_weight *w, float *
     for (int b = 0; b < 2; b++) {
         if (!any_int8(w, INT8_BLOCKS[b])) continue;
         xq[b] = int8_rows_in(free_scratch, m, k, INT8_BLOCKS[b]);
+        if (!any_biased(w, INT8_BLOCKS[b], m)) xq[b].biased = NULL;
         free_scratch += int8_rows_size(m, k, INT8_BLOCKS[b]);
         quantize_rows_body(x, m, &xq[b]);
     }

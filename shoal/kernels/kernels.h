@@ -43,10 +43,13 @@ struct int8_rows {
                         * as the low and high int16 of a word; the AVX2 build's (the madd operand of offsets and
                         * zeros), NULL in the others */
     int64_t k, block;
-    int8_t *tiles; /* the AMX build's, blocks of 256 from 32 rows: q as [m / 16, rounded up][k / 64][16][64] */
+    int8_t *tiles;  /* the AMX build's, blocks of 256 from 32 rows: q as [m / 16, rounded up][k / 64][16][64] */
+    int8_t *biased; /* the AVX2 build's, blocks of 256: q + 128 as unsigned bytes [m][k] (the decoded tiles' x) */
 };
-/* Bytes of `tiles` for m rows (0 where there is none); int32s of `pairs` (0 where the build has none). */
+/* Bytes of `tiles` and of `biased` for m rows (0 where there is none); int32s of `pairs` (0 where the build has
+ * none). */
 int64_t int8_tiles_size(int64_t m, int64_t k, int64_t block);
+int64_t int8_biased_size(int64_t m, int64_t k, int64_t block);
 int64_t int8_pairs_size(int64_t m, int64_t k);
 void quantize_rows_body(const float *x, int64_t m, struct int8_rows *xq);
 /* The block (32 or 256) an int8_x part takes x in; whether gemm_int8.c has tiles for its format; their rows. */
@@ -61,6 +64,8 @@ void int8_tile(const struct int8_rows *xq, int64_t row, int rows, int wide, cons
  * unit (UNIT panels from p) of it, each superblock of the unit decoded to bytes once for all of them instead of once
  * per tile: the tiles' bits, out [rows][UNIT][PANEL]. */
 int int8_decodes(const struct packed_weight *w, int64_t rows);
+/* Whether its decoded tiles take int8_rows' biased (filled only where a part does). */
+int int8_takes_biased(const struct packed_weight *w, int64_t rows);
 void int8_decoded_unit(const struct int8_rows *xq, int64_t row0, int64_t rows, const struct packed_weight *w,
                        int64_t p, float *out);
 /* xsum: scratch of xsum_size(w, m) floats. */
