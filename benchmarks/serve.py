@@ -3,7 +3,7 @@
     shoal serve &                      # or any OpenAI-compatible server
     python benchmarks/serve.py --url http://127.0.0.1:8000 --max-tokens 32
 
-    python benchmarks/serve.py --against-llama-server [--gguf FILE] [--precision int8]
+    python benchmarks/serve.py --against-llama-server [--gguf FILE] [--precision int8] [--isa avx2]
 
 Per concurrency level it sends a fixed set of streaming chat requests (ignore_eos, so every answer has exactly
 --max-tokens tokens) with that many in flight, and reports requests/s, output tokens/s, time to first token
@@ -13,6 +13,7 @@ Per concurrency level it sends a fixed set of streaming chat requests (ignore_eo
 batching, its default KV layout; built from the llama-cpp-python sdist as vs_llamacpp.py builds llama.cpp) on
 the same GGUF file (default: the default model), one after the other on an idle machine, runs the same levels
 against each with the same threads, and prints them side by side with the ratio shoal / llama-server.
+--isa avx2 limits both to AVX2, FMA and F16C, as vs_llamacpp.py's --isa does.
 """
 
 from __future__ import annotations
@@ -212,18 +213,19 @@ async def main_async(args: argparse.Namespace, url: str) -> list[LevelResult]:
 SLOTS, CONTEXT_PER_SLOT = 64, 256
 
 
-def llama_server_binary() -> str | None:
-    """llama-server on PATH or in vs_llamacpp.py's build (its target built there when missing)."""
-    from vs_llamacpp import BUILD_DIR, build_llama_cpp
+def llama_server_binary(isa: str | None) -> str | None:
+    """llama-server in vs_llamacpp.py's build for `isa` (None: this CPU's), its target built there when missing."""
+    from vs_llamacpp import build_folder, build_llama_cpp
 
-    binary = BUILD_DIR / "build" / "bin" / "llama-server"
+    build = build_folder(isa)
+    binary = build / "bin" / "llama-server"
     if binary.is_file():
         return str(binary)
-    if build_llama_cpp(None) is None:  # the source, configured, and its other tools
+    if build_llama_cpp(isa) is None:  # the source, configured, and its other tools
         return None
     print("building llama-server ...", flush=True)
     built = subprocess.run(
-        ["cmake", "--build", str(BUILD_DIR / "build"), "-j", str(os.cpu_count() or 2), "--target", "llama-server"],
+        ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", "llama-server"],
         capture_output=True, text=True,
     )  # fmt: skip
     if built.returncode != 0:
@@ -267,16 +269,17 @@ def compare_with_llama_server(args: argparse.Namespace) -> dict:
     from shoal.models.loader import default_model_path
 
     gguf = args.gguf or default_model_path()
-    binary = llama_server_binary()
+    binary = llama_server_binary(args.isa)
     if binary is None:
         raise SystemExit("llama-server could not be found or built (needs cmake and a C/C++ compiler)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shoal_command = [sys.executable, "-m", "shoal.cli", "serve", "--model", gguf, "--port", "8123",
                      "--num-threads", str(args.threads), "--max-num-seqs", str(SLOTS),
-                     "--precision", args.precision]  # fmt: skip
+                     "--precision", args.precision, "--kernels", args.isa or "auto"]  # fmt: skip
     llama_command = [binary, "-m", gguf, "--port", "8124", "-t", str(args.threads), "-np", str(SLOTS), "-cb",
                      "-c", str(SLOTS * CONTEXT_PER_SLOT), "-b", "2048", "-ub", "512"]  # fmt: skip
-    print(f"CPU: {cpu_name()}; {args.threads} threads; {gguf}", flush=True)
+    limited = f"; both servers limited to {args.isa}" if args.isa else ""
+    print(f"CPU: {cpu_name()}; {args.threads} threads; {gguf}{limited}", flush=True)
     print("shoal serve:", flush=True)
     ours = serve_and_measure(shoal_command, "/v1/models", 8123, args, Path(f"{args.out}.shoal.log"))
     print("llama-server:", flush=True)
@@ -291,6 +294,7 @@ def compare_with_llama_server(args: argparse.Namespace) -> dict:
         "cpu": cpu_name(),
         "gguf": str(gguf),
         "precision": args.precision,
+        "isa": args.isa,
         "shoal": [asdict(r) for r in ours],
         "llama_server": [asdict(r) for r in theirs],
     }
@@ -319,6 +323,11 @@ def main() -> None:
     parser.add_argument("--gguf", help="the file both servers load (default: the default model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="float32", help="shoal's precision option")
+    parser.add_argument(
+        "--isa",
+        choices=["avx2"],
+        help="both servers limited to this instruction set (shoal's build of it, llama-server built for it)",
+    )
     args = parser.parse_args()
 
     if args.against_llama_server:
