@@ -690,7 +690,7 @@ typedef struct {
  * x + 128 (unsigned, 1..255), each row's dots starting from start = -(the dots of 128 everywhere):
  * (x + 128) . w - 128 . w = x . w, the same exact int32 with no share of the zero per row (ZERO_SHARE); two pairs
  * sum to at most 4 * 255 * 32 < 2^15 in 16 bits. x + 128 is made once a product (int8_rows' biased), not by each
- * tile for each superblock (Q6_K 1.05-1.10x, Q3_K 1.05-1.07x at 32-512 rows, 4096 and 12288 k). Parts with
+ * tile for each superblock (Q6_K 1.04-1.10x at 8-512 rows, Q3_K 1.03-1.07x from 84, 4096 and 12288 k). Parts with
  * offsets take them as the packed tiles do. UNIT is 1.
  * Xeon, 4096 x 4096, 64-512 rows: Q6_K 1.17-1.22x, Q3_K 1.15-1.25x, Q5_K 1.04-1.07x faster than the packed tiles'
  * form (SUPERBLOCK from the decoded bytes, 4 rows); at 8 rows 0.95-1.04x. Q4_K's words sum a group's 4 steps
